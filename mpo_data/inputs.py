@@ -1,0 +1,205 @@
+"""Reading prompt sets (JSONL, Parquet, a saved HF dataset) with validation, quarantine and counts.
+
+Every stage reads its prompts through `PromptReader`, and `mpo-data validate` runs the same checks, so a
+file that validates clean is exactly a file the stages accept.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from mpo_data import images
+from mpo_data.errors import InputError
+from mpo_data.formats import PromptItem, image_list, meta_problems, pair_problems, prompt_problems
+from mpo_data.jsonl import AtomicFile, Line, dumps, iter_lines
+
+ON_ERROR = ("fail", "skip")
+
+
+@dataclass
+class Problem:
+    """Why one line is bad: `category` for counts, `message` for people."""
+
+    loc: str
+    category: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.message}"
+
+
+def iter_records(path: str | Path) -> Iterator[Line]:
+    """Rows of a prompt or pair source, whatever its format, as `Line`s with FILE:LINE locations."""
+    path = Path(path)
+    if path.is_dir():
+        yield from _iter_hf_dataset(path)
+    elif path.suffix == ".parquet":
+        yield from _iter_parquet(path)
+    elif path.exists():
+        yield from iter_lines(path)
+    else:
+        raise InputError(f"{path}: no such file")
+
+
+def _iter_parquet(path: Path) -> Iterator[Line]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
+        raise InputError(f"{path}: not a readable Parquet file: {e}") from None
+    row = 0
+    for batch in table.iter_batches(batch_size=4096):
+        for value in batch.to_pylist():
+            row += 1
+            yield Line(f"{path}:{row}", value)
+
+
+def _iter_hf_dataset(path: Path) -> Iterator[Line]:
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError, ValueError, ... for a bad folder
+        raise InputError(f"{path}: not a dataset saved with save_to_disk: {e}") from None
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise InputError(f"{path}: a DatasetDict needs a 'train' split, found {list(data)}")
+        data = data["train"]
+    for row, value in enumerate(data, 1):
+        yield Line(f"{path}:{row}", value)
+
+
+def record_problems(line: Line, kind: str, image_root: str | Path | None) -> list[Problem]:
+    """Every problem of one row: JSON, schema, then each image (only if the schema is sound)."""
+    if line.error:
+        return [Problem(line.loc, "invalid JSON", line.error)]
+    schema = pair_problems(line.value) if kind == "pairs" else prompt_problems(line.value, kind)
+    if schema:
+        return [Problem(line.loc, "schema", m) for m in schema]
+    problems = []
+    if image_root is not None:
+        for rel in image_list(line.value.get("image")):
+            try:
+                images.check(image_root, rel)
+            except images.ImageError as e:
+                problems.append(Problem(line.loc, e.category, str(e)))
+    return problems
+
+
+class Quarantine:
+    """Where skipped lines go, each with its reasons, and the counts for the run summary."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.counts: Counter[str] = Counter()
+        self._writer: AtomicFile | None = None
+        self._file: Any = None
+
+    def add(self, problems: list[Problem], value: Any) -> None:
+        for problem in problems:
+            self.counts[problem.category] += 1
+        if self.path is None:
+            return
+        if self._file is None:
+            self._writer = AtomicFile(self.path)
+            self._file = self._writer.__enter__()
+        record = {"loc": problems[0].loc, "reasons": [p.message for p in problems], "line": value}
+        self._file.write(dumps(record))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._writer.__exit__(None, None, None)
+            self._file = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class PromptReader:
+    """Valid `PromptItem`s of one prompt source; bad lines fail the run or go to quarantine.
+
+    With on_error="fail" the first bad line raises InputError naming FILE:LINE and why. With "skip" it
+    is written with its reasons to the quarantine file and counted; nothing is dropped silently.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        kind: str,
+        dataset: str,
+        image_root: str | Path | None = None,
+        on_error: str = "fail",
+        quarantine: str | Path | None = None,
+    ):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.path, self.kind, self.dataset = Path(path), kind, dataset
+        self.image_root = image_root if image_root is not None else self.path.parent
+        self.on_error = on_error
+        self.quarantine = Quarantine(Path(quarantine) if quarantine else None)
+        self.read = 0
+
+    def __iter__(self) -> Iterator[PromptItem]:
+        try:
+            for line in iter_records(self.path):
+                self.read += 1
+                problems = record_problems(line, self.kind, self.image_root)
+                if not problems:
+                    yield PromptItem.from_raw(line.value, self.dataset, line.loc)
+                elif self.on_error == "fail":
+                    raise InputError("\n".join(map(str, problems)) + "\n(use --on-error skip to quarantine bad lines)")
+                else:
+                    self.quarantine.add(problems, line.value if line.error is None else None)
+        finally:
+            self.quarantine.close()
+
+
+def validate_file(path: str | Path, kind: str, image_root: str | Path | None = None) -> tuple[int, list[str]]:
+    """(rows checked, problem lines `FILE:LINE: reason`) for `mpo-data validate`."""
+    path = Path(path)
+    if kind == "meta":
+        try:
+            meta = orjson.loads(path.read_bytes())
+        except OSError as e:
+            raise InputError(f"{path}: cannot open: {e.strerror}") from None
+        except orjson.JSONDecodeError as e:
+            return 0, [f"{path}:1: invalid JSON: {e}"]
+        problems = [f"{path}: {p}" for p in meta_problems(meta)]
+        if not problems:
+            for name, entry in meta.items():
+                if not Path(entry["annotation"]).is_file():
+                    problems.append(f"{path}: entry '{name}': annotation '{entry['annotation']}' not found")
+        return len(meta) if isinstance(meta, dict) else 0, problems
+    root = image_root if image_root is not None else path.parent
+    rows, problems = 0, []
+    for line in iter_records(path):
+        rows += 1
+        problems += [str(p) for p in record_problems(line, kind, root)]
+    return rows, problems
+
+
+def _validate_main(args) -> int:
+    rows, problems = validate_file(args.file, args.kind, args.image_root)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{args.file}: {len(problems)} problem(s) in {rows} row(s)", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {rows} row(s) OK ({args.kind})")
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("validate", help="check a prompt, pair or meta file; report every problem as FILE:LINE: reason")
+    p.add_argument("file", help="JSONL, Parquet or saved HF dataset folder (or a meta.json with --kind meta)")
+    p.add_argument("--kind", required=True, choices=["correctness", "dropout-ntp", "pairs", "meta"])
+    p.add_argument("--image-root", default=None, help="root that image paths are relative to (default: the file's folder)")
+    p.set_defaults(func=_validate_main)

@@ -1,0 +1,98 @@
+"""Streaming JSONL with orjson, and atomic writes: a crash never leaves a half line or a half file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+
+from mpo_data.errors import InputError
+
+
+@dataclass
+class Line:
+    """One line of a JSONL file: its location (FILE:LINE), the parsed value, or why it did not parse."""
+
+    loc: str
+    value: Any = None
+    error: str | None = None
+
+
+def iter_lines(path: str | Path) -> Iterator[Line]:
+    """Every non-blank line of a JSONL file, parsed; bad JSON comes back as an error, not an exception."""
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except OSError as e:
+        raise InputError(f"{path}: cannot open: {e.strerror}") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            loc = f"{path}:{number}"
+            try:
+                yield Line(loc, orjson.loads(raw))
+            except orjson.JSONDecodeError as e:
+                yield Line(loc, error=f"invalid JSON: {e.args[0] if e.args else e}")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(FILE:LINE, value) for each line; the first bad line raises InputError naming it."""
+    for line in iter_lines(path):
+        if line.error:
+            raise InputError(f"{line.loc}: {line.error}")
+        yield line.loc, line.value
+
+
+def dumps(row: Any) -> bytes:
+    """One JSONL line (numpy scalars and dataclasses allowed)."""
+    return orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: temp file in the same folder, fsync, rename."""
+    with AtomicFile(path) as handle:
+        handle.write(data)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
+    """Write rows to a JSONL file atomically; returns how many were written."""
+    count = 0
+    with AtomicFile(Path(path)) as handle:
+        for row in rows:
+            handle.write(dumps(row))
+            count += 1
+    return count
+
+
+class AtomicFile:
+    """A binary file that appears under its name only once closed without error.
+
+    Streams of any size go through it (the data is never held in memory); on an exception, or a
+    SIGKILL, the temp file is all that is left and readers never see it (it ends in ``.tmp``).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self):
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._handle = os.fdopen(fd, "wb", buffering=1 << 20)
+        return self._handle
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+            self._handle.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+        finally:
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)

@@ -1,0 +1,192 @@
+"""Input formats, validation messages, quarantine, sources and ids (issue: foundation)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import orjson
+import pytest
+from PIL import Image
+
+from mpo_data import images
+from mpo_data.errors import InputError
+from mpo_data.formats import MetaEntry, PromptItem, make_item_id, read_meta, write_meta
+from mpo_data.inputs import PromptReader, validate_file
+from mpo_data.jsonl import AtomicFile, write_jsonl
+
+
+@pytest.fixture
+def root(tmp_path):
+    """An image root with one good PNG, one corrupt file and a symlink that escapes."""
+    img_root = tmp_path / "images"
+    img_root.mkdir()
+    Image.new("RGB", (32, 24), "red").save(img_root / "ok.png")
+    (img_root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (tmp_path / "secret.png").write_bytes((img_root / "ok.png").read_bytes())
+    os.symlink(tmp_path / "secret.png", img_root / "escape.png")
+    return img_root
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+BAD_LINES = [
+    ('{"question": "q", "answer": ', "invalid JSON"),
+    ('{"answer": "1"}', "missing key 'question'"),
+    ('{"question": 3, "answer": "1"}', "'question' must be str, got int"),
+    ('{"question": "   ", "answer": "1"}', "'question' is empty"),
+    ('{"question": "q"}', "missing key 'answer'"),
+    ('{"question": "q", "answer": true}', "'answer' must be str or int or float, got bool"),
+    ('{"image": 5, "question": "q", "answer": "1"}', "'image' must be a path or a non-empty list of paths"),
+    ('{"image": "gone.png", "question": "q", "answer": "1"}', "image 'gone.png' not found"),
+    ('{"image": "broken.png", "question": "q", "answer": "1"}', "unreadable"),
+    ('{"image": "../secret.png", "question": "q", "answer": "1"}', "resolves outside the image root"),
+    ('{"image": "/etc/hostname", "question": "q", "answer": "1"}', "is absolute"),
+    ('{"image": "escape.png", "question": "q", "answer": "1"}', "resolves outside the image root"),
+    ('["not", "an", "object"]', "expected a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_LINES, ids=[m for _, m in BAD_LINES])
+def test_each_bad_line_names_file_line_and_reason(tmp_path, root, line, message):
+    path = write_lines(tmp_path / "p.jsonl", ['{"image": "ok.png", "question": "q", "answer": "1"}', line])
+    rows, problems = validate_file(path, "correctness", root)
+    assert rows == 2
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{path}:2: ")
+    assert message in problems[0]
+
+
+def test_decompression_bomb_is_refused_not_decoded(tmp_path, root):
+    Image.new("1", (10_000, 10_000)).save(root / "bomb.png")  # 100 Mpx in a few kB
+    path = write_lines(tmp_path / "p.jsonl", ['{"image": "bomb.png", "question": "q", "answer": "1"}'])
+    problems = validate_file(path, "correctness", root)[1]
+    assert problems == [f"{path}:1: image '{root / 'bomb.png'}' is 10000x10000, over the 64,000,000-pixel limit"]
+    with pytest.raises(images.ImageError, match="over the 100-pixel limit"):
+        images.load(root, "ok.png", max_pixels=100)
+    assert images.load(root, "ok.png").mode == "RGB"
+
+
+def test_dropout_kind_rules(tmp_path, root):
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            '{"image": ["ok.png", "ok.png"], "question": "q", "chosen": "A red box.", "rejected": null}',
+            '{"question": "q", "chosen": "text only"}',
+            '{"question": "q", "chosen": "x", "rejected": "already there"}',
+            '{"question": "q", "answer": "no chosen"}',
+        ],
+    )
+    problems = validate_file(path, "dropout-ntp", root)[1]
+    assert [p.split(": ", 1)[0] for p in problems] == [f"{path}:3", f"{path}:4"]
+    assert "'rejected' must be null or absent" in problems[0]
+    assert "missing key 'chosen'" in problems[1]
+
+
+def test_reader_fail_raises_with_location(tmp_path, root):
+    path = write_lines(tmp_path / "p.jsonl", ['{"question": "q", "answer": "1"}', '{"question": ""}'])
+    with pytest.raises(InputError, match=rf"{path}:2: "):
+        list(PromptReader(path, "correctness", "ds", root))
+
+
+def test_reader_skip_quarantines_with_reasons_and_counts(tmp_path, root):
+    path = write_lines(
+        tmp_path / "p.jsonl",
+        [
+            '{"image": "ok.png", "question": "q", "answer": "1", "extra": {"k": 1}}',
+            "{oops",
+            '{"image": "gone.png", "question": "q", "answer": "1"}',
+            '{"question": "q2", "answer": 7}',
+        ],
+    )
+    quarantine = tmp_path / "q" / "quarantine.jsonl"
+    reader = PromptReader(path, "correctness", "ds", root, on_error="skip", quarantine=quarantine)
+    items = list(reader)
+    assert [i.question for i in items] == ["q", "q2"]
+    assert items[0].extra == {"extra": {"k": 1}} and items[1].answer == "7"
+    assert reader.read == 4
+    assert dict(reader.quarantine.counts) == {"invalid JSON": 1, "image missing": 1}
+    lines = [orjson.loads(l) for l in quarantine.read_text().splitlines()]
+    assert [l["loc"] for l in lines] == [f"{path}:2", f"{path}:3"]
+    assert "not found" in lines[1]["reasons"][0] and lines[1]["line"]["image"] == "gone.png"
+
+
+def test_parquet_and_hf_dataset_sources(tmp_path, root):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"image": "ok.png", "question": "q1", "answer": "1"}, {"image": None, "question": "", "answer": "2"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    for source in (tmp_path / "p.parquet", tmp_path / "hf"):
+        rows_seen, problems = validate_file(source, "correctness", root)
+        assert rows_seen == 2 and problems == [f"{source}:2: 'question' is empty"]
+
+
+def test_item_id_is_stable_and_sensitive():
+    base = make_item_id("ds", "a.png", "q", "1")
+    assert base == make_item_id("ds", ["a.png"], "q", 1)
+    assert len({base, make_item_id("ds2", "a.png", "q", "1"), make_item_id("ds", "b.png", "q", "1"),
+                make_item_id("ds", "a.png", "q?", "1"), make_item_id("ds", "a.png", "q", "2")}) == 5
+    item = PromptItem.from_raw({"image": "a.png", "question": "q", "answer": 1, "k": "v"}, "ds")
+    assert item.item_id == base and item.to_dict() == {"k": "v", "image": "a.png", "question": "q", "answer": "1"}
+
+
+def test_atomic_file_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.jsonl"
+    with pytest.raises(RuntimeError):
+        with AtomicFile(target) as handle:
+            handle.write(b'{"half": ')
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    assert write_jsonl(target, [{"a": 1}, {"b": 2}]) == 2
+    assert target.read_text() == '{"a":1}\n{"b":2}\n'
+
+
+def test_meta_roundtrip_and_messages(tmp_path):
+    path = tmp_path / "meta.json"
+    meta = {"a": MetaEntry("img", "a.jsonl", 1.5, 10), "b": MetaEntry("img", "b.jsonl", 0.25, 4, True, 6)}
+    write_meta(path, meta)
+    assert read_meta(path) == meta
+    assert orjson.loads(path.read_bytes())["a"]["repeat_time"] == 1.5
+    path.write_text('{"a": {"root": "r", "annotation": "x", "repeat_time": 0, "length": "3", "colour": 1}}')
+    with pytest.raises(InputError) as err:
+        read_meta(path)
+    text = str(err.value)
+    assert "entry 'a': 'repeat_time' must be > 0" in text
+    assert "entry 'a': 'length' must be int, got str" in text
+    assert "entry 'a': unknown field 'colour'" in text
+    path.write_text("{")
+    with pytest.raises(InputError, match="invalid JSON"):
+        read_meta(path)
+
+
+def test_demo_sets_validate_clean(demo_dir):
+    for name, kind in [("arithmetic", "correctness"), ("easy_vqa", "correctness"), ("easy_vqa_describe", "dropout-ntp")]:
+        rows, problems = validate_file(demo_dir / f"{name}.jsonl", kind, demo_dir / "images")
+        assert rows > 0 and problems == []
+
+
+def test_cli_validate_prints_three_problems_and_exits_1(tmp_path, root):
+    path = write_lines(
+        tmp_path / "p.jsonl",
+        [
+            '{"image": "ok.png", "question": "q", "answer": "1"}',
+            '{"image": "ok.png", "question": "q", "answer": ',
+            '{"image": "missing.png", "question": "q", "answer": "1"}',
+            '{"image": "../secret.png", "question": "q", "answer": "1"}',
+        ],
+    )
+    cmd = [sys.executable, "-m", "mpo_data", "validate", str(path), "--kind", "correctness", "--image-root", str(root)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert [l.split(": ", 1)[0] for l in lines] == [f"{path}:{n}" for n in (2, 3, 4)]
+    assert "Traceback" not in result.stderr
+    ok = subprocess.run(cmd[:4] + [str(tmp_path / "good.jsonl")] + cmd[5:], capture_output=True, text=True)
+    assert ok.returncode == 1 and "no such file" in ok.stderr and "Traceback" not in ok.stderr
