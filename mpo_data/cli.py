@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "mpo_data.inputs",
     "mpo_data.demo",
     "mpo_data.models",
+    "mpo_data.engine",
     "mpo_data.report",
 ]
 

