@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "mpo_data.demo",
     "mpo_data.models",
     "mpo_data.engine",
+    "mpo_data.stages",
     "mpo_data.report",
 ]
 

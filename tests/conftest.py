@@ -48,3 +48,13 @@ def text_engine(models_dir: Path):
 def vlm_engine(models_dir: Path):
     """One real vLLM engine on the tiny SmolVLM for the whole session."""
     yield from _engine(models_dir / "tiny-smolvlm")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session (2 CPUs, no dashboard, loopback only); stage runs join it."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()

