@@ -32,5 +32,9 @@ data: venv models demo-data
 test: venv models demo-data
 	$(BIN)/python -m pytest -q
 
+# Output tokens/s: our engine layer vs raw vllm.LLM.generate vs a transformers generate loop (one run).
+bench-engine: venv models
+	$(BIN)/python benchmarks/bench_engine.py
+
 clean:
 	rm -rf out runs data
