@@ -1,0 +1,175 @@
+"""`mpo-data meta`: a meta.json mixture over pair files, with repeat ratios that hit a target size.
+
+How training turns `repeat_time` into rows: `rows(length, r) = int(length * r)`. InternVL's loader
+(`internvl_chat/internvl/train/internvl_chat_mpo.py`, LazySupervisedDataset) keeps the first
+`int(len(raw_data) * r)` rows when r < 1 and repeats the list r times when r > 1, asserting that such
+an r is an `int`; so integral repeats are written as ints, and a fractional repeat above 1 (1.5 = every
+row once plus half of them again, still `int(length * r)` rows) is for our TRL loader only: InternVL's
+stock loader refuses it, and `mpo-data meta` says so when it writes one.
+
+`--target-total N` makes sum(rows(length, r)) == N exactly: rows are shared out by the weights
+(largest remainder), then each r is the smallest number with `decimals` digits that gives those rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+from mpo_data.errors import InputError
+from mpo_data.formats import MetaEntry, pair_problems, read_meta, write_meta
+from mpo_data.jsonl import iter_lines
+
+
+def active_rows(length: int, repeat_time: float) -> int:
+    """Rows training draws from a dataset: the rule InternVL's loader applies."""
+    return int(length * repeat_time)
+
+
+@dataclass
+class MetaConfig:
+    """Which pair files make the mixture and how large each share is."""
+
+    pairs_dir: Path = field(metadata={"help": "folder whose *.jsonl pair files become entries (name = file stem)"})
+    image_root: str = field(metadata={"help": "the 'root' image paths are relative to"})
+    out: Path = field(metadata={"help": "meta.json to write"})
+    target_total: int | None = field(default=None, metadata={"help": "active rows of the whole mixture"})
+    weights: dict[str, float] = field(default_factory=dict, metadata={"help": "relative share per entry (default: its rows)"})
+    repeats: dict[str, float] = field(default_factory=dict, metadata={"help": "fixed repeat_time per entry"})
+    base: Path | None = field(default=None, metadata={"help": "existing meta.json the new entries join"})
+    max_dynamic_patch: int = field(default=12, metadata={"help": "InternVL's max tiles per image"})
+
+
+def count_pairs(path: Path) -> int:
+    """Lines of a pair file, each checked; a bad one raises InputError with FILE:LINE."""
+    count = 0
+    for line in iter_lines(path):
+        problems = [line.error] if line.error else pair_problems(line.value)
+        if problems:
+            raise InputError(f"{line.loc}: {problems[0]}")
+        count += 1
+    return count
+
+
+def scan_pairs(pairs_dir: Path, image_root: str, max_dynamic_patch: int) -> dict[str, MetaEntry]:
+    """One entry per pair file directly in `pairs_dir`, with its true length."""
+    files = sorted(pairs_dir.glob("*.jsonl")) if pairs_dir.is_dir() else []
+    if not files:
+        raise InputError(f"{pairs_dir}: no *.jsonl pair files in this folder")
+    return {
+        f.stem: MetaEntry(root=image_root, annotation=str(f), length=count_pairs(f), max_dynamic_patch=max_dynamic_patch)
+        for f in files
+    }
+
+
+def share_rows(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split `total` rows in proportion to `weights`, integers summing exactly to `total`."""
+    weight_sum = sum(Fraction(w) for w in weights.values())
+    exact = {name: total * Fraction(w) / weight_sum for name, w in weights.items()}
+    rows = {name: math.floor(x) for name, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda n: (exact[n] - rows[n], n), reverse=True)
+    for name in by_remainder[: total - sum(rows.values())]:
+        rows[name] += 1
+    return rows
+
+
+def repeat_for(length: int, rows: int) -> float | int:
+    """The shortest decimal r > 0 with int(length * r) == rows (an int when it is whole)."""
+    if rows % length == 0 and rows:
+        return rows // length
+    decimals = len(str(length)) + 1  # a step of 10**-decimals moves length * r by less than one row
+    step = 10**decimals
+    if rows == 0:
+        return 1 / step
+    r = max(1, math.ceil(Fraction(rows, length) * step))
+    while active_rows(length, r / step) < rows:  # float rounding: nudge up to the exact row count
+        r += 1
+    value = round(r / step, decimals)
+    if active_rows(length, value) != rows:
+        raise AssertionError(f"no repeat_time for {rows} of {length} rows")  # cannot happen: step < 1/length
+    return value
+
+
+def _check_names(option: str, names: dict, entries: dict) -> None:
+    unknown = sorted(set(names) - set(entries))
+    if unknown:
+        raise InputError(f"{option}: unknown entries {unknown}; known: {sorted(entries)}")
+
+
+def build_meta(config: MetaConfig) -> dict[str, MetaEntry]:
+    """The mixture: base entries (if any) plus one per pair file, with repeat times set."""
+    entries = read_meta(config.base) if config.base else {}
+    base_rows = {name: active_rows(e.length, e.repeat_time) for name, e in entries.items()}
+    new = scan_pairs(config.pairs_dir, config.image_root, config.max_dynamic_patch)
+    entries.update(new)
+    _check_names("--weight", config.weights, entries)
+    _check_names("--repeat", config.repeats, entries)
+    for name, r in config.repeats.items():
+        if not r > 0:
+            raise InputError(f"--repeat {name}={r}: repeat must be > 0")
+        entries[name].repeat_time = r
+    if config.target_total is None:
+        return entries
+    fixed = sum(active_rows(entries[n].length, r) for n, r in config.repeats.items())
+    free = {n: e for n, e in entries.items() if n not in config.repeats and e.length > 0}
+    left = config.target_total - fixed
+    if left < 0 or (left > 0 and not free):
+        raise InputError(f"--target-total {config.target_total}: the fixed repeats give {fixed} rows, nothing left to share")
+    # default weight: the rows an entry has now (base entries keep their mixture, new ones equal repeat)
+    weights = {n: config.weights.get(n, e.length if n in new else base_rows[n]) for n, e in free.items()}
+    if any(w <= 0 for w in weights.values()):
+        raise InputError("--weight: weights must be > 0")
+    for name, rows in share_rows(left, weights).items():
+        entries[name].repeat_time = repeat_for(entries[name].length, rows)
+    return entries
+
+
+def _assignments(values: list[str], option: str) -> dict[str, float]:
+    out = {}
+    for value in values or []:
+        name, sep, number = value.rpartition("=")
+        try:
+            out[name] = float(number)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise InputError(f"{option} {value!r}: expected NAME=NUMBER")
+    return out
+
+
+def _meta_main(args: argparse.Namespace) -> int:
+    config = MetaConfig(
+        pairs_dir=Path(args.pairs_dir),
+        image_root=args.image_root,
+        out=Path(args.out),
+        target_total=args.target_total,
+        weights=_assignments(args.weight, "--weight"),
+        repeats=_assignments(args.repeat, "--repeat"),
+        base=Path(args.base) if args.base else None,
+        max_dynamic_patch=args.max_dynamic_patch,
+    )
+    entries = build_meta(config)
+    write_meta(config.out, entries)
+    total = sum(active_rows(e.length, e.repeat_time) for e in entries.values())
+    print(f"{len(entries)} entries, {total} active rows -> {config.out}", file=sys.stderr)
+    above = sorted(n for n, e in entries.items() if e.repeat_time > 1 and e.repeat_time != int(e.repeat_time))
+    if above:
+        print(f"note: fractional repeat_time > 1 for {above}: InternVL's stock loader asserts an int there", file=sys.stderr)
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("meta", help="write a meta.json mixture over pair files (repeat ratios, target size)")
+    p.add_argument("--pairs-dir", required=True, help="folder of pair files (*.jsonl)")
+    p.add_argument("--image-root", required=True, help="root of the images the pairs name")
+    p.add_argument("--out", required=True, help="meta.json to write, e.g. meta/NAME.json")
+    p.add_argument("--target-total", type=int, default=None, help="active rows of the whole mixture")
+    p.add_argument("--weight", action="append", metavar="NAME=W", help="relative share of an entry (repeatable)")
+    p.add_argument("--repeat", action="append", metavar="NAME=R", help="fixed repeat_time of an entry (repeatable)")
+    p.add_argument("--base", default=None, help="existing meta.json to add the new entries to")
+    p.add_argument("--max-dynamic-patch", type=int, default=12, help="max tiles per image (InternVL)")
+    p.set_defaults(func=_meta_main)

@@ -1,0 +1,384 @@
+"""`mpo-data pairs`: sample shards -> MMPR preference pairs, as InternVL's correctness postprocess does.
+
+Memory stays bounded whatever the input size: correctness samples are judged as they stream in and
+spilled into hash buckets by item_id (one bucket of ~`bucket_bytes` is in memory at a time), and the
+global dedup keeps only an 8-byte digest per written pair. Judging runs on all cores (`mpo_data.judge`).
+
+Outputs in --save-dir, all written atomically:
+  <ds>_pairs_vqa_correctness_rules.jsonl   correct (chosen) x incorrect but well-formed (rejected)
+  <ds>_pairs_vqa_format_rules.jsonl        correct (chosen) x malformed (rejected)
+  <ds>_prefix_pair_sr<ratio>_{wo,with}_image.jsonl   DropoutNTP lines
+  pos_items/<ds>.jsonl   every correct sample, judged;  neg_items/<ds>.jsonl   items never answered right
+  pairs_summary.json     per dataset: counts of every filter, correctness rate, judge errors
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import random
+import sys
+import tempfile
+import zlib
+from collections import Counter, defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+from tqdm import tqdm
+
+from mpo_data.errors import InputError
+from mpo_data.formats import Pair
+from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
+from mpo_data.judge import Judge, JudgeConfig, JudgeItem, modes_for_dataset
+from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
+
+STAGES = ("correctness", "dropout-ntp")
+# Keys a correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
+SAMPLE_KEYS = {
+    "item_id", "sample_index", "response", "finish_reason", "prompt_tokens", "output_tokens", "prompt_version",
+    "model", "sampling", "answer_pred", "format_ok", "is_correct", "judge_error", "_span",
+}
+
+
+@dataclass
+class PairsConfig:
+    """Where samples come from, where pairs go, and how many pairs one item may give."""
+
+    data_dir: Path = field(metadata={"help": "samples folder: <out>/samples, one stage folder, or one dataset folder"})
+    save_dir: Path = field(metadata={"help": "folder for pair files, pos_items/, neg_items/ and pairs_summary.json"})
+    num_pairs_per_key: int = field(default=15, metadata={"help": "at most this many pairs per item and rule"})
+    max_lines: int = field(default=1_200_000, metadata={"help": "lines read per dataset at most (InternVL's cap)"})
+    answer_fix: bool = field(default=False, metadata={"help": "rewrite the chosen's final answer to the ground truth"})
+    seed: int = field(default=0, metadata={"help": "seed of pair sampling; same seed, same output"})
+    bucket_bytes: int = field(default=32 << 20, metadata={"help": "input bytes per item_id hash bucket held in memory"})
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "matching modes, workers, timeout"})
+
+
+def find_datasets(data_dir: Path) -> dict[tuple[str, str], list[Path]]:
+    """(stage, dataset) -> its part files, found anywhere below `data_dir` (temp files ignored)."""
+    if not data_dir.exists():
+        raise InputError(f"{data_dir}: no such folder")
+    found: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for part in sorted(data_dir.rglob("part-*.jsonl")):
+        stage, dataset = part.parent.parent.name, part.parent.name
+        if stage not in STAGES:
+            raise InputError(f"{part}: expected <stage>/<dataset>/part-*.jsonl with stage in {STAGES}, got {stage!r}")
+        found[(stage, dataset)].append(part)
+    if not found:
+        raise InputError(f"{data_dir}: no part-*.jsonl files below it")
+    return dict(found)
+
+
+def iter_capped(parts: list[Path], max_lines: int, counts: Counter) -> Iterator[tuple[str, Any]]:
+    """(FILE:LINE, value) of the first `max_lines` lines over the part files; bad JSON raises InputError."""
+    for part in parts:
+        for line in iter_lines(part):
+            if counts["lines"] >= max_lines:
+                counts["lines_over_max_lines"] += 1
+                continue
+            if line.error:
+                raise InputError(f"{line.loc}: {line.error}")
+            counts["lines"] += 1
+            yield line.loc, line.value
+
+
+def _require(loc: str, raw: Any, checks: dict[str, tuple[type, ...]]) -> None:
+    """InputError naming FILE:LINE unless every key holds a value of its type."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{loc}: expected a JSON object, got {type(raw).__name__}")
+    for key, types in checks.items():
+        value = raw.get(key)
+        if value is None:
+            raise InputError(f"{loc}: missing key '{key}'")
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise InputError(f"{loc}: '{key}' must be {types[0].__name__}, got {type(value).__name__}")
+
+
+_CORRECTNESS_KEYS = {
+    "item_id": (str,), "sample_index": (int,), "question": (str,), "answer": (str, int, float),
+    "response": (str,), "finish_reason": (str,),
+}
+_DROPOUT_KEYS = {"item_id": (str,), "question": (str,), "chosen": (str,), "rejected": (str,), "provenance": (dict,)}
+
+
+def check_sample(loc: str, raw: Any) -> str:
+    """Validate a correctness sample line; returns its prompt_version."""
+    _require(loc, raw, _CORRECTNESS_KEYS)
+    version = raw.get("prompt_version") or DEFAULT_PROMPT_VERSION
+    if version not in PROMPT_TEMPLATES:
+        raise InputError(f"{loc}: unknown prompt_version {version!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
+    if raw["finish_reason"] not in ("stop", "length"):
+        raise InputError(f"{loc}: 'finish_reason' must be 'stop' or 'length', got {raw['finish_reason']!r}")
+    return version
+
+
+_WORDS_WINDOW = 256
+_TAIL_CHARS = 2000
+
+
+def is_degenerate(text: str) -> bool:
+    """A response that ends in a loop: few distinct word 4-grams in its tail, or a tail that compresses
+    ten-fold (a short string repeated, with or without spaces; real prose compresses about 2-3x)."""
+    words = text.split()[-_WORDS_WINDOW:]
+    if len(words) >= 64:
+        grams = {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
+        if len(grams) < 0.3 * (len(words) - 3):
+            return True
+    tail = text[-_TAIL_CHARS:].encode()
+    return len(tail) >= 400 and len(zlib.compress(tail)) < 0.1 * len(tail)
+
+
+def fix_answer(response: str, span: list[int] | None, answer: str) -> str:
+    """The response with its extracted final answer replaced by the ground truth (InternVL's --answer-fix)."""
+    if not span:
+        return response
+    return response[: span[0]] + answer + response[span[1] :]
+
+
+class Outputs:
+    """Output files opened on first write (no empty files), all committed together or not at all."""
+
+    def __init__(self, stack: ExitStack):
+        self._stack = stack
+        self._files: dict[Path, Any] = {}
+
+    def write(self, path: Path, row: dict) -> None:
+        handle = self._files.get(path)
+        if handle is None:
+            handle = self._files[path] = self._stack.enter_context(AtomicFile(path))
+        handle.write(dumps(row))
+
+
+class Dedup:
+    """Pairs seen anywhere in this run, as 8-byte digests of (image, question, chosen, rejected)."""
+
+    def __init__(self):
+        self._seen: set[bytes] = set()
+
+    def first(self, pair: Pair) -> bool:
+        digest = hashlib.blake2b(orjson.dumps([pair.image, pair.question, pair.chosen, pair.rejected]), digest_size=8)
+        key = digest.digest()
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+# ------------------------------------------------------------------------------------------ correctness
+
+
+def _sample_meta(sample: dict) -> dict[str, Any]:
+    return {
+        "item_id": sample["item_id"],
+        "sample_index": sample["sample_index"],
+        "answer_pred": sample["answer_pred"],
+        "format_ok": sample["format_ok"],
+        "finish_reason": sample["finish_reason"],
+        "output_tokens": sample.get("output_tokens"),
+    }
+
+
+def _make_pair(pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, ...], answer_fix: bool) -> Pair:
+    return Pair(
+        image=pos.get("image"),
+        question=pos["question"],
+        chosen=chosen,
+        rejected=neg["response"],
+        answer_gt=str(pos["answer"]),
+        chosen_meta=_sample_meta(pos),
+        rejected_meta=_sample_meta(neg),
+        provenance={
+            "model": pos.get("model"),
+            "stage": "correctness",
+            "rule": rule,
+            "prompt_version": pos.get("prompt_version") or DEFAULT_PROMPT_VERSION,
+            "sampling": pos.get("sampling"),
+            "judge_modes": list(modes),
+            "answer_fix": answer_fix,
+        },
+    )
+
+
+class CorrectnessPairs:
+    """One correctness dataset: judge -> buckets by item_id -> pairs per item."""
+
+    def __init__(self, config: PairsConfig, dataset: str, parts: list[Path], judge: Judge, dedup: Dedup, out: Outputs):
+        self.config, self.dataset, self.parts = config, dataset, parts
+        self.judge, self.dedup, self.out = judge, dedup, out
+        self.modes = tuple(config.judge.modes) if config.judge.modes else modes_for_dataset(dataset)
+        self.counts: Counter = Counter()
+
+    def _items(self) -> Iterator[JudgeItem]:
+        for loc, raw in iter_capped(self.parts, self.config.max_lines, self.counts):
+            version = check_sample(loc, raw)
+            yield raw, raw["response"], str(raw["answer"]), raw["question"], version, self.modes
+
+    def _spill(self, folder: Path) -> list[Path]:
+        """Pass 1: judge every sample and append it to its item_id's bucket file."""
+        size = sum(p.stat().st_size for p in self.parts)
+        buckets = [folder / f"bucket-{i:04d}.jsonl" for i in range(max(1, math.ceil(size / self.config.bucket_bytes)))]
+        with ExitStack() as stack:
+            handles = [stack.enter_context(b.open("wb")) for b in buckets]
+            verdicts = self.judge.judge_many(self._items())
+            for raw, verdict in tqdm(verdicts, desc=f"judge {self.dataset}", unit=" lines", mininterval=5, disable=None):
+                raw.update(answer_pred=verdict.answer_pred, format_ok=verdict.format_ok, is_correct=verdict.is_correct,
+                           judge_error=verdict.judge_error, _span=verdict.span)
+                self.counts.update(samples=1, correct=verdict.is_correct, format_failures=not verdict.format_ok,
+                                   judge_errors=verdict.judge_error is not None)
+                handles[zlib.crc32(raw["item_id"].encode()) % len(handles)].write(dumps(raw))
+        return buckets
+
+    def _usable_chosen(self, sample: dict) -> bool:
+        """Chosen responses are complete (not cut at max tokens) and not looping."""
+        if sample["finish_reason"] == "length":
+            self.counts["filtered_chosen_truncated"] += 1
+            return False
+        if is_degenerate(sample["response"]):
+            self.counts["filtered_chosen_repetitive"] += 1
+            return False
+        return True
+
+    def _pairs_for_rule(self, item_id: str, chosen: list[tuple[dict, str]], rejected: list[dict], rule: str) -> None:
+        candidates = []
+        for pos, text in chosen:
+            for neg in rejected:
+                if text == neg["response"]:
+                    self.counts["filtered_same_text"] += 1
+                else:
+                    candidates.append((pos, text, neg))
+        rng = random.Random(f"{self.config.seed}:{item_id}:{rule}")
+        picked = rng.sample(candidates, min(self.config.num_pairs_per_key, len(candidates)))
+        path = self.config.save_dir / f"{self.dataset}_pairs_vqa_{rule}_rules.jsonl"
+        for pos, text, neg in picked:
+            pair = _make_pair(pos, text, neg, rule, self.modes, self.config.answer_fix)
+            if not self.dedup.first(pair):
+                self.counts["filtered_duplicate"] += 1
+                continue
+            self.out.write(path, pair.to_dict())
+            self.counts[f"pairs_{rule}"] += 1
+
+    def _item(self, item_id: str, samples: list[dict]) -> None:
+        samples.sort(key=lambda s: s["sample_index"])
+        judged = [s for s in samples if s["judge_error"] is None]
+        positives = [s for s in judged if s["is_correct"]]
+        self.counts["items"] += 1
+        for pos in positives:
+            self.out.write(self.config.save_dir / "pos_items" / f"{self.dataset}.jsonl", {k: v for k, v in pos.items() if k != "_span"})
+        if not positives:
+            self.counts["items_never_correct"] += 1
+            prompt = {k: v for k, v in samples[0].items() if k not in SAMPLE_KEYS}
+            self.out.write(self.config.save_dir / "neg_items" / f"{self.dataset}.jsonl", prompt)
+            return
+        answer = str(samples[0]["answer"])
+        chosen = [
+            (s, fix_answer(s["response"], s["_span"], answer) if self.config.answer_fix else s["response"])
+            for s in positives
+            if self._usable_chosen(s)
+        ]
+        self._pairs_for_rule(item_id, chosen, [s for s in judged if s["format_ok"] and not s["is_correct"]], "correctness")
+        self._pairs_for_rule(item_id, chosen, [s for s in samples if not s["format_ok"]], "format")
+
+    def run(self) -> Counter:
+        with tempfile.TemporaryDirectory(dir=self.config.save_dir, prefix=".pairs-buckets-") as tmp:
+            for bucket in self._spill(Path(tmp)):
+                groups: dict[str, list[dict]] = defaultdict(list)
+                for line in iter_lines(bucket):
+                    groups[line.value["item_id"]].append(line.value)
+                bucket.unlink()
+                for item_id in sorted(groups):
+                    self._item(item_id, groups.pop(item_id))
+        samples = self.counts["samples"]
+        self.counts["correctness_rate"] = round(self.counts["correct"] / samples, 6) if samples else 0.0
+        return self.counts
+
+
+# ------------------------------------------------------------------------------------------ dropout-ntp
+
+
+def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: Dedup, out: Outputs) -> Counter:
+    """DropoutNTP lines -> `<ds>_prefix_pair_sr<ratio>_{wo,with}_image.jsonl`; chosen is the original answer."""
+    counts: Counter = Counter()
+    for loc, raw in iter_capped(parts, config.max_lines, counts):
+        _require(loc, raw, _DROPOUT_KEYS)
+        provenance = raw["provenance"]
+        ratio = provenance.get("start_ratio")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise InputError(f"{loc}: 'provenance.start_ratio' must be a number")
+        if raw["chosen"] == raw["rejected"]:
+            counts["filtered_same_text"] += 1
+            continue
+        if is_degenerate(raw["chosen"]):
+            counts["filtered_chosen_repetitive"] += 1
+            continue
+        pair = Pair(
+            image=raw.get("image"),
+            question=raw["question"],
+            chosen=raw["chosen"],
+            rejected=raw["rejected"],
+            rejected_meta={k: raw.get(k) for k in ("item_id", "sample_index", "finish_reason", "output_tokens")},
+            provenance=provenance,
+        )
+        if not dedup.first(pair):
+            counts["filtered_duplicate"] += 1
+            continue
+        suffix = "with_image" if provenance.get("load_image") else "wo_image"
+        out.write(config.save_dir / f"{dataset}_prefix_pair_sr{ratio:g}_{suffix}.jsonl", pair.to_dict())
+        counts["pairs_dropout_ntp"] += 1
+    return counts
+
+
+def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
+    """Every dataset below data_dir -> pair files; returns (and writes) the per-dataset summary."""
+    datasets = find_datasets(config.data_dir)
+    config.save_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, dict[str, Any]] = {}
+    dedup = Dedup()
+    with ExitStack() as stack:
+        out = Outputs(stack)
+        judge = stack.enter_context(Judge(config.judge)) if any(s == "correctness" for s, _ in datasets) else None
+        for (stage, dataset), parts in sorted(datasets.items()):
+            if stage == "correctness":
+                counts = CorrectnessPairs(config, dataset, parts, judge, dedup, out).run()
+            else:
+                counts = dropout_pairs(config, dataset, parts, dedup, out)
+            summary[f"{stage}/{dataset}"] = dict(sorted(counts.items()))
+    atomic_write_bytes(config.save_dir / "pairs_summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    return summary
+
+
+def _pairs_main(args: argparse.Namespace) -> int:
+    config = PairsConfig(
+        data_dir=Path(args.data_dir),
+        save_dir=Path(args.save_dir),
+        num_pairs_per_key=args.num_pairs_per_key,
+        max_lines=args.max_lines,
+        answer_fix=args.answer_fix,
+        seed=args.seed,
+        judge=JudgeConfig(modes=tuple(args.mode) if args.mode else None, workers=args.workers, timeout=args.timeout),
+    )
+    summary = build_pairs(config)
+    for name, counts in summary.items():
+        made = {k: v for k, v in counts.items() if k.startswith("pairs_")}
+        print(f"{name}: {counts.get('lines', 0)} lines -> {made}", file=sys.stderr)
+    print(f"summary: {config.save_dir / 'pairs_summary.json'}", file=sys.stderr)
+    return 0
+
+
+def add_cli(sub) -> None:
+    from mpo_data.judge import MODES
+
+    p = sub.add_parser("pairs", help="turn sample shards into MMPR preference pairs (correctness and DropoutNTP)")
+    p.add_argument("--data-dir", required=True, help="<out>/samples, a stage folder, or one dataset folder")
+    p.add_argument("--save-dir", required=True, help="where pair files and pairs_summary.json go")
+    p.add_argument("--num-pairs-per-key", type=int, default=15, help="at most this many pairs per item and rule")
+    p.add_argument("--max-lines", type=int, default=1_200_000, help="lines read per dataset at most")
+    p.add_argument("--answer-fix", action="store_true", help="rewrite the chosen's final answer to the ground truth")
+    p.add_argument("--seed", type=int, default=0, help="seed of pair sampling")
+    p.add_argument("--mode", action="append", choices=MODES, help="judge mode (repeatable); default: by dataset name")
+    p.add_argument("--workers", type=int, default=0, help="judge processes (0: one per core)")
+    p.add_argument("--timeout", type=float, default=JudgeConfig.timeout, help="seconds per answer comparison")
+    p.set_defaults(func=_pairs_main)
