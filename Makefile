@@ -36,5 +36,9 @@ test: venv models demo-data
 bench-engine: venv models
 	$(BIN)/python benchmarks/bench_engine.py
 
+# lines/s and peak RSS (incl. judge workers) of `mpo-data pairs` on 500k generated samples vs read+parse only.
+bench-pairs: venv
+	$(BIN)/python benchmarks/bench_pairs.py
+
 clean:
 	rm -rf out runs data
