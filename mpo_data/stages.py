@@ -320,6 +320,14 @@ class Tally:
     output_tokens: int = 0
     prompt_tokens: int = 0
     parts: int = 0
+    first_part_s: float | None = None  # engine start + first batch: the fixed cost of a run
+    first_part_tokens: int = 0
+    last_part_s: float = 0.0
+
+    def steady_tokens_per_s(self) -> float:
+        """Output tokens/s after the first part: the sampling rate without engine start-up."""
+        span = self.last_part_s - (self.first_part_s or 0.0)
+        return (self.output_tokens - self.first_part_tokens) / span if span > 0 else 0.0
 
 
 def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore) -> Tally:
@@ -343,9 +351,11 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore)
             began = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="default"):
                 _write_batch(batch, store, tally)
+                tally.last_part_s = time.monotonic() - began
+                if tally.first_part_s is None:
+                    tally.first_part_s, tally.first_part_tokens = tally.last_part_s, tally.output_tokens
                 bar.update(len(batch["record"]))
-                rate = tally.output_tokens / max(time.monotonic() - began, 1e-9)
-                bar.set_postfix(kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=f"{rate:.1f}")
+                bar.set_postfix(kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=f"{tally.steady_tokens_per_s():.1f}")
     finally:
         if started_ray:
             ray.shutdown()
@@ -432,6 +442,8 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "output_tokens": tally.output_tokens,
         "generation_s": round(generation_s, 2),
         "output_tokens_per_s": round(tally.output_tokens / generation_s, 2) if tally.output_tokens else 0.0,
+        "first_part_s": round(tally.first_part_s, 2) if tally.first_part_s is not None else None,
+        "steady_output_tokens_per_s": round(tally.steady_tokens_per_s(), 2),
         "wall_s": round(time.monotonic() - began, 2),
         "settings": config.stage_settings(),
     }

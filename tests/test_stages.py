@@ -154,7 +154,7 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
 def test_dropout_ntp_text_invariants(tmp_path, demo_dir, models_dir, ray_local):
     config = DropoutNTPConfig(
         str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path),
-        num_return_sequences=2, max_new_tokens=48, sample_max_num=3, start_ratio=0.5, batch_size=3,
+        image_root=str(demo_dir / "images"), num_return_sequences=2, max_new_tokens=48, sample_max_num=3, batch_size=3,
     )
     summary = run_stage(config)
     folder = stage_dir(tmp_path, "dropout-ntp", "easy_vqa_describe")
@@ -182,7 +182,7 @@ def test_dropout_ntp_text_invariants(tmp_path, demo_dir, models_dir, ray_local):
 def test_dropout_ntp_load_image_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_local):
     config = DropoutNTPConfig(
         str(models_dir / "tiny-smolvlm"), str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path),
-        num_return_sequences=1, max_new_tokens=4, sample_max_num=2, load_image=True, dataset="describe",
+        image_root=str(demo_dir / "images"), max_new_tokens=4, sample_max_num=2, load_image=True, dataset="describe",
     )
     summary = run_stage(config)
     folder = stage_dir(tmp_path, "dropout-ntp", "describe")
