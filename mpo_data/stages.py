@@ -315,6 +315,7 @@ def connect_ray(address: str | None) -> bool:
 class Tally:
     """What this run generated, for the progress bar and the summary."""
 
+    items: set = field(default_factory=set)  # item_ids that got samples this run
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     output_tokens: int = 0
@@ -355,7 +356,7 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore)
                 if tally.first_part_s is None:
                     tally.first_part_s, tally.first_part_tokens = tally.last_part_s, tally.output_tokens
                 bar.update(len(batch["record"]))
-                bar.set_postfix(kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=f"{tally.steady_tokens_per_s():.1f}")
+                bar.set_postfix(items=len(tally.items), kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=f"{tally.steady_tokens_per_s():.1f}")
     finally:
         if started_ray:
             ray.shutdown()
@@ -365,7 +366,9 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore)
 def _write_batch(batch: dict[str, Any], store: ShardStore, tally: Tally) -> None:
     kept, dropped = [], []
     for record, reason in zip(batch["record"], batch["dropped"]):
-        (dropped if reason else kept).append(orjson.loads(record))
+        row = orjson.loads(record)
+        (dropped if reason else kept).append(row)
+        tally.items.add(row["item_id"])
         if reason:
             tally.dropped[str(reason)] += 1
     store.write_part(kept, dropped)
@@ -433,6 +436,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "repeated_items_skipped": repeats,
         "quota_per_item": config.num_return_sequences,
         "samples_already_done": sum(len(done.get(i.item_id, ())) for i in items),
+        "items_sampled": len(tally.items),
         "samples_requested": sum(len(w["indices"]) for w in work),
         "samples_out": tally.kept,
         "dropped": dict(tally.dropped),
