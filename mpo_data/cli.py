@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "mpo_data.engine",
     "mpo_data.stages",
     "mpo_data.report",
+    "mpo_data.train",
     "mpo_data.judge",
     "mpo_data.pairs",
     "mpo_data.meta",

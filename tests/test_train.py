@@ -1,0 +1,214 @@
+"""MPO training stage: meta.json sampling, bad input messages, real TRL steps, evaluation numbers."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mpo_data import evaluate
+from mpo_data.errors import InputError
+from mpo_data.formats import MetaEntry, write_meta
+from mpo_data.train_config import load
+from mpo_data.train_data import PairLoader, repeat_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VLM = ROOT / "models" / "tiny-smolvlm"
+CONFIG = ROOT / "training" / "configs" / "tiny_vlm_full_cpu.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)  # a shared 2-core machine
+
+
+@pytest.fixture
+def pairs(tmp_path) -> Path:
+    """A meta.json over 8 hand-made pairs: 5 with an image (one with two), 3 text-only."""
+    img = tmp_path / "img"
+    img.mkdir()
+    for name, colour in (("red.png", "red"), ("blue.png", "blue")):
+        Image.new("RGB", (40, 30), colour).save(img / name)
+    lines = [
+        {"image": "red.png", "question": "What colour is it?", "chosen": "Red.", "rejected": "Blue."},
+        {"image": "blue.png", "question": "What colour is it?", "chosen": "Blue.", "rejected": "Green."},
+        {"image": ["red.png", "blue.png"], "question": "Same colour?", "chosen": "No.", "rejected": "Yes."},
+        {"image": "red.png", "question": "Is it red?", "chosen": "Yes.", "rejected": "No."},
+        {"image": "blue.png", "question": "Is it red?", "chosen": "No.", "rejected": "Yes, it is red."},
+        {"question": "What is 2 + 3?", "chosen": "5", "rejected": "6"},
+        {"question": "What is 4 * 2?", "chosen": "8", "rejected": "6"},
+        {"question": "Name a primary colour.", "chosen": "Red.", "rejected": "Pink."},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_meta(tmp_path / "meta.json", {"mix": MetaEntry(str(img), str(tmp_path / "pairs.jsonl"), 1.0, len(lines))})
+    return tmp_path
+
+
+def meta_with(tmp_path: Path, repeat_time: float) -> Path:
+    path = tmp_path / f"meta_{repeat_time}.json"
+    write_meta(path, {"mix": MetaEntry(str(tmp_path / "img"), str(tmp_path / "pairs.jsonl"), repeat_time, 8)})
+    return path
+
+
+@pytest.mark.parametrize("repeat_time", [0.5, 1, 1.5, 2.25])
+def test_meta_sampling_takes_exactly_int_length_times_repeat(pairs, repeat_time):
+    rows = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3)
+    assert len(rows.rows) == int(8 * repeat_time)
+    per_line = Counter(rows.sources)
+    whole = int(repeat_time)
+    assert set(per_line.values()) <= {whole, whole + 1}  # whole copies, the fraction without replacement
+    assert rows.counts["mix"] == {"lines": 8, "valid": 8, "sampled": int(8 * repeat_time)}
+    again = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3)
+    assert again.sources == rows.sources  # seeded
+    if repeat_time in (0.5, 2.25):
+        other = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=4)
+        assert other.sources != rows.sources or len(set(rows.sources)) == 8
+
+
+def test_repeat_indices_on_awkward_lengths():
+    import random
+
+    for length in (1, 3, 7, 13, 100):
+        for r in (0.1, 0.5, 0.99, 1, 1.5, 2.25, 3.7):
+            picked = repeat_indices(length, r, random.Random(0))
+            assert len(picked) == int(length * r)
+            assert max(Counter(picked).values(), default=0) <= int(r) + 1
+
+
+def test_rows_are_trl_vision_preference_rows(pairs):
+    rows = PairLoader().read_meta(pairs / "meta.json", seed=0).rows
+    two = rows[2]
+    assert [p["type"] for p in two["prompt"][0]["content"]] == ["image", "image", "text"]
+    assert len(two["images"]) == 2 and all(isinstance(i, Image.Image) for i in two["images"])
+    assert two["chosen"] == [{"role": "assistant", "content": [{"type": "text", "text": "No."}]}]
+    assert rows[5]["images"] == [] and rows[5]["prompt"][0]["content"] == [{"type": "text", "text": "What is 2 + 3?"}]
+    text_only = PairLoader(text_only=True, on_error="skip").read_meta(pairs / "meta.json", seed=0)
+    assert [r["prompt"] for r in text_only.rows][0] == [{"role": "user", "content": "What is 2 + 3?"}]
+    assert text_only.quarantine.counts == {"image row, text-only model": 5}
+
+
+def test_bad_meta_and_pair_lines_name_file_and_line(pairs):
+    write_meta(pairs / "gone.json", {"mix": MetaEntry(str(pairs / "img"), "nowhere.jsonl", 1.0, 8)})
+    with pytest.raises(InputError, match=r"gone.json: entry 'mix': annotation 'nowhere.jsonl' not found"):
+        PairLoader().read_meta(pairs / "gone.json", seed=0)
+    (pairs / "bad.json").write_text('{"mix": {"root": "img", "annotation": "pairs.jsonl", "repeat_time": 0, "length": 8}}')
+    with pytest.raises(InputError, match=r"bad.json: entry 'mix': 'repeat_time' must be > 0"):
+        PairLoader().read_meta(pairs / "bad.json", seed=0)
+    with (pairs / "pairs.jsonl").open("a") as f:
+        f.write('{"image": "missing.png", "question": "q", "chosen": "a", "rejected": "b"}\n')
+        f.write('{"question": "q", "chosen": "a"}\n')
+    with pytest.raises(InputError, match=r"pairs.jsonl:9: image 'missing.png' not found"):
+        PairLoader().read_meta(pairs / "meta.json", seed=0)
+    loader = PairLoader(on_error="skip", quarantine=pairs / "q.jsonl")
+    loader.read_meta(pairs / "meta.json", seed=0)
+    loader.close()
+    assert len(loader.out.rows) == 8 and loader.out.quarantine.counts == {"image missing": 1, "schema": 1}
+    kept = [json.loads(line)["loc"] for line in (pairs / "q.jsonl").read_text().splitlines()]
+    assert kept == [f"{pairs}/pairs.jsonl:9", f"{pairs}/pairs.jsonl:10"]
+
+
+def test_hf_dataset_on_disk_with_pil_images(tmp_path):
+    import datasets
+
+    red = Image.new("RGB", (20, 20), "red")
+    datasets.Dataset.from_list([
+        {"prompt": "Colour?", "chosen": "Red.", "rejected": "Blue.", "images": [red]},
+        {"prompt": "Colour?", "chosen": "Red.", "rejected": "", "images": [red]},
+    ]).save_to_disk(tmp_path / "ds")
+    with pytest.raises(InputError, match=r"ds:2: 'rejected' must be a non-empty string or conversation"):
+        PairLoader().read_dataset(tmp_path / "ds")
+    rows = PairLoader(on_error="skip").read_dataset(tmp_path / "ds").rows
+    assert len(rows) == 1 and rows[0]["images"][0].size == (20, 20)
+    assert rows[0]["prompt"][0]["content"][0] == {"type": "image"}
+
+
+def test_config_errors_name_key_and_file(tmp_path):
+    with pytest.raises(InputError, match=r"tiny_vlm_full_cpu.yaml: dpo: unknown key 'rpo_alpha'"):
+        load(CONFIG, ["dpo.rpo_alpha=0.5"])
+    with pytest.raises(InputError, match=r"tiny_vlm_full_cpu.yaml: model: unknown key 'lora_rank'"):
+        load(CONFIG, ["model.lora_rank=4"])
+    with pytest.raises(InputError, match=r"model.finetune: 'qlora4' is not one of full, lora, dora, qlora"):
+        load(CONFIG, ["model.finetune=qlora4"])
+    from mpo_data.train import dpo_config, quantization_config
+
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"qlora needs a CUDA GPU"):
+            quantization_config(load(CONFIG, ["model.finetune=qlora"]), cuda=False)
+    with pytest.raises(InputError, match=r"tiny_vlm_full_cpu.yaml: dpo: .*loss_weights"):
+        dpo_config(load(CONFIG, ["dpo.loss_weights=[1.0]"]), cuda=False)
+    args = dpo_config(load(CONFIG), cuda=False)
+    assert (args.loss_type, args.loss_weights, args.beta) == (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 0.1)
+    assert args.bf16 is False and args.report_to == ["tensorboard"]
+
+
+def hand_logp(model, processor, row) -> tuple[float, float]:
+    """Summed completion log-probs, one pair at a time, token by token, without TRL or padding."""
+    tok = processor.tokenizer
+    prompt = processor.apply_chat_template(row["prompt"], add_generation_prompt=True)
+    out = []
+    for key in ("chosen", "rejected"):
+        full = processor.apply_chat_template(row["prompt"] + row[key])
+        completion = full[len(prompt) :]
+        inputs = processor(text=[prompt], images=row["images"] or None, return_tensors="pt", add_special_tokens=False)
+        ids = tok(completion, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        with torch.no_grad():
+            logits = model(**inputs).logits[0]
+        n_prompt = inputs["input_ids"].shape[1] - ids.shape[1]
+        total = 0.0
+        for t in range(ids.shape[1]):
+            total += torch.log_softmax(logits[n_prompt + t - 1], dim=-1)[ids[0, t]].item()
+        out.append(total)
+    return out[0], out[1]
+
+
+def test_batched_logps_match_hand_computation_and_metrics(pairs):
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(TINY_VLM)
+    processor.tokenizer.padding_side = "left"
+    model = Idefics3ForConditionalGeneration.from_pretrained(TINY_VLM, dtype=torch.float32).eval()
+    rows = PairLoader().read_meta(pairs / "meta.json", seed=0).rows
+    batch = [rows[2], rows[4], rows[5]]  # two images, one image with a long rejected, text-only: padding everywhere
+    chosen, rejected = evaluate.completion_logps(model, evaluate.collate(batch, processor))
+    for i, row in enumerate(batch):
+        c, r = hand_logp(model, processor, row)
+        assert chosen[i].item() == pytest.approx(c, abs=1e-3)
+        assert rejected[i].item() == pytest.approx(r, abs=1e-3)
+
+    s = evaluate.Scores(policy_chosen=[-1.0, -5.0, -2.0], policy_rejected=[-2.0, -4.0, -2.0],
+                        ref_chosen=[-3.0, -4.0, -2.5], ref_rejected=[-2.0, -4.0, -2.0])
+    m = evaluate.preference_metrics(s, beta=0.1)
+    # before margins: -1, 0, -0.5 ; after: 1, -1, 0 ; rewards 0.1*(2, -1, 0.5)
+    assert m["before"] == {"logp_accuracy": 0.0, "mean_logp_margin": pytest.approx(-0.5), "reward_accuracy": 0.0,
+                           "mean_reward_margin": 0.0}
+    assert m["after"]["logp_accuracy"] == pytest.approx(1 / 3)
+    assert m["after"]["reward_accuracy"] == pytest.approx(2 / 3)
+    assert m["after"]["mean_reward_margin"] == pytest.approx(0.05)
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_two_mpo_steps_on_tiny_vlm(pairs, tmp_path, finetune):
+    from mpo_data.train import eval_run, train
+
+    out = tmp_path / f"run_{finetune}"
+    config = load(CONFIG, [f"data.meta={pairs / 'meta.json'}", f"output_dir={out}", f"model.finetune={finetune}",
+                           "data.eval_size=2", "eval.pairs=2", "eval.generations=1", "dpo.learning_rate=0.01"])
+    run = train(config)
+    assert run["steps"] == 2 and run["data"]["train_rows"] == 6 and run["data"]["eval_rows"] == 2
+    saved = "adapter_model.safetensors" if finetune == "lora" else "model.safetensors"
+    assert (out / saved).is_file() and (out / "processor_config.json").is_file()
+    assert list((out / "runs").glob("*/events.out.tfevents.*"))
+    result = json.loads((out / "eval.json").read_text())
+    assert result["pairs"] == 2 and len(result["generations"]) == 1
+    moved = [p["policy_chosen"] - p["ref_chosen"] for p in result["per_pair"]]
+    assert any(abs(d) > 1e-4 for d in moved)  # the policy left the reference: training changed weights
+    again = json.loads(eval_run(out).read_text())  # `mpo-data eval` reloads the run and gets the same numbers
+    assert again["after"] == pytest.approx(result["after"], abs=1e-3)
+    assert again["before"] == pytest.approx(result["before"], abs=1e-3)
