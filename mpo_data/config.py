@@ -83,6 +83,14 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
             except InputError as e:
                 errors.append(str(e))
         raise InputError(errors[0] if len(options) == 1 else f"{where}: {value!r} fits none of {hint}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise InputError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, source, key)
     if origin is list:

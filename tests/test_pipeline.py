@@ -1,0 +1,96 @@
+"""`mpo-data run`: strict pipeline configs, and a real tiny run that a rerun resumes without new work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from mpo_data.errors import InputError
+from mpo_data.formats import read_meta
+from mpo_data.pipeline import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, config) -> Path:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def base_config(tmp_path, demo_dir) -> dict:
+    return {
+        "out_dir": str(tmp_path / "out"),
+        "defaults": {"checkpoint": str(ROOT / "models" / "smollm2-135m-instruct"), "image_root": str(demo_dir / "images")},
+        "datasets": [
+            {"name": "arith", "stage": "correctness",
+             "settings": {"prompt_path": str(demo_dir / "arithmetic.jsonl"), "sample_max_num": 3,
+                          "num_return_sequences": 3, "max_new_tokens": 48}},
+            {"name": "describe", "stage": "dropout-ntp", "weight": 2.0,
+             "settings": {"prompt_path": str(demo_dir / "easy_vqa_describe.jsonl"), "sample_max_num": 3, "max_new_tokens": 64}},
+        ],
+        "meta": {"out": str(tmp_path / "meta.json")},
+    }
+
+
+def test_shipped_pipelines_parse():
+    for name in ("demo", "mmpr"):
+        config, stages = load_pipeline(ROOT / "pipelines" / f"{name}.yaml")
+        assert stages and all(s.out_dir == config.out_dir for s in stages)
+    config, stages = load_pipeline(ROOT / "pipelines" / "mmpr.yaml")
+    assert stages[0].tp == 4 and stages[0].num_return_sequences == 32 and config.meta.target_total == 400000
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c.update(colour=1), "pipe.yaml: unknown key 'colour'"),
+        (lambda c: c["datasets"][0]["settings"].update(tempreature=1), "datasets[0].settings: unknown key 'tempreature'"),
+        (lambda c: c["datasets"][1].update(stage="dpo"), "datasets[1].stage: expected one of"),
+        (lambda c: c["datasets"][0]["settings"].update(prompt_version="zz"), "datasets[0].settings.prompt_version"),
+        (lambda c: c["datasets"][0]["settings"].update(out_dir="x"), "datasets[0]: 'out_dir' is set by the pipeline"),
+        (lambda c: c["datasets"][1].update(name="arith"), "names must be unique"),
+        (lambda c: c["meta"].pop("out"), "meta: missing key 'out'"),
+    ],
+)
+def test_bad_pipeline_config_names_key_and_file(tmp_path, demo_dir, edit, message):
+    config = base_config(tmp_path, demo_dir)
+    edit(config)
+    path = write(tmp_path, config)
+    with pytest.raises(InputError) as err:
+        load_pipeline(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+@pytest.mark.ray
+@pytest.mark.engine
+def test_tiny_pipeline_runs_and_rerun_does_no_work(tmp_path, demo_dir):
+    path = write(tmp_path, base_config(tmp_path, demo_dir))
+    cmd = [sys.executable, "-m", "mpo_data", "run", str(path)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "out"
+    samples = sorted((out / "samples").glob("*/*/part-*.jsonl"))
+    arith = orjson.loads((out / "samples" / "correctness" / "arith" / "summary.json").read_bytes())
+    assert arith["samples_out"] == 9
+    meta = read_meta(tmp_path / "meta.json")
+    assert meta, "meta.json has entries"
+    for name, entry in meta.items():
+        assert entry.length == sum(1 for _ in open(entry.annotation))
+        assert entry.root in (str(demo_dir / "images"),)
+    assert any(n.startswith("describe_prefix_pair_sr0.5_wo_image") for n in meta)
+    record = orjson.loads((out / "pipeline.json").read_bytes())
+    assert record["pairs_rebuilt"] is True and record["meta"] == str(tmp_path / "meta.json")
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted((out / "samples").glob("*/*/part-*.jsonl")) == samples
+    again = orjson.loads((out / "samples" / "correctness" / "arith" / "summary.json").read_bytes())
+    assert again["samples_requested"] == 0 and again["samples_already_done"] == 9
+    assert orjson.loads((out / "pipeline.json").read_bytes())["pairs_rebuilt"] is False
+    assert read_meta(tmp_path / "meta.json") == meta

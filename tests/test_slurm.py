@@ -1,0 +1,57 @@
+"""pipelines/slurm/data.sbatch under stand-in srun/scontrol: two local Ray "nodes", then the real pipeline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDINS = ROOT / "tests" / "slurm_standins"
+
+pytestmark = [pytest.mark.ray, pytest.mark.engine]
+
+
+def test_data_sbatch_brings_up_two_nodes_and_runs_pipeline(tmp_path, demo_dir):
+    prompts = tmp_path / "arith.jsonl"
+    prompts.write_text("".join((demo_dir / "arithmetic.jsonl").read_text().splitlines(True)[:2]))
+    config = {
+        "out_dir": str(tmp_path / "out"),
+        "defaults": {"checkpoint": str(ROOT / "models" / "smollm2-135m-instruct"), "max_new_tokens": 16,
+                     "num_return_sequences": 2},
+        "datasets": [{"name": "arith", "stage": "correctness", "settings": {"prompt_path": str(prompts)}}],
+        "meta": {"out": str(tmp_path / "meta.json")},
+    }
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(config))
+    env = dict(
+        os.environ,
+        PATH=f"{STANDINS}:{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="node[1-2]",
+        CONFIG=str(tmp_path / "pipe.yaml"),
+        HEAD_IP="127.0.0.1", NODE_IP="127.0.0.1",   # loopback only on this machine
+        RAY_PORT="6391", GPUS_PER_NODE="0", CPUS_PER_NODE="1",
+        MPO_DATA=str(ROOT / ".venv" / "bin" / "mpo-data"), RAY=str(ROOT / ".venv" / "bin" / "ray"),
+        PYTHON=str(ROOT / ".venv" / "bin" / "python"), VLLM_CPU_KVCACHE_SPACE="1",
+    )
+    result = subprocess.run(["bash", str(ROOT / "pipelines" / "slurm" / "data.sbatch")], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Ray cluster up with 2 nodes" in result.stdout
+    summary = orjson.loads((tmp_path / "out" / "samples" / "correctness" / "arith" / "summary.json").read_bytes())
+    assert summary["samples_out"] == 4
+    assert "arith" in "".join(orjson.loads((tmp_path / "meta.json").read_bytes())) or (tmp_path / "meta.json").exists()
+
+
+def test_data_sbatch_fails_with_pipeline_status(tmp_path):
+    env = dict(os.environ, PATH=f"{STANDINS}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1",
+               CONFIG=str(tmp_path / "missing.yaml"), HEAD_IP="127.0.0.1", RAY_PORT="6392", GPUS_PER_NODE="0",
+               CPUS_PER_NODE="1", MPO_DATA=str(ROOT / ".venv" / "bin" / "mpo-data"),
+               RAY=str(ROOT / ".venv" / "bin" / "ray"), PYTHON=str(ROOT / ".venv" / "bin" / "python"))
+    result = subprocess.run(["bash", str(ROOT / "pipelines" / "slurm" / "data.sbatch")], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "missing.yaml" in result.stderr and "pipeline exited with 1" in result.stdout
