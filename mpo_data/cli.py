@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "mpo_data.stages",
     "mpo_data.pipeline",
     "mpo_data.report",
+    "mpo_data.train",
     "mpo_data.judge",
     "mpo_data.pairs",
     "mpo_data.meta",
