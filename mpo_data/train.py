@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from mpo_data import evaluate
 from mpo_data.errors import InputError
 from mpo_data.train_config import TrainConfig, load
 from mpo_data.train_data import PairLoader, summary
@@ -112,6 +111,7 @@ def split_by_source(rows: list[dict], sources: list[str], eval_size: float, seed
 
 def prepare_rows(config: TrainConfig, processing_class, max_length: int | None) -> tuple[list, list, dict]:
     """(train rows, held-out rows, data summary) from the meta.json or data set the config names."""
+    from mpo_data import evaluate  # torch/TRL: imported only when training or evaluating
     out = Path(config.output_dir)
     loader = PairLoader(config.data.on_error, out / "quarantine.jsonl", text_only=not is_vlm(processing_class))
     if config.data.meta:
@@ -140,6 +140,7 @@ def to_dataset(rows: list[dict]):
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train, save adapter or model plus processor, evaluate; returns the run summary (also in summary.json)."""
+    from mpo_data import evaluate  # torch/TRL: imported only when training or evaluating
     from trl import DPOTrainer
 
     cuda = cuda_available()
@@ -202,6 +203,7 @@ def load_run(run_dir: str | Path):
 
 def eval_run(run_dir: str | Path) -> Path:
     """`mpo-data eval`: rebuild the same held-out split and evaluate the saved run again."""
+    from mpo_data import evaluate  # torch/TRL: imported only when training or evaluating
     config, policy, reference, processing_class = load_run(run_dir)
     args = dpo_config(config, cuda_available())
     _, held, _ = prepare_rows(config, processing_class, args.max_length)
