@@ -23,7 +23,7 @@ from tqdm import tqdm
 from mpo_data import images as image_io
 from mpo_data.engine import Completion, Engine, EngineConfig, GenerationRequest, SamplingConfig
 from mpo_data.errors import InputError
-from mpo_data.formats import PromptItem, Sample
+from mpo_data.formats import PromptItem, Sample, image_list
 from mpo_data.inputs import PromptReader
 from mpo_data.prompts import PROMPT_TEMPLATES, render
 from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
@@ -60,7 +60,7 @@ class StageConfig:
     pp: int = field(default=1, metadata={"help": "Pipeline-parallel degree of each engine."})
     num_engines: int = field(default=1, metadata={"help": "vLLM engine actors running at once (each takes tp x pp GPUs)."})
     address: str | None = field(
-        default=None, metadata={"help": "Ray cluster to join ('auto' or HOST:PORT); default: start a local Ray on 127.0.0.1."}
+        default=None, metadata={"help": "Ray cluster to join ('auto' or HOST:PORT); default: start a private local Ray (no dashboard)."}
     )
     force: bool = field(default=False, metadata={"help": "Add samples even if OUT already holds samples drawn with other settings."})
 
@@ -176,6 +176,8 @@ def drop_reason(completion: Completion, rest: str) -> str | None:
 
 
 class DropoutNTPStage:
+    """Requests continue a prefix of `chosen`; continuations become `rejected` or counted drops."""
+
     def __init__(self, config: DropoutNTPConfig):
         self.config = config
         self.wants_images = config.load_image
@@ -209,6 +211,8 @@ class DropoutNTPStage:
 
 
 class CorrectnessStage:
+    """Requests ask the templated question with the images; every sample is kept (the judge decides)."""
+
     def __init__(self, config: CorrectnessConfig):
         self.config = config
         self.wants_images = True
@@ -257,8 +261,7 @@ class GenerateBatch:
     def _images(self, item: dict[str, Any]) -> list:
         if not self.stage.wants_images:
             return []
-        rels = PromptItem.from_raw(item, self.config.dataset_name).images
-        return [image_io.load(self.config.image_root, rel) for rel in rels]
+        return [image_io.load(self.config.image_root, rel) for rel in image_list(item.get("image"))]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
@@ -299,7 +302,10 @@ def actor_resources(config: StageConfig, cluster_gpus: float) -> dict[str, Any]:
 
 
 def connect_ray(address: str | None) -> bool:
-    """Join `address`, or start a private local Ray (dashboard off, 127.0.0.1); True if we started one."""
+    """Join `address`, or start a private local Ray without dashboard; True if we started one.
+
+    (Ray 2.60 turns a 127.0.0.1 node address into the host's routable one, so it cannot be pinned here.)
+    """
     import ray
 
     if ray.is_initialized():
@@ -307,7 +313,7 @@ def connect_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     return True
 
 
@@ -325,10 +331,10 @@ class Tally:
     first_part_tokens: int = 0
     last_part_s: float = 0.0
 
-    def steady_tokens_per_s(self) -> float:
-        """Output tokens/s after the first part: the sampling rate without engine start-up."""
+    def steady_tokens_per_s(self) -> float | None:
+        """Output tokens/s after the first part (sampling without engine start-up); None until 1 s of it."""
         span = self.last_part_s - (self.first_part_s or 0.0)
-        return (self.output_tokens - self.first_part_tokens) / span if span > 0 else 0.0
+        return round((self.output_tokens - self.first_part_tokens) / span, 2) if span >= 1.0 else None
 
 
 def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore) -> Tally:
@@ -356,7 +362,7 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore)
                 if tally.first_part_s is None:
                     tally.first_part_s, tally.first_part_tokens = tally.last_part_s, tally.output_tokens
                 bar.update(len(batch["record"]))
-                bar.set_postfix(items=len(tally.items), kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=f"{tally.steady_tokens_per_s():.1f}")
+                bar.set_postfix(items=len(tally.items), kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=tally.steady_tokens_per_s() or "-")
     finally:
         if started_ray:
             ray.shutdown()
@@ -447,7 +453,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "generation_s": round(generation_s, 2),
         "output_tokens_per_s": round(tally.output_tokens / generation_s, 2) if tally.output_tokens else 0.0,
         "first_part_s": round(tally.first_part_s, 2) if tally.first_part_s is not None else None,
-        "steady_output_tokens_per_s": round(tally.steady_tokens_per_s(), 2),
+        "steady_output_tokens_per_s": tally.steady_tokens_per_s(),
         "wall_s": round(time.monotonic() - began, 2),
         "settings": config.stage_settings(),
     }

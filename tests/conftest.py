@@ -52,9 +52,9 @@ def vlm_engine(models_dir: Path):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray for the session (2 CPUs, no dashboard, loopback only); stage runs join it."""
+    """One real local Ray for the session (2 CPUs, no dashboard); stage runs join it."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
