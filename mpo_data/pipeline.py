@@ -119,6 +119,8 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
 
     weights = {spec.name: spec.weight for spec in config.datasets}
     files = sorted((out / "pairs").glob("*.jsonl"))
+    if not files and not config.meta.base:
+        raise InputError(f"{out / 'pairs'}: the samples gave no pairs (see {out / 'pairs' / 'pairs_summary.json'})")
     entries = build_meta(MetaConfig(
         pairs_dir=out / "pairs", image_root=".", out=Path(config.meta.out), target_total=config.meta.target_total,
         # a dataset's weight scales the default share of each of its files (its rows)

@@ -301,11 +301,15 @@ def actor_resources(config: StageConfig, cluster_gpus: float) -> dict[str, Any]:
     return {"num_gpus": 0, "ray_remote_args_fn": partial(_placement_group, devices, config.pp > 1)}
 
 
-def connect_ray(address: str | None) -> bool:
-    """Join `address`, or start a private local Ray without dashboard; True if we started one.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
-    (Ray 2.60 turns a 127.0.0.1 node address into the host's routable one, so it cannot be pinned here.)
-    """
+
+def connect_ray(address: str | None) -> bool:
+    """Join `address`, or start a private local Ray without dashboard, on loopback; True if we started one."""
+    if not address:
+        # With this switch off, Ray takes 127.0.0.1 as the node address instead of the host's routable
+        # one, so a private instance never listens on or talks to a network address. Read at import.
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
     import ray
 
     if ray.is_initialized():

@@ -32,7 +32,7 @@ def base_config(tmp_path, demo_dir) -> dict:
              "settings": {"prompt_path": str(demo_dir / "arithmetic.jsonl"), "sample_max_num": 3,
                           "num_return_sequences": 3, "max_new_tokens": 48}},
             {"name": "describe", "stage": "dropout-ntp", "weight": 2.0,
-             "settings": {"prompt_path": str(demo_dir / "easy_vqa_describe.jsonl"), "sample_max_num": 3, "max_new_tokens": 64}},
+             "settings": {"prompt_path": str(demo_dir / "easy_vqa_describe.jsonl"), "sample_max_num": 3, "max_new_tokens": 128}},
         ],
         "meta": {"out": str(tmp_path / "meta.json")},
     }

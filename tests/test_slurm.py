@@ -10,6 +10,8 @@ import orjson
 import pytest
 import yaml
 
+from mpo_data.formats import read_meta
+
 ROOT = Path(__file__).resolve().parents[1]
 STANDINS = ROOT / "tests" / "slurm_standins"
 
@@ -23,7 +25,12 @@ def test_data_sbatch_brings_up_two_nodes_and_runs_pipeline(tmp_path, demo_dir):
         "out_dir": str(tmp_path / "out"),
         "defaults": {"checkpoint": str(ROOT / "models" / "smollm2-135m-instruct"), "max_new_tokens": 16,
                      "num_return_sequences": 2},
-        "datasets": [{"name": "arith", "stage": "correctness", "settings": {"prompt_path": str(prompts)}}],
+        "datasets": [
+            {"name": "arith", "stage": "correctness", "settings": {"prompt_path": str(prompts)}},
+            {"name": "describe", "stage": "dropout-ntp",
+             "settings": {"prompt_path": str(demo_dir / "easy_vqa_describe.jsonl"), "image_root": str(demo_dir / "images"),
+                          "sample_max_num": 2, "num_return_sequences": 1, "max_new_tokens": 128}},
+        ],
         "meta": {"out": str(tmp_path / "meta.json")},
     }
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(config))
@@ -43,7 +50,7 @@ def test_data_sbatch_brings_up_two_nodes_and_runs_pipeline(tmp_path, demo_dir):
     assert "Ray cluster up with 2 nodes" in result.stdout
     summary = orjson.loads((tmp_path / "out" / "samples" / "correctness" / "arith" / "summary.json").read_bytes())
     assert summary["samples_out"] == 4
-    assert "arith" in "".join(orjson.loads((tmp_path / "meta.json").read_bytes())) or (tmp_path / "meta.json").exists()
+    assert any(name.startswith("describe_prefix_pair") for name in read_meta(tmp_path / "meta.json"))
 
 
 def test_data_sbatch_fails_with_pipeline_status(tmp_path):
