@@ -20,6 +20,8 @@ from transformers import ProcessorMixin
 from trl.data_utils import apply_chat_template
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DataCollatorForVisionPreference
 
+from mpo_data.jsonl import atomic_write_bytes
+
 
 def collate(rows: list[dict[str, Any]], processing_class) -> dict[str, torch.Tensor]:
     """A TRL preference batch (chosen rows first, then rejected), built by TRL's own collators."""
@@ -153,5 +155,5 @@ def evaluate(policy, reference, processing_class, rows: list[dict], beta: float,
 
 def write(path: str | Path, result: dict[str, Any]) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_bytes(path, json.dumps(result, indent=2, ensure_ascii=False).encode() + b"\n")
     return path

@@ -162,10 +162,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
-    trainer.save_model()  # the adapter (PEFT) or the whole model, with the processor
+    trainer.save_model()  # the adapter (PEFT) or the whole model
+    if not trainer.accelerator.is_main_process:  # under a multi-GPU launch, one process evaluates and writes
+        return {}
     processing_class.save_pretrained(out)
 
-    report = evaluate.evaluate(trainer.model, trainer.ref_model, processing_class, held, args.beta, config.eval)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    report = evaluate.evaluate(policy, trainer.ref_model, processing_class, held, args.beta, config.eval)
     run = {
         "output_dir": str(out), "finetune": config.model.finetune, "model": config.model.path, "device": "cuda" if cuda else "cpu",
         "steps": result.global_step, "train_seconds": round(seconds, 2), "steps_per_second": round(result.global_step / seconds, 4),
@@ -176,7 +179,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
         run["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     evaluate.write(out / "eval.json", {**report, "run": run})
-    (out / "summary.json").write_text(json.dumps(run, indent=2) + "\n")
+    evaluate.write(out / "summary.json", run)
     return run
 
 
@@ -211,9 +214,17 @@ def eval_run(run_dir: str | Path) -> Path:
     return evaluate.write(Path(run_dir) / "eval.json", report)
 
 
-def _train_main(args) -> int:
+def add_train_args(parser) -> None:
+    """Arguments of `mpo-data train` and of training/train_mpo.py (the same recipe)."""
+    parser.add_argument("--config", required=True, help="training YAML, e.g. training/configs/smollm2_lora_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. dpo.max_steps=2 model.finetune=full")
+
+
+def train_main(args) -> int:
     config = load(args.config, args.overrides)
     run = train(config)
+    if not run:
+        return 0
     out = Path(run["output_dir"])
     what = "model" if config.model.finetune == "full" else "adapter"
     print(f"{what}: {out}\nevaluation: {out / 'eval.json'}\ntensorboard: {out / 'runs'}")
@@ -231,9 +242,8 @@ def _eval_main(args) -> int:
 
 def add_cli(sub) -> None:
     p = sub.add_parser("train", help="MPO training (TRL DPOTrainer, sigmoid+bco_pair+sft) on a meta.json mixture")
-    p.add_argument("--config", required=True, help="training YAML, e.g. training/configs/smollm2_lora_cpu.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. dpo.max_steps=2 model.finetune=full")
-    p.set_defaults(func=_train_main)
+    add_train_args(p)
+    p.set_defaults(func=train_main)
     p = sub.add_parser("eval", help="preference accuracy and answers of a training run, before vs after")
     p.add_argument("run", help="the run folder (output_dir of `mpo-data train`)")
     p.set_defaults(func=_eval_main)

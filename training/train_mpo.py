@@ -1,0 +1,27 @@
+"""MPO training recipe: meta.json mixture -> TRL DPOTrainer (sigmoid + bco_pair + sft) -> adapter/model -> eval.json.
+
+Same as `mpo-data train`, as a script for launchers:
+    python training/train_mpo.py --config training/configs/smollm2_lora_cpu.yaml dpo.max_steps=10
+    accelerate launch --config_file training/accelerate/single_gpu.yaml training/train_mpo.py \\
+        --config training/configs/qwen2_5_vl_3b_qlora.yaml data.meta=meta/mmpr.json
+"""
+
+import argparse
+import sys
+
+from mpo_data.errors import InputError
+from mpo_data.train import add_train_args, train_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(parser)
+    try:
+        return train_main(parser.parse_args(argv))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
