@@ -27,7 +27,10 @@ models: venv
 demo-data: venv
 	$(BIN)/mpo-data demo-data --out $(DEMO)
 
+# Stages -> pairs -> meta/demo.json on CPU; a rerun resumes and repeats no work. Then the HTML report.
 data: venv models demo-data
+	$(BIN)/mpo-data run pipelines/demo.yaml
+	$(BIN)/mpo-data report out/demo --html out/demo/report.html
 
 # MPO on the pairs `make data` wrote (meta/demo.json): LoRA on SmolLM2, bounded steps, then the evaluation.
 train: venv models
@@ -46,4 +49,4 @@ bench-pairs: venv
 	$(BIN)/python benchmarks/bench_pairs.py
 
 clean:
-	rm -rf out runs data
+	rm -rf out runs data meta/demo.json
