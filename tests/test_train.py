@@ -212,3 +212,34 @@ def test_two_mpo_steps_on_tiny_vlm(pairs, tmp_path, finetune):
     again = json.loads(eval_run(out).read_text())  # `mpo-data eval` reloads the run and gets the same numbers
     assert again["after"] == pytest.approx(result["after"], abs=1e-3)
     assert again["before"] == pytest.approx(result["before"], abs=1e-3)
+
+
+def test_long_rows_dropped_up_front_with_count(pairs, tmp_path):
+    from mpo_data.train import load_processing_class, prepare_rows
+
+    processor = load_processing_class(str(TINY_VLM))
+    config = load(CONFIG, [f"data.meta={pairs / 'meta.json'}", f"output_dir={tmp_path / 'run'}", "data.eval_size=1"])
+    rows = PairLoader().read_meta(pairs / "meta.json", seed=0).rows
+    lengths = sorted(evaluate.pair_length(row, processor) for row in rows)
+    limit = lengths[4]
+    train, held, info = prepare_rows(config, processor, max_length=limit)
+    dropped = sum(n > limit for n in lengths)
+    assert dropped > 0 and info["skipped"] == {"too long": dropped}
+    assert len(train) + len(held) == 8 - dropped
+    assert all(evaluate.pair_length(r, processor) <= limit for r in train + held)
+    quarantined = (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()
+    assert len(quarantined) == dropped and f"over max_length={limit}" in quarantined[0]
+
+
+def test_text_model_batches_mask_exactly_the_completions(pairs):
+    from mpo_data.train import load_processing_class
+
+    tokenizer = load_processing_class(str(ROOT / "models" / "smollm2-135m-instruct"))
+    rows = PairLoader(text_only=True, on_error="skip").read_meta(pairs / "meta.json", seed=0).rows
+    batch = evaluate.collate(rows, tokenizer)
+    n = len(rows)
+    for i, row in enumerate(rows):
+        for half, key in ((0, "chosen"), (n, "rejected")):
+            ids = batch["input_ids"][half + i][batch["completion_mask"][half + i].bool()]
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            assert text == row[key][0]["content"]
