@@ -18,6 +18,17 @@ STANDINS = ROOT / "tests" / "slurm_standins"
 pytestmark = [pytest.mark.ray, pytest.mark.engine]
 
 
+def sbatch_env(**settings: str) -> dict[str, str]:
+    """The job's environment under the stand-ins: loopback nodes, one CPU each, the venv's tools."""
+    env = dict(os.environ, PATH=f"{STANDINS}:{os.environ['PATH']}", HEAD_IP="127.0.0.1", GPUS_PER_NODE="0",
+               CPUS_PER_NODE="1", WAIT_S="120", MPO_DATA=str(ROOT / ".venv" / "bin" / "mpo-data"),
+               RAY=str(ROOT / ".venv" / "bin" / "ray"), PYTHON=str(ROOT / ".venv" / "bin" / "python"), **settings)
+    # conftest's loopback-only switch also makes `ray start --address` refuse to join as a worker node;
+    # the script's nodes get their loopback address from --node-ip-address instead.
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    return env
+
+
 def test_data_sbatch_brings_up_two_nodes_and_runs_pipeline(tmp_path, demo_dir):
     prompts = tmp_path / "arith.jsonl"
     prompts.write_text("".join((demo_dir / "arithmetic.jsonl").read_text().splitlines(True)[:2]))
@@ -34,16 +45,8 @@ def test_data_sbatch_brings_up_two_nodes_and_runs_pipeline(tmp_path, demo_dir):
         "meta": {"out": str(tmp_path / "meta.json")},
     }
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(config))
-    env = dict(
-        os.environ,
-        PATH=f"{STANDINS}:{os.environ['PATH']}",
-        SLURM_JOB_NODELIST="node[1-2]",
-        CONFIG=str(tmp_path / "pipe.yaml"),
-        HEAD_IP="127.0.0.1", NODE_IP="127.0.0.1",   # loopback only on this machine
-        RAY_PORT="6391", GPUS_PER_NODE="0", CPUS_PER_NODE="1",
-        MPO_DATA=str(ROOT / ".venv" / "bin" / "mpo-data"), RAY=str(ROOT / ".venv" / "bin" / "ray"),
-        PYTHON=str(ROOT / ".venv" / "bin" / "python"), VLLM_CPU_KVCACHE_SPACE="1",
-    )
+    env = sbatch_env(SLURM_JOB_NODELIST="node[1-2]", CONFIG=str(tmp_path / "pipe.yaml"), RAY_PORT="6391",
+                     NODE_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="1")
     result = subprocess.run(["bash", str(ROOT / "pipelines" / "slurm" / "data.sbatch")], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -54,10 +57,7 @@ def test_data_sbatch_brings_up_two_nodes_and_runs_pipeline(tmp_path, demo_dir):
 
 
 def test_data_sbatch_fails_with_pipeline_status(tmp_path):
-    env = dict(os.environ, PATH=f"{STANDINS}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1",
-               CONFIG=str(tmp_path / "missing.yaml"), HEAD_IP="127.0.0.1", RAY_PORT="6392", GPUS_PER_NODE="0",
-               CPUS_PER_NODE="1", MPO_DATA=str(ROOT / ".venv" / "bin" / "mpo-data"),
-               RAY=str(ROOT / ".venv" / "bin" / "ray"), PYTHON=str(ROOT / ".venv" / "bin" / "python"))
+    env = sbatch_env(SLURM_JOB_NODELIST="node1", CONFIG=str(tmp_path / "missing.yaml"), RAY_PORT="6392")
     result = subprocess.run(["bash", str(ROOT / "pipelines" / "slurm" / "data.sbatch")], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
