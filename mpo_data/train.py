@@ -171,7 +171,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     report = evaluate.evaluate(policy, trainer.ref_model, processing_class, held, args.beta, config.eval)
     run = {
         "output_dir": str(out), "finetune": config.model.finetune, "model": config.model.path, "device": "cuda" if cuda else "cpu",
-        "steps": result.global_step, "train_seconds": round(seconds, 2), "steps_per_second": round(result.global_step / seconds, 4),
+        "processes": trainer.accelerator.num_processes, "steps": result.global_step, "train_seconds": round(seconds, 2), "steps_per_second": round(result.global_step / seconds, 4),
         "train_loss": result.training_loss, "data": data_info,
     }
     if cuda:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from mpo_data.formats import MetaEntry, write_meta
 
 # Every Ray the tests start (in-process, in CLI subprocesses, `ray start` under the Slurm stand-ins)
 # stays on 127.0.0.1; Ray reads this before any test imports it.
@@ -63,3 +67,25 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def pairs(tmp_path) -> Path:
+    """A meta.json over 8 hand-made pairs: 5 with an image (one with two), 3 text-only."""
+    img = tmp_path / "img"
+    img.mkdir()
+    for name, colour in (("red.png", "red"), ("blue.png", "blue")):
+        Image.new("RGB", (40, 30), colour).save(img / name)
+    lines = [
+        {"image": "red.png", "question": "What colour is it?", "chosen": "Red.", "rejected": "Blue."},
+        {"image": "blue.png", "question": "What colour is it?", "chosen": "Blue.", "rejected": "Green."},
+        {"image": ["red.png", "blue.png"], "question": "Same colour?", "chosen": "No.", "rejected": "Yes."},
+        {"image": "red.png", "question": "Is it red?", "chosen": "Yes.", "rejected": "No."},
+        {"image": "blue.png", "question": "Is it red?", "chosen": "No.", "rejected": "Yes, it is red."},
+        {"question": "What is 2 + 3?", "chosen": "5", "rejected": "6"},
+        {"question": "What is 4 * 2?", "chosen": "8", "rejected": "6"},
+        {"question": "Name a primary colour.", "chosen": "Red.", "rejected": "Pink."},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_meta(tmp_path / "meta.json", {"mix": MetaEntry(str(img), str(tmp_path / "pairs.jsonl"), 1.0, len(lines))})
+    return tmp_path
