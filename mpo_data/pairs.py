@@ -10,6 +10,7 @@ Outputs in --save-dir, all written atomically:
   <ds>_prefix_pair_sr<ratio>_{wo,with}_image.jsonl   DropoutNTP lines
   pos_items/<ds>.jsonl   every correct sample, judged;  neg_items/<ds>.jsonl   items never answered right
   pairs_summary.json     per dataset: counts of every filter, correctness rate, judge errors
+  quarantine/<stage>_<ds>.jsonl   with --on-error skip: bad sample lines, each with its reason
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
 from tqdm import tqdm
 
 from mpo_data.errors import InputError
 from mpo_data.formats import Pair
+from mpo_data.inputs import ON_ERROR, Problem, Quarantine
 from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
 from mpo_data.judge import Judge, JudgeConfig, JudgeItem, modes_for_dataset
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
@@ -54,6 +56,9 @@ class PairsConfig:
     max_lines: int = field(default=1_200_000, metadata={"help": "lines read per dataset at most (InternVL's cap)"})
     answer_fix: bool = field(default=False, metadata={"help": "rewrite the chosen's final answer to the ground truth"})
     seed: int = field(default=0, metadata={"help": "seed of pair sampling; same seed, same output"})
+    on_error: str = field(
+        default="fail", metadata={"help": "bad sample lines: fail naming FILE:LINE, or skip to quarantine/<ds>.jsonl"}
+    )
     bucket_bytes: int = field(default=32 << 20, metadata={"help": "input bytes per item_id hash bucket held in memory"})
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "matching modes, workers, timeout"})
 
@@ -73,17 +78,31 @@ def find_datasets(data_dir: Path) -> dict[tuple[str, str], list[Path]]:
     return dict(found)
 
 
-def iter_capped(parts: list[Path], max_lines: int, counts: Counter) -> Iterator[tuple[str, Any]]:
-    """(FILE:LINE, value) of the first `max_lines` lines over the part files; bad JSON raises InputError."""
+def iter_checked(
+    parts: list[Path], max_lines: int, counts: Counter, check: Callable[[str, Any], Any], quarantine: Quarantine | None
+) -> Iterator[tuple[Any, Any]]:
+    """(value, check's result) of the first `max_lines` lines over the part files.
+
+    A line that is not JSON or fails `check` raises InputError naming FILE:LINE, or with a quarantine is
+    written there with its reason and counted.
+    """
     for part in parts:
         for line in iter_lines(part):
             if counts["lines"] >= max_lines:
                 counts["lines_over_max_lines"] += 1
                 continue
-            if line.error:
-                raise InputError(f"{line.loc}: {line.error}")
             counts["lines"] += 1
-            yield line.loc, line.value
+            try:
+                if line.error:
+                    raise InputError(f"{line.loc}: {line.error}")
+                checked = check(line.loc, line.value)
+            except InputError as e:
+                if quarantine is None:
+                    raise
+                message = str(e).removeprefix(f"{line.loc}: ")
+                quarantine.add([Problem(line.loc, "invalid JSON" if line.error else "schema", message)], line.value)
+                continue
+            yield line.value, checked
 
 
 def _require(loc: str, raw: Any, checks: dict[str, tuple[type, ...]]) -> None:
@@ -206,15 +225,18 @@ def _make_pair(pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, .
 class CorrectnessPairs:
     """One correctness dataset: judge -> buckets by item_id -> pairs per item."""
 
-    def __init__(self, config: PairsConfig, dataset: str, parts: list[Path], judge: Judge, dedup: Dedup, out: Outputs):
+    def __init__(self, config: PairsConfig, dataset: str, parts: list[Path], judge: Judge, dedup: Dedup, out: Outputs,
+                 quarantine: Quarantine | None):
         self.config, self.dataset, self.parts = config, dataset, parts
-        self.judge, self.dedup, self.out = judge, dedup, out
+        self.judge, self.dedup, self.out, self.quarantine = judge, dedup, out, quarantine
         self.modes = tuple(config.judge.modes) if config.judge.modes else modes_for_dataset(dataset)
         self.counts: Counter = Counter()
+        save = config.save_dir
+        self.paths = {rule: save / f"{dataset}_pairs_vqa_{rule}_rules.jsonl" for rule in ("correctness", "format")}
+        self.paths.update(pos=save / "pos_items" / f"{dataset}.jsonl", neg=save / "neg_items" / f"{dataset}.jsonl")
 
     def _items(self) -> Iterator[JudgeItem]:
-        for loc, raw in iter_capped(self.parts, self.config.max_lines, self.counts):
-            version = check_sample(loc, raw)
+        for raw, version in iter_checked(self.parts, self.config.max_lines, self.counts, check_sample, self.quarantine):
             yield raw, raw["response"], str(raw["answer"]), raw["question"], version, self.modes
 
     def _spill(self, folder: Path) -> list[Path]:
@@ -252,7 +274,7 @@ class CorrectnessPairs:
                     candidates.append((pos, text, neg))
         rng = random.Random(f"{self.config.seed}:{item_id}:{rule}")
         picked = rng.sample(candidates, min(self.config.num_pairs_per_key, len(candidates)))
-        path = self.config.save_dir / f"{self.dataset}_pairs_vqa_{rule}_rules.jsonl"
+        path = self.paths[rule]
         for pos, text, neg in picked:
             pair = _make_pair(pos, text, neg, rule, self.modes, self.config.answer_fix)
             if not self.dedup.first(pair):
@@ -267,11 +289,11 @@ class CorrectnessPairs:
         positives = [s for s in judged if s["is_correct"]]
         self.counts["items"] += 1
         for pos in positives:
-            self.out.write(self.config.save_dir / "pos_items" / f"{self.dataset}.jsonl", {k: v for k, v in pos.items() if k != "_span"})
+            self.out.write(self.paths["pos"], {k: v for k, v in pos.items() if k != "_span"})
         if not positives:
             self.counts["items_never_correct"] += 1
             prompt = {k: v for k, v in samples[0].items() if k not in SAMPLE_KEYS}
-            self.out.write(self.config.save_dir / "neg_items" / f"{self.dataset}.jsonl", prompt)
+            self.out.write(self.paths["neg"], prompt)
             return
         answer = str(samples[0]["answer"])
         chosen = [
@@ -299,15 +321,21 @@ class CorrectnessPairs:
 # ------------------------------------------------------------------------------------------ dropout-ntp
 
 
-def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: Dedup, out: Outputs) -> Counter:
+def check_dropout(loc: str, raw: Any) -> float:
+    """Validate a DropoutNTP sample line; returns its start ratio."""
+    _require(loc, raw, _DROPOUT_KEYS)
+    ratio = raw["provenance"].get("start_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise InputError(f"{loc}: 'provenance.start_ratio' must be a number")
+    return ratio
+
+
+def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: Dedup, out: Outputs,
+                  quarantine: Quarantine | None) -> Counter:
     """DropoutNTP lines -> `<ds>_prefix_pair_sr<ratio>_{wo,with}_image.jsonl`; chosen is the original answer."""
     counts: Counter = Counter()
-    for loc, raw in iter_capped(parts, config.max_lines, counts):
-        _require(loc, raw, _DROPOUT_KEYS)
+    for raw, ratio in iter_checked(parts, config.max_lines, counts, check_dropout, quarantine):
         provenance = raw["provenance"]
-        ratio = provenance.get("start_ratio")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise InputError(f"{loc}: 'provenance.start_ratio' must be a number")
         if raw["chosen"] == raw["rejected"]:
             counts["filtered_same_text"] += 1
             continue
@@ -341,10 +369,15 @@ def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
         out = Outputs(stack)
         judge = stack.enter_context(Judge(config.judge)) if any(s == "correctness" for s, _ in datasets) else None
         for (stage, dataset), parts in sorted(datasets.items()):
+            skip = config.on_error == "skip"
+            quarantine = Quarantine(config.save_dir / "quarantine" / f"{stage}_{dataset}.jsonl") if skip else None
             if stage == "correctness":
-                counts = CorrectnessPairs(config, dataset, parts, judge, dedup, out).run()
+                counts = CorrectnessPairs(config, dataset, parts, judge, dedup, out, quarantine).run()
             else:
-                counts = dropout_pairs(config, dataset, parts, dedup, out)
+                counts = dropout_pairs(config, dataset, parts, dedup, out, quarantine)
+            if quarantine is not None:
+                quarantine.close()
+                counts.update({f"quarantined_{reason}": n for reason, n in quarantine.counts.items()})
             summary[f"{stage}/{dataset}"] = dict(sorted(counts.items()))
     atomic_write_bytes(config.save_dir / "pairs_summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     return summary
@@ -358,6 +391,7 @@ def _pairs_main(args: argparse.Namespace) -> int:
         max_lines=args.max_lines,
         answer_fix=args.answer_fix,
         seed=args.seed,
+        on_error=args.on_error,
         judge=JudgeConfig(modes=tuple(args.mode) if args.mode else None, workers=args.workers, timeout=args.timeout),
     )
     summary = build_pairs(config)
@@ -378,6 +412,8 @@ def add_cli(sub) -> None:
     p.add_argument("--max-lines", type=int, default=1_200_000, help="lines read per dataset at most")
     p.add_argument("--answer-fix", action="store_true", help="rewrite the chosen's final answer to the ground truth")
     p.add_argument("--seed", type=int, default=0, help="seed of pair sampling")
+    p.add_argument("--on-error", default="fail", choices=ON_ERROR,
+                   help="bad sample lines: fail naming FILE:LINE, or skip to <save-dir>/quarantine/ with counts")
     p.add_argument("--mode", action="append", choices=MODES, help="judge mode (repeatable); default: by dataset name")
     p.add_argument("--workers", type=int, default=0, help="judge processes (0: one per core)")
     p.add_argument("--timeout", type=float, default=JudgeConfig.timeout, help="seconds per answer comparison")

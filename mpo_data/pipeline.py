@@ -45,6 +45,9 @@ class PairsSection:
     max_lines: int = field(default=1_200_000, metadata={"help": "Lines read per dataset at most."})
     answer_fix: bool = field(default=False, metadata={"help": "Rewrite the chosen's final answer to the ground truth."})
     seed: int = field(default=0, metadata={"help": "Seed of pair sampling."})
+    on_error: Literal["fail", "skip"] = field(
+        default="fail", metadata={"help": "Bad sample lines: fail naming FILE:LINE, or skip to pairs/quarantine/."}
+    )
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "Matching modes, workers, timeout."})
 
 
@@ -111,7 +114,8 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     if record.get("pairs_fingerprint") != fingerprint or not (out / "pairs" / "pairs_summary.json").exists():
         build_pairs(PairsConfig(
             data_dir=out / "samples", save_dir=out / "pairs", num_pairs_per_key=section.num_pairs_per_key,
-            max_lines=section.max_lines, answer_fix=section.answer_fix, seed=section.seed, judge=section.judge,
+            max_lines=section.max_lines, answer_fix=section.answer_fix, seed=section.seed, on_error=section.on_error,
+            judge=section.judge,
         ))
         pairs_rebuilt = True
     else:

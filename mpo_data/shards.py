@@ -4,7 +4,7 @@ Layout under ``<out>/samples/<stage>/<dataset>/``:
   part-NNNNN.jsonl           kept sample lines, one file per finished batch, each written atomically
   dropped/part-NNNNN.jsonl   samples generated but dropped (with the reason), so a rerun does not redo them
   run.json                   the settings the samples were drawn with; a rerun must match them
-  summary.json               counts of the last run
+  summary.json               counts of the last run, and `totals` over all runs
 
 A part appears whole or not at all (temp file, fsync, rename), so after a crash the folder holds only
 complete lines, and (item_id, sample_index) keys tell a rerun exactly which samples are still missing.
@@ -13,7 +13,7 @@ complete lines, and (item_id, sample_index) keys tell a rerun exactly which samp
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,16 @@ class ShardStore:
                     except (TypeError, KeyError, ValueError):
                         raise InputError(f"{loc}: not a sample line (needs item_id and sample_index)") from None
         return done
+
+    def totals(self) -> dict[str, Any]:
+        """Everything in the folder, over all runs: kept samples, dropped ones by reason, items touched."""
+        samples, items = 0, set()
+        for path in self.part_paths():
+            for _, row in read_jsonl(path):
+                samples += 1
+                items.add(row["item_id"])
+        dropped = Counter(row.get("reason") for _, path in self._parts(self.root / "dropped") for _, row in read_jsonl(path))
+        return {"samples": samples, "dropped": dict(dropped), "items": len(items)}
 
     def write_part(self, kept: list[dict[str, Any]], dropped: list[dict[str, Any]]) -> Path:
         """Add one batch as the next part; drops first, so a crash in between only costs a redo of kept ones."""

@@ -459,6 +459,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "first_part_s": round(tally.first_part_s, 2) if tally.first_part_s is not None else None,
         "steady_output_tokens_per_s": tally.steady_tokens_per_s(),
         "wall_s": round(time.monotonic() - began, 2),
+        "totals": store.totals(),
         "settings": config.stage_settings(),
     }
     summary["summary_file"] = str(store.write_summary(summary))

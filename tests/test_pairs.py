@@ -133,6 +133,25 @@ def test_cli_bad_sample_names_file_and_line(tmp_path, capsys, line, message):
     assert not list((tmp_path / "out").glob("*.jsonl"))  # nothing half-written
 
 
+def test_skip_quarantines_bad_lines_with_reasons_and_counts(samples, tmp_path):
+    part = samples / "correctness" / "toy" / "part-00001.jsonl"
+    part.write_bytes(part.read_bytes() + b'{"item_id": "x", "sample_index": 0}\n{not json\n')
+    bad_ntp = samples / "dropout-ntp" / "desc" / "part-00000.jsonl"
+    bad_ntp.write_bytes(bad_ntp.read_bytes() + b'{"item_id": "d9", "question": "q", "chosen": "a", "rejected": "b", "provenance": {}}\n')
+    summary = build_pairs(_config(samples, tmp_path / "out", on_error="skip"))
+    quarantined = _read(tmp_path / "out" / "quarantine" / "correctness_toy.jsonl")
+    assert [q["loc"] for q in quarantined] == [f"{part}:10", f"{part}:11"]
+    assert "missing key 'question'" in quarantined[0]["reasons"][0] and "invalid JSON" in quarantined[1]["reasons"][0]
+    assert quarantined[0]["line"] == {"item_id": "x", "sample_index": 0}
+    toy, desc = summary["correctness/toy"], summary["dropout-ntp/desc"]
+    assert toy["quarantined_schema"] == 1 and toy["quarantined_invalid JSON"] == 1 and toy["samples"] == 15
+    assert desc["quarantined_schema"] == 1 and desc["pairs_dropout_ntp"] == 1
+    ntp = _read(tmp_path / "out" / "quarantine" / "dropout-ntp_desc.jsonl")
+    assert "start_ratio" in ntp[0]["reasons"][0]
+    # every line read is either judged or quarantined; the good ones pair as in a clean run
+    assert toy["lines"] == 17 and toy["correct"] == 6 and toy["pairs_correctness"] == N_PAIRS
+
+
 def test_cli_unknown_stage_folder(tmp_path, capsys):
     _write(tmp_path / "x" / "weird" / "ds" / "part-00000.jsonl", [_sample(0, 0, "r")])
     assert main(["pairs", "--data-dir", str(tmp_path / "x"), "--save-dir", str(tmp_path / "o")]) == 1

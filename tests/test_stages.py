@@ -178,6 +178,9 @@ def test_dropout_ntp_text_invariants(tmp_path, demo_dir, models_dir, ray_local):
     assert all(d["reason"] in {"empty", "max_tokens", "same_as_chosen"} for d in dropped)
     again = run_stage(config)  # complete: nothing to do, no engine started, nothing re-drawn (drops included)
     assert again["samples_requested"] == 0 and again["samples_already_done"] == 6 and again["parts_written"] == 0
+    # the rerun generated nothing, yet its summary still totals what the folder holds over both runs
+    assert again["totals"] == {"samples": len(kept), "dropped": dict(Counter(d["reason"] for d in dropped)),
+                              "items": len({r["item_id"] for r in kept})}
 
 
 @pytest.mark.engine
@@ -252,3 +255,4 @@ def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, r
     assert all(r["sample_index"] in (0, 1) and r["finish_reason"] in ("stop", "length") for r in final)
     summary_file = orjson.loads((folder / "summary.json").read_bytes())
     assert summary_file["samples_out"] == summary["samples_out"] and summary_file["wall_s"] > 0
+    assert summary_file["totals"]["samples"] == 16 and summary_file["totals"]["items"] == 8
