@@ -37,6 +37,7 @@ from mpo_data.inputs import ON_ERROR, Problem, Quarantine
 from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
 from mpo_data.judge import Judge, JudgeConfig, JudgeItem, modes_for_dataset
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
+from mpo_data.shards import DROPPED
 
 STAGES = ("correctness", "dropout-ntp")
 # Keys a correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
@@ -64,11 +65,16 @@ class PairsConfig:
 
 
 def find_datasets(data_dir: Path) -> dict[tuple[str, str], list[Path]]:
-    """(stage, dataset) -> its part files, found anywhere below `data_dir` (temp files ignored)."""
+    """(stage, dataset) -> its part files, found anywhere below `data_dir`.
+
+    Temp files of a crashed write and the stages' `dropped/` parts (samples already rejected) are not input.
+    """
     if not data_dir.exists():
         raise InputError(f"{data_dir}: no such folder")
     found: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for part in sorted(data_dir.rglob("part-*.jsonl")):
+        if part.parent.name == DROPPED and part.parent.parent.parent.name in STAGES:
+            continue
         stage, dataset = part.parent.parent.name, part.parent.name
         if stage not in STAGES:
             raise InputError(f"{part}: expected <stage>/<dataset>/part-*.jsonl with stage in {STAGES}, got {stage!r}")

@@ -23,6 +23,7 @@ from mpo_data.errors import InputError
 from mpo_data.jsonl import atomic_write_bytes, read_jsonl, write_jsonl
 
 PART_RE = re.compile(r"^part-(\d+)\.jsonl$")
+DROPPED = "dropped"  # sub-folder of a shard folder holding the samples a stage dropped, with their reason
 
 
 def stage_dir(out_dir: str | Path, stage: str, dataset: str) -> Path:
@@ -78,7 +79,7 @@ class ShardStore:
     def done(self) -> dict[str, set[int]]:
         """Sample indices already generated per item_id, kept or dropped."""
         done: dict[str, set[int]] = defaultdict(set)
-        for folder in (self.root, self.root / "dropped"):
+        for folder in (self.root, self.root / DROPPED):
             for _, path in self._parts(folder):
                 for loc, row in read_jsonl(path):
                     try:
@@ -94,15 +95,15 @@ class ShardStore:
             for _, row in read_jsonl(path):
                 samples += 1
                 items.add(row["item_id"])
-        dropped = Counter(row.get("reason") for _, path in self._parts(self.root / "dropped") for _, row in read_jsonl(path))
+        dropped = Counter(row.get("reason") for _, path in self._parts(self.root / DROPPED) for _, row in read_jsonl(path))
         return {"samples": samples, "dropped": dict(dropped), "items": len(items)}
 
     def write_part(self, kept: list[dict[str, Any]], dropped: list[dict[str, Any]]) -> Path:
         """Add one batch as the next part; drops first, so a crash in between only costs a redo of kept ones."""
-        numbers = [n for folder in (self.root, self.root / "dropped") for n, _ in self._parts(folder)]
+        numbers = [n for folder in (self.root, self.root / DROPPED) for n, _ in self._parts(folder)]
         name = f"part-{max(numbers, default=-1) + 1:05d}.jsonl"
         if dropped:
-            write_jsonl(self.root / "dropped" / name, dropped)
+            write_jsonl(self.root / DROPPED / name, dropped)
         path = self.root / name
         if kept:
             write_jsonl(path, kept)

@@ -54,6 +54,9 @@ def samples(tmp_path) -> Path:
         {**ntp, "item_id": "d0", "sample_index": 1, "rejected": "A red circle."},  # duplicate pair
         {**ntp, "item_id": "d1", "sample_index": 0, "rejected": "A red square."},  # same text
     ])
+    # what the stages dropped (cut at max tokens, ...) sits beside the parts and is never pair input
+    _write(root / "correctness" / "toy" / "dropped" / "part-00002.jsonl", [{**_sample(3, 0, "\\boxed{19}"), "reason": "length"}])
+    _write(root / "dropout-ntp" / "desc" / "dropped" / "part-00001.jsonl", [{**ntp, "item_id": "d2", "sample_index": 0, "rejected": "A red", "reason": "truncated"}])
     return root
 
 
