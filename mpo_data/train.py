@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -174,6 +175,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "processes": trainer.accelerator.num_processes, "steps": result.global_step, "train_seconds": round(seconds, 2), "steps_per_second": round(result.global_step / seconds, 4),
         "train_loss": result.training_loss, "data": data_info,
     }
+    run["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
     if cuda:
         import torch
 

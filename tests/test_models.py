@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from mpo_data import models
+from mpo_data.cli import main
 
 
 def test_smollm2_is_the_real_instruct_model(models_dir):
@@ -48,3 +52,11 @@ def test_build_all_keeps_complete_models(models_dir):
     before = weights.stat().st_mtime_ns
     assert models.build_all(models_dir)[models.TINY_VLM] == models_dir / models.TINY_VLM
     assert weights.stat().st_mtime_ns == before
+
+
+def test_qwen_builder_needs_torchvision_and_says_so(models_dir, tmp_path, capsys):
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here (GPU machine): the builder runs instead")
+    assert main(["models", "--out", str(models_dir), "--model", models.TINY_QWEN]) == 1
+    assert "needs torchvision" in capsys.readouterr().err
+    assert not (models_dir / models.TINY_QWEN).exists()

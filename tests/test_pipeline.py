@@ -46,6 +46,16 @@ def test_shipped_pipelines_parse():
     assert stages[0].tp == 4 and stages[0].num_return_sequences == 32 and config.meta.target_total == 400000
 
 
+
+def test_example_mixture_reads_and_names_the_demo_pair_files():
+    example = read_meta(ROOT / "meta" / "example.json")
+    config, _ = load_pipeline(ROOT / "pipelines" / "demo.yaml")
+    for name, entry in example.items():
+        assert entry.annotation == f"{config.out_dir}/pairs/{name}.jsonl"
+        assert any(name.startswith(f"{d.name}_") for d in config.datasets)
+    assert sorted(e.repeat_time for e in example.values()) == [0.5, 1.5, 2]
+
+
 @pytest.mark.parametrize(
     "edit,message",
     [
