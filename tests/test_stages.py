@@ -22,6 +22,7 @@ from mpo_data.shards import ShardStore, missing_indices, select_range, stage_dir
 from mpo_data.stages import (
     CorrectnessConfig,
     DropoutNTPConfig,
+    actor_resources,
     cut_prefix,
     drop_reason,
     join_continuation,
@@ -79,6 +80,16 @@ def test_select_range_follows_internvl():
     assert list(select_range(2, 0, 5)) == [0, 1]
     with pytest.raises(InputError):
         select_range(10, -1, None)
+
+
+def test_engine_actors_ask_for_tp_x_pp_devices():
+    config = CorrectnessConfig(checkpoint="m", prompt_path="p.jsonl")
+    assert actor_resources(config, cluster_gpus=0) == {"num_cpus": 1}  # a CPU-only cluster
+    assert actor_resources(config, cluster_gpus=8) == {"num_gpus": 1}
+    sharded = actor_resources(CorrectnessConfig(checkpoint="m", prompt_path="p.jsonl", tp=4, pp=2), cluster_gpus=16)
+    # vLLM's Ray workers take the GPUs, from one placement group per engine made when the actor starts
+    assert sharded["num_gpus"] == 0
+    assert sharded["ray_remote_args_fn"].args == (8, True)
 
 
 def test_resume_bookkeeping(tmp_path):
