@@ -58,7 +58,7 @@ def make_pairs(folder: Path, count: int, image_size: int, seed: int = 0) -> Path
     return folder / "meta.json"
 
 
-def train_config(model: str, meta: Path, method: str, args: argparse.Namespace, out: Path, cuda: bool) -> dict:
+def train_config(model: str, meta: Path, method: str, args: argparse.Namespace, out: Path) -> dict:
     return {
         "model": {"path": model, "finetune": method},
         "data": {"meta": str(meta), "eval_size": 8, "seed": 0},
@@ -108,7 +108,7 @@ def main() -> None:
         memory = "GPU GiB" if cuda else "RSS GiB"  # peak allocated on the GPU, else the process's peak resident set
         print(f"{'method':8} {'steps':>5} {'steps/s':>8} {memory:>9} {'loss':>8}")
         for method in args.methods.split(","):
-            run = run_method(train_config(args.model, meta, method, args, folder / "runs", cuda), folder)
+            run = run_method(train_config(args.model, meta, method, args, folder / "runs"), folder)
             if "error" in run:
                 print(f"{method:8} failed: {run['error']}")
                 continue

