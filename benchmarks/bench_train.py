@@ -79,7 +79,8 @@ def run_method(config: dict, folder: Path) -> dict:
     path.write_text(yaml.safe_dump(config))
     done = subprocess.run([sys.executable, "-m", "mpo_data", "train", "--config", str(path)], capture_output=True, text=True)
     if done.returncode != 0:
-        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:300]}
+        output = (done.stderr or done.stdout).strip().splitlines()
+        return {"error": output[-1][:300] if output else f"exit status {done.returncode}, no output"}
     return json.loads((Path(config["output_dir"]) / "summary.json").read_text())
 
 
