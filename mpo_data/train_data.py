@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mpo_data import images
-from mpo_data.errors import InputError
+from mpo_data.errors import ON_ERROR, InputError
 from mpo_data.formats import image_list, read_meta
-from mpo_data.inputs import ON_ERROR, Problem, Quarantine, iter_records, record_problems
+from mpo_data.inputs import Problem, Quarantine, iter_records, record_problems
 from mpo_data.jsonl import Line
 
 
