@@ -22,6 +22,7 @@ from mpo_data.jsonl import atomic_write_bytes
 from mpo_data.judge import JudgeConfig
 from mpo_data.meta import MetaConfig, build_meta, count_pairs
 from mpo_data.pairs import PairsConfig, build_pairs
+from mpo_data.runlock import holds
 from mpo_data.stages import CorrectnessConfig, DropoutNTPConfig, connect_ray, run_stage
 
 STAGES = {"correctness": CorrectnessConfig, "dropout-ntp": DropoutNTPConfig}
@@ -101,6 +102,7 @@ def owner(pair_name: str, stages: list):
     return max((s for s in stages if pair_name.startswith(f"{s.dataset}_")), key=lambda s: len(s.dataset))
 
 
+@holds("out_dir")
 def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     """Stages, pairs, meta in order; returns what pipeline.json records."""
     out = Path(config.out_dir)

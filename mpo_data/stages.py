@@ -26,6 +26,7 @@ from mpo_data.errors import InputError
 from mpo_data.formats import PromptItem, Sample, image_list
 from mpo_data.inputs import PromptReader
 from mpo_data.prompts import PROMPT_TEMPLATES, render
+from mpo_data.runlock import holds
 from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
 
 
@@ -420,6 +421,7 @@ def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int) ->
     return work
 
 
+@holds("out_dir")
 def run_stage(config: StageConfig) -> dict[str, Any]:
     """Sample one prompt set into `<out>/samples/<stage>/<dataset>/`, resuming; returns the summary."""
     began = time.monotonic()

@@ -87,7 +87,7 @@ class PairLoader:
             self.reject([Problem(line.loc, "image row, text-only model", "has images but the model is text-only")], None)
             return None
         try:
-            loaded = [images.load(root, p) if isinstance(p, str) else p.convert("RGB") for p in pics]
+            loaded = [images.load(root, p) if isinstance(p, str) else images.to_rgb(p) for p in pics]
         except images.ImageError as e:
             self.reject([Problem(line.loc, e.category, str(e))], line.value)
             return None
