@@ -133,9 +133,10 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
         weights={f.stem: count_pairs(f) * weights[owner(f.stem, stages).dataset] for f in files},
         base=Path(config.meta.base) if config.meta.base else None, max_dynamic_patch=config.meta.max_dynamic_patch,
     ))
-    for f in files:
-        stage = owner(f.stem, stages)
-        entries[f.stem].root = str(stage.image_root or Path(stage.prompt_path).parent)
+    for entry in entries.values():  # NAME and its NAME_rest entry share the file, hence the root
+        if Path(entry.annotation) in files:
+            stage = owner(Path(entry.annotation).stem, stages)
+            entry.root = str(stage.image_root or Path(stage.prompt_path).parent)
     write_meta(config.meta.out, entries)
 
     record = {
