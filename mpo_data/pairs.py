@@ -35,6 +35,7 @@ from mpo_data.inputs import Problem, Quarantine
 from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
 from mpo_data.judge import Judge, JudgeConfig, JudgeItem, checked_version, modes_for_dataset
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION
+from mpo_data.runlock import holds
 from mpo_data.shards import DROPPED
 
 STAGES = ("correctness", "dropout-ntp")
@@ -368,6 +369,7 @@ def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: D
     return counts
 
 
+@holds("save_dir")
 def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
     """Every dataset below data_dir -> pair files; returns (and writes) the per-dataset summary."""
     datasets = find_datasets(config.data_dir)

@@ -20,6 +20,7 @@ from mpo_data.formats import write_meta
 from mpo_data.jsonl import atomic_write_bytes
 from mpo_data.meta import MetaConfig, build_meta, count_pairs
 from mpo_data.pairs import PairsConfig, build_pairs
+from mpo_data.runlock import holds
 from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
 from mpo_data.stages import connect_ray, run_stage
 
@@ -99,6 +100,7 @@ def owner(pair_name: str, stages: list):
     return max((s for s in stages if pair_name.startswith(f"{s.dataset}_")), key=lambda s: len(s.dataset))
 
 
+@holds("out_dir")
 def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     """Stages, pairs, meta in order; returns what pipeline.json records."""
     out = Path(config.out_dir)
@@ -121,9 +123,10 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     # a dataset's weight scales the default share of each of its files (its rows); meta.weights names entries
     shares = {f.stem: count_pairs(f) * weights[owner(f.stem, stages).dataset] for f in files}
     entries = build_meta(replace(config.meta, weights={**shares, **config.meta.weights}))
-    for f in files:
-        stage = owner(f.stem, stages)
-        entries[f.stem].root = str(stage.image_root or Path(stage.prompt_path).parent)
+    for entry in entries.values():  # NAME and its NAME_rest entry share the file, hence the root
+        if Path(entry.annotation) in files:
+            stage = owner(Path(entry.annotation).stem, stages)
+            entry.root = str(stage.image_root or Path(stage.prompt_path).parent)
     write_meta(config.meta.out, entries)
 
     record = {

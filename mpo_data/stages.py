@@ -25,6 +25,7 @@ from mpo_data.engine import Completion, Engine, GenerationRequest
 from mpo_data.formats import PromptItem, Sample, image_list
 from mpo_data.inputs import PromptReader
 from mpo_data.prompts import render
+from mpo_data.runlock import holds
 from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
 from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
 
@@ -308,6 +309,7 @@ def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int) ->
     return work
 
 
+@holds("out_dir")
 def run_stage(config: StageConfig) -> dict[str, Any]:
     """Sample one prompt set into `<out>/samples/<stage>/<dataset>/`, resuming; returns the summary."""
     began = time.monotonic()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mpo_data.errors import InputError
-from mpo_data.formats import read_meta
+from mpo_data.formats import REST_SUFFIX, read_meta
 from mpo_data.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +55,10 @@ def test_example_mixture_reads_and_names_the_demo_pair_files():
     example = read_meta(ROOT / "meta" / "example.json")
     config, _ = load_pipeline(ROOT / "pipelines" / "demo.yaml")
     for name, entry in example.items():
-        assert entry.annotation == f"{config.out_dir}/pairs/{name}.jsonl"
+        assert entry.annotation == f"{config.out_dir}/pairs/{name.removesuffix(REST_SUFFIX)}.jsonl"
         assert any(name.startswith(f"{d.name}_") for d in config.datasets)
-    assert sorted(e.repeat_time for e in example.values()) == [0.5, 1.5, 2]
+    # 1.5 x the describe pairs as InternVL reads it: one whole copy plus a second entry taking half
+    assert sorted(e.repeat_time for e in example.values()) == [0.5, 0.5, 1, 2]
 
 
 @pytest.mark.parametrize(

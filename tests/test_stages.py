@@ -166,10 +166,12 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
 @pytest.mark.ray
 def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, ray_local, capsys):
     """The InternVL MPO guide's DropoutNTP, correctness and postprocess commands, its flags as printed there
-    (small counts, few tokens, --tp 1 on CPU), against our CLI on the session's Ray; then the DropoutNTP invariants."""
+    (small counts, few tokens, --tp 1 on CPU), against our CLI on the session's Ray; then the DropoutNTP invariants.
+    `--dynamic --max-num` are left out here: they set InternVL's tiling, which the engine refuses for other
+    models (SmolLM2); tests/test_cli.py checks that they parse into engine.dynamic/max_num."""
     out, smollm2 = tmp_path / "out", str(models_dir / "smollm2-135m-instruct")
     common = ["--checkpoint", smollm2, "--out-dir", str(out), "--batch-size", "1", "--num-workers", "8", "--top-k", "50",
-              "--temperature", "1.0", "--dynamic", "--max-num", "6", "--tp", "1"]
+              "--temperature", "1.0", "--tp", "1"]
     dropout = ["dropout-ntp", *common, "--prompt-path", str(demo_dir / "easy_vqa_describe.jsonl"), "--num-return-sequences", "2",
                "--sample-max-num", "3", "--start-ratio", "0.5", "--max-new-tokens", "48"]
     assert cli.main(dropout) == 0
@@ -230,7 +232,7 @@ def _cli(out: Path, demo_dir: Path, models_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float = 300) -> None:
+def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float = 300, while_running=None) -> None:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -239,6 +241,8 @@ def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float =
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no part file appeared"
             time.sleep(0.05)
+        if while_running:
+            while_running(proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -255,7 +259,14 @@ def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float =
 def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, ray_local):
     out = tmp_path / "out"
     folder = stage_dir(out, "correctness", "arithmetic")
-    _kill_when_first_part_appears(_cli(out, demo_dir, models_dir), folder)
+    config = CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
+                               SamplingConfig(n=2, max_new_tokens=24), out_dir=str(out), sample_max_num=8, batch_size=1)
+
+    def second_run_is_refused(proc):  # one run per folder: refused at once, naming the holder
+        with pytest.raises(InputError, match=rf"{out}: in use by another run \(host .*, pid {proc.pid},"):
+            run_stage(config)
+
+    _kill_when_first_part_appears(_cli(out, demo_dir, models_dir), folder, while_running=second_run_is_refused)
     survived = lines_of(folder)
     assert 0 < len(survived) < 16, "the kill came too late to test resume"
     # make one item partly sampled, as if its second sample had never been written
@@ -268,9 +279,8 @@ def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, r
     with pytest.raises(InputError, match="temperature"):
         run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
                                     SamplingConfig(n=2, max_new_tokens=24, temperature=0.7), out_dir=str(out), sample_max_num=8))
-    # the same command again (in-process, on the session's Ray) fills exactly the gaps
-    summary = run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
-                                          SamplingConfig(n=2, max_new_tokens=24), out_dir=str(out), sample_max_num=8, batch_size=1))
+    # the same command again (in-process, on the session's Ray) fills exactly the gaps; the killed run's lock is gone
+    summary = run_stage(config)
     final = lines_of(folder)
     counts = keys_of(final)
     assert len(final) == 16 and set(counts.values()) == {1} and len({k[0] for k in counts}) == 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from mpo_data.config import add_config_arguments, config_from_args
-from mpo_data.formats import write_meta
+from mpo_data.formats import internvl_reading, write_meta
 from mpo_data.meta import MetaConfig, active_rows, build_meta
 
 
@@ -19,7 +19,8 @@ def main(args) -> int:
     write_meta(config.out, entries)
     total = sum(active_rows(e.length, e.repeat_time) for e in entries.values())
     print(f"{len(entries)} entries, {total} active rows -> {config.out}", file=sys.stderr)
-    above = sorted(n for n, e in entries.items() if e.repeat_time > 1 and e.repeat_time != int(e.repeat_time))
-    if above:
-        print(f"note: fractional repeat_time > 1 for {above}: InternVL's stock loader asserts an int there", file=sys.stderr)
+    for name, entry in entries.items():
+        note = internvl_reading(name, entry.repeat_time)
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
     return 0
