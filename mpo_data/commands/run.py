@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from mpo_data.pipeline import load_pipeline, run_pipeline
 
-    overrides = [*args.overrides, *([f"address={args.address}"] if args.address else [])]
+    overrides = [*args.overrides, *([f"address='{args.address}'"] if args.address else [])]  # quoted: HOST:PORT stays a string
     config, stages = load_pipeline(args.config, overrides)
     record = run_pipeline(config, stages)
     print(f"pairs: {record['pairs_dir']}\nmeta:  {record['meta']}\nreport: mpo-data report {config.out_dir}", file=sys.stderr)
