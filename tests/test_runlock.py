@@ -18,7 +18,8 @@ from mpo_data.errors import InputError
 from mpo_data.pairs import PairsConfig, build_pairs
 from mpo_data.pipeline import load_pipeline, run_pipeline
 from mpo_data.runlock import run_lock
-from mpo_data.stages import CorrectnessConfig, run_stage
+from mpo_data.stage_config import CorrectnessConfig, EngineConfig
+from mpo_data.stages import run_stage
 
 HOLD = "import sys; from mpo_data.runlock import run_lock\nwith run_lock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()"
 
@@ -37,12 +38,12 @@ def test_second_run_is_refused_naming_folder_and_holder(tmp_path, holder, demo_d
     out = tmp_path / "out"
     expected = rf"{out}: in use by another run \(host {socket.gethostname()}, pid {holder.pid}, since "
     with pytest.raises(InputError, match=expected):
-        run_stage(CorrectnessConfig("models/smollm2-135m-instruct", str(demo_dir / "arithmetic.jsonl"), str(out)))
+        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig("models/smollm2-135m-instruct"), out_dir=str(out)))
     with pytest.raises(InputError, match=expected):
         build_pairs(PairsConfig(data_dir=tmp_path / "samples", save_dir=out))
     pipe = tmp_path / "pipe.yaml"
     pipe.write_text(yaml.safe_dump({"out_dir": str(out), "meta": {"out": str(tmp_path / "m.json")}, "datasets": [
-        {"name": "a", "stage": "correctness", "settings": {"checkpoint": "models/x", "prompt_path": "p.jsonl"}}]}))
+        {"name": "a", "stage": "correctness", "settings": {"engine": {"model": "models/x"}, "prompt_path": "p.jsonl"}}]}))
     with pytest.raises(InputError, match=expected):
         run_pipeline(*load_pipeline(pipe))
     cli = subprocess.run([sys.executable, "-m", "mpo_data", "run", str(pipe)], capture_output=True, text=True, timeout=120)
