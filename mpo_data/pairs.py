@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import shutil
 import tempfile
 import zlib
 from collections import Counter, defaultdict
@@ -369,11 +370,21 @@ def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: D
     return counts
 
 
+def remove_leftovers(save_dir: Path) -> None:
+    """Temp files and buckets a killed run left; safe to remove as this run holds the folder."""
+    for path in list(save_dir.rglob(".*")):
+        if path.is_dir() and path.name.startswith(".pairs-buckets-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
 @holds("save_dir")
 def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
     """Every dataset below data_dir -> pair files; returns (and writes) the per-dataset summary."""
     datasets = find_datasets(config.data_dir)
     config.save_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(config.save_dir)
     summary: dict[str, dict[str, Any]] = {}
     dedup = Dedup()
     with ExitStack() as stack:

@@ -204,9 +204,13 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
     assert cli.main(dropout) == 0  # complete: nothing to do, no engine started, nothing re-drawn (drops included)
     again = orjson.loads((folder / "summary.json").read_bytes())
     assert again["samples_requested"] == 0 and again["samples_already_done"] == 6 and again["parts_written"] == 0
-    # the rerun generated nothing, yet its summary still totals what the folder holds over both runs
-    assert again["totals"] == {"samples": len(kept), "dropped": dict(Counter(d["reason"] for d in dropped)),
-                              "items": len({r["item_id"] for r in kept})}
+    # the rerun generated nothing, yet its summary still totals what the folder holds and what every run made
+    assert again["totals"] | {"samples": len(kept), "dropped": dict(Counter(d["reason"] for d in dropped)),
+                              "items": len({r["item_id"] for r in kept})} == again["totals"]
+    assert again["totals"]["runs"] == 2 and again["totals"]["output_tokens"] == summary["output_tokens"] > 0
+    assert again["totals"]["output_tokens_per_s"] == pytest.approx(summary["output_tokens_per_s"], rel=0.01)
+    history = [row for _, row in read_jsonl(folder / "runs.jsonl")]
+    assert [run["samples_requested"] for run in history] == [6, 0]
 
 
 @pytest.mark.engine
