@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "mpo_data.judge",
     "mpo_data.pairs",
     "mpo_data.meta",
+    "mpo_data.export",
 ]
 
 

@@ -7,7 +7,7 @@ samples and pairs unchanged (design.md: "Extra keys are kept and carried through
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +26,52 @@ def image_list(image: Image) -> list[str]:
     if image is None:
         return []
     return [image] if isinstance(image, str) else list(image)
+
+
+IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a question (InternVL's convention)
+
+
+def placeholder_problem(question: str, n_images: int, *, exact: bool) -> str | None:
+    """Why the `<image>` count of a question does not fit its images, or None.
+
+    Text-only: none. One image: one or none (InternVL prepends it). Several: one per image, as InternVL's
+    trainer asserts (`exact`, for pair lines); a prompt line may also have none (we add them, in order).
+    """
+    count = question.count(IMAGE_PLACEHOLDER)
+    allowed = {0, 1} if n_images == 1 else {n_images} if exact or n_images == 0 else {0, n_images}
+    if count in allowed:
+        return None
+    wanted = " or ".join(str(n) for n in sorted(allowed))
+    return f"'question' has {count} {IMAGE_PLACEHOLDER} placeholder(s) for {n_images} image(s); expected {wanted}"
+
+
+def with_placeholders(question: str, n_images: int) -> str:
+    """The question with a placeholder per image, as InternVL's pipelines write it: kept where the question
+    has them, else in front (`<image>\n` for one image, `Image-k: <image>` lines for several)."""
+    if not n_images or IMAGE_PLACEHOLDER in question:
+        return question
+    if n_images == 1:
+        return IMAGE_PLACEHOLDER + "\n" + question
+    return "".join(f"Image-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, n_images + 1)) + question
+
+
+def strip_placeholders(text: str) -> str:
+    """The text without `<image>` placeholders (and the newline each one opens), for a prompt without images."""
+    return text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def content_parts(text: str, n_images: int) -> list[dict[str, Any]]:
+    """Chat content parts: an image part at each `<image>` of `text`, or, with none there, the images
+    first (the usual VLM layout). No literal placeholder text is left for a tokenizer to misread."""
+    if IMAGE_PLACEHOLDER not in text:
+        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    parts: list[dict[str, Any]] = []
+    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
 
 
 def make_item_id(dataset: str, image: Image, question: str, target: Any) -> str:
@@ -69,7 +115,14 @@ def prompt_problems(raw: Any, kind: str) -> list[str]:
             checks.append("'rejected' must be null or absent in a dropout-ntp prompt")
     else:
         raise ValueError(f"unknown prompt kind {kind!r}; expected one of {PROMPT_KINDS}")
+    checks.append(_check_placeholders(raw, exact=False))
     return [c for c in checks if c]
+
+
+def _check_placeholders(raw: dict, *, exact: bool) -> str | None:
+    if _check_image(raw.get("image")) or not isinstance(raw.get("question"), str):
+        return None  # reported already
+    return placeholder_problem(raw["question"], len(image_list(raw.get("image"))), exact=exact)
 
 
 @dataclass
@@ -126,6 +179,7 @@ class Sample:
     item_id: str
     sample_index: int
     item: dict[str, Any]
+    prompt: str  # the exact user text the model answered (template + image placeholders)
     response: str
     finish_reason: str
     prompt_tokens: int
@@ -134,11 +188,17 @@ class Sample:
     model: str
     sampling: dict[str, Any]
 
+    @classmethod
+    def added_keys(cls) -> set[str]:
+        """The keys a sample line adds to its prompt line (what strips it back to the prompt)."""
+        return {f.name for f in fields(cls)} - {"item"}
+
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.item)
         out.update(
             item_id=self.item_id,
             sample_index=self.sample_index,
+            prompt=self.prompt,
             response=self.response,
             finish_reason=self.finish_reason,
             prompt_tokens=self.prompt_tokens,
@@ -154,10 +214,11 @@ class Sample:
 class Pair:
     """An MMPR preference pair line; InternVL's trainer reads it unchanged."""
 
-    question: str
+    question: str  # the user text the answers were written for (correctness: template + placeholders)
     chosen: str
     rejected: str
     image: Image = None
+    question_orig: str | None = None  # correctness: the prompt set's own question, as InternVL keeps it
     answer_gt: str | None = None
     chosen_meta: dict[str, Any] | None = None
     rejected_meta: dict[str, Any] | None = None
@@ -168,7 +229,7 @@ class Pair:
         if self.image is not None:
             out["image"] = self.image
         out.update(question=self.question, chosen=self.chosen, rejected=self.rejected)
-        for key in ("answer_gt", "chosen_meta", "rejected_meta", "provenance"):
+        for key in ("question_orig", "answer_gt", "chosen_meta", "rejected_meta", "provenance"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -181,6 +242,7 @@ class Pair:
             chosen=raw["chosen"],
             rejected=raw["rejected"],
             image=raw.get("image"),
+            question_orig=raw.get("question_orig"),
             answer_gt=raw.get("answer_gt"),
             chosen_meta=raw.get("chosen_meta"),
             rejected_meta=raw.get("rejected_meta"),
@@ -193,6 +255,7 @@ def pair_problems(raw: Any) -> list[str]:
     if not isinstance(raw, dict):
         return [f"expected a JSON object, got {type(raw).__name__}"]
     checks = [_check_image(raw.get("image"))] + [_check_text(raw, k) for k in ("question", "chosen", "rejected")]
+    checks.append(_check_placeholders(raw, exact=True))
     return [c for c in checks if c]
 
 

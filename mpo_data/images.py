@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -63,3 +64,16 @@ def load(root: str | Path, rel: str, max_pixels: int | None = None) -> Image.Ima
             return image.convert("RGB")
         except (OSError, Image.DecompressionBombError) as e:
             raise ImageError("image unreadable", f"image '{rel}' cannot be decoded: {e}") from None
+
+
+def decode(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode embedded image bytes (a `datasets` Image cell) as RGB, under the same pixel limit as `load`."""
+    max_pixels = max_pixels or MAX_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError("image oversized", f"image '{name}' is {width}x{height}, over the {max_pixels:,}-pixel limit")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ImageError("image unreadable", f"image '{name}' is unreadable: {e}") from None

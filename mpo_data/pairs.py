@@ -32,19 +32,16 @@ import orjson
 from tqdm import tqdm
 
 from mpo_data.errors import InputError
-from mpo_data.formats import Pair
+from mpo_data.formats import Pair, Sample, image_list, placeholder_problem, with_placeholders
 from mpo_data.inputs import ON_ERROR, Problem, Quarantine
 from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
 from mpo_data.judge import Judge, JudgeConfig, JudgeItem, modes_for_dataset
-from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
+from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES, user_prompt
 from mpo_data.shards import DROPPED
 
 STAGES = ("correctness", "dropout-ntp")
-# Keys a correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
-SAMPLE_KEYS = {
-    "item_id", "sample_index", "response", "finish_reason", "prompt_tokens", "output_tokens", "prompt_version",
-    "model", "sampling", "answer_pred", "format_ok", "is_correct", "judge_error", "_span",
-}
+# Keys a judged correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
+SAMPLE_KEYS = Sample.added_keys() | {"answer_pred", "format_ok", "is_correct", "judge_error", "_span"}
 
 
 @dataclass
@@ -130,9 +127,16 @@ _CORRECTNESS_KEYS = {
 _DROPOUT_KEYS = {"item_id": (str,), "question": (str,), "chosen": (str,), "rejected": (str,), "provenance": (dict,)}
 
 
+def _check_placeholders(loc: str, raw: dict) -> None:
+    problem = placeholder_problem(raw["question"], len(image_list(raw.get("image"))), exact=False)
+    if problem:
+        raise InputError(f"{loc}: {problem}")
+
+
 def check_sample(loc: str, raw: Any) -> str:
     """Validate a correctness sample line; returns its prompt_version."""
     _require(loc, raw, _CORRECTNESS_KEYS)
+    _check_placeholders(loc, raw)
     version = raw.get("prompt_version") or DEFAULT_PROMPT_VERSION
     if version not in PROMPT_TEMPLATES:
         raise InputError(f"{loc}: unknown prompt_version {version!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
@@ -207,10 +211,17 @@ def _sample_meta(sample: dict) -> dict[str, Any]:
     }
 
 
+def sampled_prompt(sample: dict) -> str:
+    """The user text a sample answered; rebuilt from its template for shards written before samples kept it."""
+    version = sample.get("prompt_version") or DEFAULT_PROMPT_VERSION
+    return sample.get("prompt") or user_prompt(sample["question"], len(image_list(sample.get("image"))), version)
+
+
 def _make_pair(pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, ...], answer_fix: bool) -> Pair:
     return Pair(
         image=pos.get("image"),
-        question=pos["question"],
+        question=sampled_prompt(pos),
+        question_orig=pos["question"],
         chosen=chosen,
         rejected=neg["response"],
         answer_gt=str(pos["answer"]),
@@ -330,6 +341,7 @@ class CorrectnessPairs:
 def check_dropout(loc: str, raw: Any) -> float:
     """Validate a DropoutNTP sample line; returns its start ratio."""
     _require(loc, raw, _DROPOUT_KEYS)
+    _check_placeholders(loc, raw)
     ratio = raw["provenance"].get("start_ratio")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise InputError(f"{loc}: 'provenance.start_ratio' must be a number")
@@ -348,9 +360,11 @@ def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: D
         if is_degenerate(raw["chosen"]):
             counts["filtered_chosen_repetitive"] += 1
             continue
+        n_images = len(image_list(raw.get("image")))
         pair = Pair(
             image=raw.get("image"),
-            question=raw["question"],
+            # InternVL asserts one placeholder per image on multi-image lines (and adds the single one itself)
+            question=with_placeholders(raw["question"], n_images) if n_images > 1 else raw["question"],
             chosen=raw["chosen"],
             rejected=raw["rejected"],
             rejected_meta={k: raw.get(k) for k in ("item_id", "sample_index", "finish_reason", "output_tokens")},

@@ -5,6 +5,8 @@ The judge enforces the answer format that each template asks for, so the two mus
 
 from __future__ import annotations
 
+from mpo_data.formats import with_placeholders
+
 PROMPT_TEMPLATES: dict[str, str] = {
     # a last line "Final answer: ..."
     "en": (
@@ -33,3 +35,10 @@ def render(question: str, prompt_version: str = DEFAULT_PROMPT_VERSION) -> str:
     except KeyError:
         raise KeyError(f"unknown prompt version {prompt_version!r}; expected one of {sorted(PROMPT_TEMPLATES)}") from None
     return template.format(question=question)
+
+
+def user_prompt(question: str, n_images: int, prompt_version: str = DEFAULT_PROMPT_VERSION) -> str:
+    """The exact user text of a correctness request: the templated question with InternVL's image
+    placeholders (`<image>\\n` in front for one image, one per image for several). Pair lines store it as
+    `question`, so training pairs the answer with the prompt that produced it."""
+    return with_placeholders(render(question, prompt_version), n_images)

@@ -8,6 +8,7 @@ item becomes a `GenerationRequest`, and how a completion becomes an output line 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -23,9 +24,9 @@ from tqdm import tqdm
 from mpo_data import images as image_io
 from mpo_data.engine import Completion, Engine, EngineConfig, GenerationRequest, SamplingConfig
 from mpo_data.errors import InputError
-from mpo_data.formats import PromptItem, Sample, image_list
+from mpo_data.formats import PromptItem, Sample, image_list, strip_placeholders
 from mpo_data.inputs import PromptReader
-from mpo_data.prompts import PROMPT_TEMPLATES, render
+from mpo_data.prompts import PROMPT_TEMPLATES, user_prompt
 from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
 
 
@@ -152,10 +153,13 @@ def normalize(text: str) -> str:
 
 
 def cut_prefix(chosen: str, start_ratio: float) -> tuple[str, str]:
-    """(prefix, rest): the first int(words x ratio) words of `chosen`, and the remaining words."""
-    words = chosen.split()
-    keep = int(len(words) * start_ratio)
-    return " ".join(words[:keep]), " ".join(words[keep:])
+    """(prefix, rest) with prefix + rest == chosen: the cut falls after the first int(words x ratio) words,
+    so the prefix is chosen's own text byte for byte (newlines, list markup, double spaces kept) and ends
+    on a word, and the rest starts with the whitespace that followed it."""
+    ends = [m.end() for m in re.finditer(r"\S+", chosen)]
+    keep = int(len(ends) * start_ratio)
+    cut = ends[keep - 1] if keep else 0
+    return chosen[:cut], chosen[cut:]
 
 
 def join_continuation(prefix: str, continuation: str) -> str:
@@ -191,8 +195,10 @@ class DropoutNTPStage:
 
     def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
         prefix, _ = cut_prefix(item["chosen"], self.config.start_ratio)
+        # without the image its placeholders go too: a VLM tokenizer reads `<image>` as an image token
+        question = item["question"] if self.config.load_image else strip_placeholders(item["question"])
         # an empty prefix is a plain answer: continuing an empty assistant turn is template-dependent
-        return GenerationRequest([{"role": "user", "content": item["question"]}], pil, prefix or None)
+        return GenerationRequest([{"role": "user", "content": question}], pil, prefix or None)
 
     def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
         prefix, rest = cut_prefix(item["chosen"], self.config.start_ratio)
@@ -218,14 +224,19 @@ class CorrectnessStage:
         self.wants_images = True
         self.sampling = config.sampling_config().as_dict()
 
+    def user_text(self, item: dict[str, Any]) -> str:
+        """The user turn exactly as sampled (stored in each sample as `prompt`)."""
+        return user_prompt(item["question"], len(image_list(item.get("image"))), self.config.prompt_version)
+
     def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
-        return GenerationRequest([{"role": "user", "content": render(item["question"], self.config.prompt_version)}], pil)
+        return GenerationRequest([{"role": "user", "content": self.user_text(item)}], pil)
 
     def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
         sample = Sample(
             item_id=key["item_id"],
             sample_index=key["sample_index"],
             item=item,
+            prompt=self.user_text(item),
             response=completion.text,
             finish_reason=completion.finish_reason,
             prompt_tokens=prompt_tokens,

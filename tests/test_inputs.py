@@ -48,6 +48,9 @@ BAD_LINES = [
     ('{"image": "/etc/hostname", "question": "q", "answer": "1"}', "is absolute"),
     ('{"image": "escape.png", "question": "q", "answer": "1"}', "resolves outside the image root"),
     ('["not", "an", "object"]', "expected a JSON object, got list"),
+    ('{"image": "ok.png", "question": "<image> vs <image>?", "answer": "1"}', "has 2 <image> placeholder(s) for 1 image(s)"),
+    ('{"question": "<image>\\nq", "answer": "1"}', "has 1 <image> placeholder(s) for 0 image(s)"),
+    ('{"image": ["ok.png", "ok.png"], "question": "<image> q", "answer": "1"}', "for 2 image(s); expected 0 or 2"),
 ]
 
 
@@ -190,3 +193,14 @@ def test_cli_validate_prints_three_problems_and_exits_1(tmp_path, root):
     assert "Traceback" not in result.stderr
     ok = subprocess.run(cmd[:4] + [str(tmp_path / "good.jsonl")] + cmd[5:], capture_output=True, text=True)
     assert ok.returncode == 1 and "no such file" in ok.stderr and "Traceback" not in ok.stderr
+
+
+def test_pair_lines_need_one_placeholder_per_image(tmp_path, root):
+    path = write_lines(tmp_path / "pairs.jsonl", [
+        '{"image": ["ok.png", "ok.png"], "question": "Image-1: <image>\\nImage-2: <image>\\nSame?", "chosen": "a", "rejected": "b"}',
+        '{"image": "ok.png", "question": "Colour?", "chosen": "a", "rejected": "b"}',
+        '{"image": "ok.png", "question": "<image>\\nColour?", "chosen": "a", "rejected": "b"}',
+        '{"image": ["ok.png", "ok.png"], "question": "Same?", "chosen": "a", "rejected": "b"}',
+    ])
+    problems = validate_file(path, "pairs", root)[1]
+    assert problems == [f"{path}:4: 'question' has 0 <image> placeholder(s) for 2 image(s); expected 2"]
