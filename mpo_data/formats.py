@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
 
@@ -81,8 +81,6 @@ def make_item_id(dataset: str, image: Image, question: str, target: Any) -> str:
 
 
 def _check_image(value: Any) -> str | None:
-    if value is None:
-        return None
     if isinstance(value, str):
         return None if value else "'image' is an empty string"
     if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
@@ -90,39 +88,96 @@ def _check_image(value: Any) -> str | None:
     return f"'image' must be a path or a non-empty list of paths, got {type(value).__name__}"
 
 
-def _check_text(raw: dict, key: str, *, types: tuple = (str,)) -> str | None:
-    if key not in raw or raw[key] is None:
-        return f"missing key '{key}'"
-    value = raw[key]
-    if isinstance(value, bool) or not isinstance(value, types):
-        names = " or ".join(t.__name__ for t in types)
-        return f"'{key}' must be {names}, got {type(value).__name__}"
-    if isinstance(value, str) and not value.strip():
-        return f"'{key}' is empty"
-    return None
+@dataclass(frozen=True)
+class Key:
+    """One key of a record: its types, whether it must be there, whether an empty string is allowed."""
+
+    types: tuple[type, ...] = ()
+    required: bool = True
+    non_empty: bool = False
+    check: Callable[[Any], str | None] | None = None  # the whole rule instead of types, for shapes like `image`
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The keys of one record kind: written by one dataclass (its test holds them together), checked by
+    every reader of that record through `problems`, so validators cannot drift apart."""
+
+    keys: dict[str, Key]
+
+    def problems(self, raw: Any) -> list[str]:
+        """Each problem of `raw` as a message (no location: callers prefix FILE:LINE); [] when it is valid."""
+        if not isinstance(raw, dict):
+            return [f"expected a JSON object, got {type(raw).__name__}"]
+        found = []
+        for name, key in self.keys.items():
+            value = raw.get(name)
+            if value is None:
+                found += [f"missing key '{name}'"] if key.required else []
+            elif key.check:
+                found += [key.check(value)] if key.check(value) else []
+            elif (isinstance(value, bool) and bool not in key.types) or not isinstance(value, key.types):
+                found.append(f"'{name}' must be {' or '.join(t.__name__ for t in key.types)}, got {type(value).__name__}")
+            elif key.non_empty and not (value.strip() if isinstance(value, str) else value):
+                found.append(f"'{name}' is empty")
+        return found
+
+    def extend(self, **keys: Key) -> "Schema":
+        return Schema({**self.keys, **keys})
+
+
+TEXT = Key((str,), non_empty=True)
+IMAGE = Key(required=False, check=_check_image)
+ANSWER = Key((str, int, float), non_empty=True)
+OPTIONAL_TEXT = Key((str,), required=False)
+
+PROMPT_SCHEMAS = {  # what a prompt set's lines hold, per stage
+    "correctness": Schema({"image": IMAGE, "question": TEXT, "answer": ANSWER}),
+    "dropout-ntp": Schema({"image": IMAGE, "question": TEXT, "chosen": TEXT}),
+}
+# what the stages write: the prompt line plus the keys of `Sample` / DropoutNTPStage.outcome
+SAMPLE_SCHEMA = PROMPT_SCHEMAS["correctness"].extend(
+    item_id=Key((str,)), sample_index=Key((int,)), prompt=OPTIONAL_TEXT, response=Key((str,)), finish_reason=Key((str,)),
+    prompt_tokens=Key((int,), required=False), output_tokens=Key((int,), required=False), prompt_version=OPTIONAL_TEXT,
+    model=OPTIONAL_TEXT, sampling=Key((dict,), required=False),
+)
+DROPOUT_SAMPLE_SCHEMA = PROMPT_SCHEMAS["dropout-ntp"].extend(
+    item_id=Key((str,)), sample_index=Key((int,), required=False), rejected=TEXT, finish_reason=OPTIONAL_TEXT,
+    output_tokens=Key((int,), required=False), provenance=Key((dict,)),
+)
+# an MMPR pair line (`Pair`), what InternVL's trainer and `mpo-data train` read
+PAIR_SCHEMA = Schema({
+    "image": IMAGE, "question": TEXT, "chosen": TEXT, "rejected": TEXT, "question_orig": OPTIONAL_TEXT,
+    "answer_gt": OPTIONAL_TEXT, "chosen_meta": Key((dict,), required=False), "rejected_meta": Key((dict,), required=False),
+    "provenance": Key((dict,), required=False),
+})
+# the judge contract's input line
+JUDGE_INPUT_SCHEMA = Schema({"response": Key((str,)), "answer": ANSWER, "question": OPTIONAL_TEXT, "prompt_version": OPTIONAL_TEXT})
+# a TRL preference row (our export, or any set DPOTrainer takes): strings or conversations
+TRL_ROW_SCHEMA = Schema({
+    "prompt": Key((str, list), non_empty=True), "chosen": Key((str, list), non_empty=True),
+    "rejected": Key((str, list), non_empty=True), "images": Key((list,), required=False),
+})
 
 
 def prompt_problems(raw: Any, kind: str) -> list[str]:
     """Schema problems of one prompt line (images are checked separately, against the root)."""
-    if not isinstance(raw, dict):
-        return [f"expected a JSON object, got {type(raw).__name__}"]
-    checks = [_check_image(raw.get("image")), _check_text(raw, "question")]
-    if kind == "correctness":
-        checks.append(_check_text(raw, "answer", types=(str, int, float)))
-    elif kind == "dropout-ntp":
-        checks.append(_check_text(raw, "chosen"))
-        if raw.get("rejected") is not None:
-            checks.append("'rejected' must be null or absent in a dropout-ntp prompt")
-    else:
+    if kind not in PROMPT_SCHEMAS:
         raise ValueError(f"unknown prompt kind {kind!r}; expected one of {PROMPT_KINDS}")
-    checks.append(_check_placeholders(raw, exact=False))
-    return [c for c in checks if c]
+    found = PROMPT_SCHEMAS[kind].problems(raw)
+    if kind == "dropout-ntp" and isinstance(raw, dict) and raw.get("rejected") is not None:
+        found.append("'rejected' must be null or absent in a dropout-ntp prompt")
+    return found + placeholder_problems(raw, exact=False)
 
 
-def _check_placeholders(raw: dict, *, exact: bool) -> str | None:
-    if _check_image(raw.get("image")) or not isinstance(raw.get("question"), str):
-        return None  # reported already
-    return placeholder_problem(raw["question"], len(image_list(raw.get("image"))), exact=exact)
+def placeholder_problems(raw: Any, *, exact: bool) -> list[str]:
+    """The `<image>` count rule of a line with `image` and `question` (once both are sound)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("question"), str):
+        return []  # reported by the schema
+    if raw.get("image") is not None and _check_image(raw["image"]):
+        return []
+    problem = placeholder_problem(raw["question"], len(image_list(raw.get("image"))), exact=exact)
+    return [problem] if problem else []
 
 
 @dataclass
@@ -252,11 +307,7 @@ class Pair:
 
 def pair_problems(raw: Any) -> list[str]:
     """Schema problems of one MMPR pair line."""
-    if not isinstance(raw, dict):
-        return [f"expected a JSON object, got {type(raw).__name__}"]
-    checks = [_check_image(raw.get("image"))] + [_check_text(raw, k) for k in ("question", "chosen", "rejected")]
-    checks.append(_check_placeholders(raw, exact=True))
-    return [c for c in checks if c]
+    return PAIR_SCHEMA.problems(raw) + placeholder_problems(raw, exact=True)
 
 
 @dataclass
@@ -299,15 +350,10 @@ def internvl_reading(name: str, repeat_time: float) -> str | None:
             f"(as `mpo-data meta` does: NAME{REST_SUFFIX})")
 
 
-_META_TYPES: dict[str, tuple[type, ...]] = {
-    "root": (str,),
-    "annotation": (str,),
-    "repeat_time": (int, float),
-    "length": (int,),
-    "data_augment": (bool,),
-    "max_dynamic_patch": (int,),
-}
-_META_REQUIRED = ("root", "annotation", "repeat_time", "length")  # MMPR's own meta.json omits the rest
+META_ENTRY_SCHEMA = Schema({  # `MetaEntry`; MMPR's own meta.json omits the optional keys
+    "root": Key((str,)), "annotation": Key((str,)), "repeat_time": Key((int, float)), "length": Key((int,)),
+    "data_augment": Key((bool,), required=False), "max_dynamic_patch": Key((int,), required=False),
+})
 
 
 def meta_problems(meta: Any) -> list[str]:
@@ -316,20 +362,15 @@ def meta_problems(meta: Any) -> list[str]:
         return ["meta.json must be a non-empty JSON object of dataset entries"]
     problems = []
     for name, entry in meta.items():
-        if not isinstance(entry, dict):
-            problems.append(f"entry '{name}': expected an object, got {type(entry).__name__}")
-            continue
-        problems += [f"entry '{name}': missing field '{k}'" for k in _META_REQUIRED if k not in entry]
-        for key, value in entry.items():
-            types = _META_TYPES.get(key)
-            if types is None:
-                problems.append(f"entry '{name}': unknown field '{key}'")
-            elif (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-                problems.append(f"entry '{name}': '{key}' must be {types[0].__name__}, got {type(value).__name__}")
-        if isinstance(entry.get("repeat_time"), (int, float)) and not entry["repeat_time"] > 0:
-            problems.append(f"entry '{name}': 'repeat_time' must be > 0")
-        if isinstance(entry.get("length"), int) and entry["length"] < 0:
-            problems.append(f"entry '{name}': 'length' must be >= 0")
+        found = META_ENTRY_SCHEMA.problems(entry)
+        if isinstance(entry, dict):
+            found += [f"unknown field '{k}'" for k in entry if k not in META_ENTRY_SCHEMA.keys]
+            number = {k: entry.get(k) for k in ("repeat_time", "length") if not any(k in p for p in found)}
+            if number.get("repeat_time") is not None and not number["repeat_time"] > 0:
+                found.append("'repeat_time' must be > 0")
+            if number.get("length") is not None and number["length"] < 0:
+                found.append("'length' must be >= 0")
+        problems += [f"entry '{name}': {p}" for p in found]
     return problems
 
 

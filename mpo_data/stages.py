@@ -440,8 +440,10 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     store = ShardStore(stage_dir(config.out_dir, config.stage, dataset))
     store.check_settings(config.stage_settings(), config.force)
     quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
-    reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine)
+    images_dir = Path(config.out_dir) / "images" / dataset  # where images embedded in the prompt source go
+    reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine, images_dir)
     items, repeats = read_items(config, reader)
+    config = replace(config, image_root=str(reader.image_root))  # images_dir for a source with embedded images
     done = store.done()
     work = plan_work(items, done, config.num_return_sequences)
     generated_from = time.monotonic()
@@ -452,6 +454,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "dataset": dataset,
         "model": config.model_name,
         "prompt_path": str(config.prompt_path),
+        "images_dir": str(images_dir) if Path(reader.image_root) == images_dir else None,  # embedded images went here
         "rows_read": reader.read,
         "items_selected": len(items),
         "repeated_items_skipped": repeats,

@@ -15,7 +15,7 @@ from typing import Any
 
 from mpo_data import images
 from mpo_data.errors import InputError
-from mpo_data.formats import content_parts, image_list, read_meta
+from mpo_data.formats import TRL_ROW_SCHEMA, content_parts, image_list, read_meta
 from mpo_data.inputs import ON_ERROR, Problem, Quarantine, iter_records, record_problems
 from mpo_data.jsonl import Line
 
@@ -197,15 +197,8 @@ def _text(content: str | list[dict[str, Any]]) -> str:
 def _trl_row_problem(line: Line) -> str | None:
     if line.error:
         return line.error
-    v = line.value
-    if not isinstance(v, dict):
-        return f"expected an object, got {type(v).__name__}"
-    for key in ("prompt", "chosen", "rejected"):
-        if not isinstance(v.get(key), (str, list)) or not v[key]:
-            return f"'{key}' must be a non-empty string or conversation"
-    if not isinstance(v.get("images") or [], list):
-        return "'images' must be a list"
-    return None
+    problems = TRL_ROW_SCHEMA.problems(line.value)
+    return problems[0] if problems else None
 
 
 def _resolve(meta_path: str | Path, name: str, key: str, rel: str) -> Path:

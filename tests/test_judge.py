@@ -8,7 +8,9 @@ import orjson
 import pytest
 
 from mpo_data.cli import main
-from mpo_data.judge import DEFAULT_MODES, Judge, JudgeConfig, answers_match, extract_answer, modes_for_dataset, question_options
+from mpo_data.judge import (
+    DEFAULT_MODES, Judge, JudgeConfig, JudgeItem, answers_match, extract_answer, modes_for_dataset, question_options,
+)
 
 OPTIONS_Q = "Which shape is shown?\nA. triangle\nB. rectangle\nC. circle"
 
@@ -103,12 +105,12 @@ def judge():
 def test_pool_verdicts_in_order_with_errors_reported(judge):
     huge_power = "so \\boxed{9^{9^{9^{9^{9}}}}}"
     rows = [
-        (0, "so \\boxed{19}", "19", None, "en_v2", DEFAULT_MODES),
-        (1, "so \\boxed{119}", "19", None, "en_v2", DEFAULT_MODES),
-        (2, huge_power, "1", None, "en_v2", DEFAULT_MODES),
-        (3, "so \\boxed{" + "{" * 100_000 + "}" * 100_000 + "}", "1", None, "en_v2", DEFAULT_MODES),
-        (4, "<think>x</think>\\boxed{B}", "rectangle", OPTIONS_Q, "r1", DEFAULT_MODES),
-        (5, "no box", "1", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(0, "so \\boxed{19}", "19", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(1, "so \\boxed{119}", "19", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(2, huge_power, "1", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(3, "so \\boxed{" + "{" * 100_000 + "}" * 100_000 + "}", "1", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(4, "<think>x</think>\\boxed{B}", "rectangle", OPTIONS_Q, "r1", DEFAULT_MODES),
+        JudgeItem(5, "no box", "1", None, "en_v2", DEFAULT_MODES),
     ]
     start = time.monotonic()
     out = list(judge.judge_many(rows))
@@ -142,8 +144,8 @@ def test_cli_adds_the_contract_fields(tmp_path, capsys):
 @pytest.mark.parametrize(
     "line, message",
     [
-        (b'{"answer": "1"}', "'response' must be a string"),
-        (b'{"response": "x", "answer": ""}', "'answer' must be a non-empty"),
+        (b'{"answer": "1"}', "missing key 'response'"),
+        (b'{"response": "x", "answer": ""}', "'answer' is empty"),
         (b'{"response": "x", "answer": "1", "prompt_version": "v9"}', "unknown prompt_version"),
         (b"{not json", "invalid JSON"),
     ],

@@ -98,7 +98,7 @@ def test_hf_dataset_on_disk_with_pil_images(tmp_path):
         {"prompt": "Colour?", "chosen": "Red.", "rejected": "Blue.", "images": [red]},
         {"prompt": "Colour?", "chosen": "Red.", "rejected": "", "images": [red]},
     ]).save_to_disk(tmp_path / "ds")
-    with pytest.raises(InputError, match=r"ds:2: 'rejected' must be a non-empty string or conversation"):
+    with pytest.raises(InputError, match=r"ds:2: 'rejected' is empty"):
         PairLoader().read_dataset(tmp_path / "ds")
     rows = PairLoader(on_error="skip").read_dataset(tmp_path / "ds").rows
     assert len(rows) == 1 and rows[0]["images"][0].size == (20, 20)
