@@ -8,7 +8,6 @@ row came from (`dataset`, `item_id`, `source`). `DPOTrainer` takes the result un
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -101,20 +100,3 @@ def export(config: ExportConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         data.to_parquet(str(out / PARQUET_FILE))
     return {"rows": len(data), "datasets": rows.counts, "skipped": dict(rows.quarantine.counts), "out": str(out)}
-
-
-def _main(args: Any) -> int:
-    summary = export(ExportConfig(meta=args.meta, out=args.out, format=args.format, seed=args.seed, on_error=args.on_error))
-    where = summary["out"] if args.format == "hf" else f"{summary['out']}/{PARQUET_FILE}"
-    print(f"{summary['rows']} rows -> {where}; per entry {summary['datasets']}; skipped {summary['skipped']}", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("export", help="a meta.json mixture as a TRL-ready preference set (save_to_disk or Parquet)")
-    p.add_argument("--meta", required=True, help="meta.json mixture")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", default="hf", choices=EXPORT_FORMATS, help="hf (save_to_disk) or parquet")
-    p.add_argument("--seed", type=int, default=0, help="seed of the repeat_time draw")
-    p.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="bad lines: fail, or skip to OUT.quarantine.jsonl")
-    p.set_defaults(func=_main)

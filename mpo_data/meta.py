@@ -13,15 +13,13 @@ weights (largest remainder), then each r < 1 is the smallest number with `decima
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
 from mpo_data.errors import InputError
-from mpo_data.formats import REST_SUFFIX, MetaEntry, internvl_reading, pair_problems, read_meta, write_meta
+from mpo_data.formats import REST_SUFFIX, MetaEntry, internvl_reading, pair_problems, read_meta
 from mpo_data.jsonl import iter_lines
 
 
@@ -34,14 +32,18 @@ def active_rows(length: int, repeat_time: float) -> int:
 class MetaConfig:
     """Which pair files make the mixture and how large each share is."""
 
-    pairs_dir: Path = field(metadata={"help": "folder whose *.jsonl pair files become entries (name = file stem)"})
-    image_root: str = field(metadata={"help": "the 'root' image paths are relative to"})
-    out: Path = field(metadata={"help": "meta.json to write"})
-    target_total: int | None = field(default=None, metadata={"help": "active rows of the whole mixture"})
-    weights: dict[str, float] = field(default_factory=dict, metadata={"help": "relative share per entry (default: its rows)"})
-    repeats: dict[str, float] = field(default_factory=dict, metadata={"help": "fixed repeat_time per entry"})
-    base: Path | None = field(default=None, metadata={"help": "existing meta.json the new entries join"})
-    max_dynamic_patch: int = field(default=12, metadata={"help": "InternVL's max tiles per image"})
+    pairs_dir: Path = field(metadata={"help": "Folder whose *.jsonl pair files become entries (name = file stem)."})
+    image_root: str = field(metadata={"help": "The 'root' image paths are relative to."})
+    out: Path = field(metadata={"help": "meta.json to write, e.g. meta/NAME.json."})
+    target_total: int | None = field(default=None, metadata={"help": "Active rows of the whole mixture (None: every row once)."})
+    weights: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Relative share of an entry, NAME=W (default: its rows).", "aliases": ["--weight"]}
+    )
+    repeats: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Fixed repeat_time of an entry, NAME=R.", "aliases": ["--repeat"]}
+    )
+    base: Path | None = field(default=None, metadata={"help": "Existing meta.json (e.g. MMPR's) the new entries join."})
+    max_dynamic_patch: int = field(default=12, metadata={"help": "InternVL's max tiles per image."})
 
 
 def count_pairs(path: Path) -> int:
@@ -150,51 +152,3 @@ def build_meta(config: MetaConfig) -> dict[str, MetaEntry]:
     if any(w <= 0 for w in weights.values()):
         raise InputError("--weight: weights must be > 0")
     return _with_shares(entries, {**fixed, **share_rows(left, weights)})
-
-
-def _assignments(values: list[str], option: str) -> dict[str, float]:
-    out = {}
-    for value in values or []:
-        name, sep, number = value.rpartition("=")
-        try:
-            out[name] = float(number)
-        except ValueError:
-            name = ""
-        if not sep or not name:
-            raise InputError(f"{option} {value!r}: expected NAME=NUMBER")
-    return out
-
-
-def _meta_main(args: argparse.Namespace) -> int:
-    config = MetaConfig(
-        pairs_dir=Path(args.pairs_dir),
-        image_root=args.image_root,
-        out=Path(args.out),
-        target_total=args.target_total,
-        weights=_assignments(args.weight, "--weight"),
-        repeats=_assignments(args.repeat, "--repeat"),
-        base=Path(args.base) if args.base else None,
-        max_dynamic_patch=args.max_dynamic_patch,
-    )
-    entries = build_meta(config)
-    write_meta(config.out, entries)
-    total = sum(active_rows(e.length, e.repeat_time) for e in entries.values())
-    print(f"{len(entries)} entries, {total} active rows -> {config.out}", file=sys.stderr)
-    for name, entry in entries.items():
-        note = internvl_reading(name, entry.repeat_time)
-        if note:
-            print(f"warning: {note}", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("meta", help="write a meta.json mixture over pair files (repeat ratios, target size)")
-    p.add_argument("--pairs-dir", required=True, help="folder of pair files (*.jsonl)")
-    p.add_argument("--image-root", required=True, help="root of the images the pairs name")
-    p.add_argument("--out", required=True, help="meta.json to write, e.g. meta/NAME.json")
-    p.add_argument("--target-total", type=int, default=None, help="active rows of the whole mixture")
-    p.add_argument("--weight", action="append", metavar="NAME=W", help="relative share of an entry (repeatable)")
-    p.add_argument("--repeat", action="append", metavar="NAME=R", help="fixed repeat_time of an entry (repeatable)")
-    p.add_argument("--base", default=None, help="existing meta.json to add the new entries to")
-    p.add_argument("--max-dynamic-patch", type=int, default=12, help="max tiles per image (InternVL)")
-    p.set_defaults(func=_meta_main)

@@ -18,7 +18,6 @@ import orjson
 from mpo_data import images
 from mpo_data.errors import InputError
 from mpo_data.formats import image_list, iter_pairs, read_meta
-from mpo_data.jsonl import atomic_write_bytes
 
 HIST_BINS = 12
 SAMPLE_PAIRS = 20
@@ -181,20 +180,3 @@ window.addEventListener("load", () => {{
 </script>
 </body></html>
 """
-
-
-def _main(args) -> int:
-    page = build_report(args.out_dir, args.meta, args.seed)
-    target = Path(args.html or Path(args.out_dir) / "report.html")
-    atomic_write_bytes(target, page.encode())
-    print(f"report: {target}")
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("report", help="one static HTML page: counts, correctness rates, lengths, sample pairs")
-    p.add_argument("out_dir", help="a run folder (the out_dir of a pipeline or stage)")
-    p.add_argument("--html", default=None, help="where to write the page (default OUT_DIR/report.html)")
-    p.add_argument("--meta", default=None, help="meta.json giving image roots (default: the one the pipeline recorded)")
-    p.add_argument("--seed", type=int, default=0, help="which sample pairs are shown")
-    p.set_defaults(func=_main)

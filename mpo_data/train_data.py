@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mpo_data import images
-from mpo_data.errors import InputError
+from mpo_data.errors import ON_ERROR, InputError
 from mpo_data.formats import TRL_ROW_SCHEMA, content_parts, image_list, read_meta
-from mpo_data.inputs import ON_ERROR, Problem, Quarantine, iter_records, record_problems
+from mpo_data.inputs import Problem, Quarantine, iter_records, record_problems
 from mpo_data.jsonl import Line
 
 
@@ -187,7 +187,7 @@ def _image(root: Path, value: Any):
         value = value.get("path")
     if isinstance(value, str):
         return images.load(root, value)
-    return value.convert("RGB")
+    return images.to_rgb(value)
 
 
 def _text(content: str | list[dict[str, Any]]) -> str:

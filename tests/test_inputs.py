@@ -236,7 +236,8 @@ def test_each_record_writer_matches_its_schema():
         DROPOUT_SAMPLE_SCHEMA, META_ENTRY_SCHEMA, PAIR_SCHEMA, PROMPT_SCHEMAS, SAMPLE_SCHEMA, Pair, Sample,
     )
     from mpo_data.judge import Verdict
-    from mpo_data.stages import DropoutNTPConfig, DropoutNTPStage
+    from mpo_data.stage_config import DropoutNTPConfig, EngineConfig
+    from mpo_data.stages import DropoutNTPStage
 
     prompt = {"image": "a.png", "question": "q?", "answer": "1"}
     sample = Sample("id", 0, prompt, "<image>\nq?", "r", "stop", 3, 4, "en_v2", "m", {"n": 1}).to_dict()
@@ -245,10 +246,22 @@ def test_each_record_writer_matches_its_schema():
     pair = Pair("<image>\nq?", "a", "b", "a.png", "q?", "1", {}, {}, {}).to_dict()
     assert PAIR_SCHEMA.problems(pair) == [] and set(pair) == set(PAIR_SCHEMA.keys) == {f.name for f in fields(Pair)}
     assert set(MetaEntry("r", "a.jsonl").to_dict()) == set(META_ENTRY_SCHEMA.keys)
-    stage = DropoutNTPStage(DropoutNTPConfig("m", "p.jsonl"))
+    stage = DropoutNTPStage(DropoutNTPConfig("p.jsonl", EngineConfig("m")))
     item = {"image": "a.png", "question": "q?", "chosen": "A red square."}
     line, _ = stage.outcome(item, {"item_id": "i", "sample_index": 0}, Completion(" blue one.", 3, "stop"), 5)
     assert DROPOUT_SAMPLE_SCHEMA.problems(line) == [] and set(line) <= set(DROPOUT_SAMPLE_SCHEMA.keys)
     verdict = Verdict("1", True, False, "timeout", (3, 4)).contract()
     assert set(verdict) == set(Verdict.KEYS)
     assert SAMPLE_SCHEMA.problems({**sample, "sample_index": "0"}) == ["'sample_index' must be int, got str"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_file_gets_the_mode_open_would_give(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_jsonl(tmp_path / "a.jsonl", [{"a": 1}])
+        with open(tmp_path / "b.jsonl", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == mode == (tmp_path / "b.jsonl").stat().st_mode & 0o777

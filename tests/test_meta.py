@@ -113,7 +113,7 @@ def test_base_merge_keeps_entries_and_rescales(tmp_path):
     "extra, message",
     [
         (["--weight", "nope=1"], "unknown entries ['nope']"),
-        (["--repeat", "a"], "expected NAME=NUMBER"),
+        (["--repeat", "a=x"], "repeats.a: expected float, got str 'x'"),
         (["--target-total", "10", "--repeat", "a=5"], "nothing left to share"),
     ],
 )
