@@ -191,6 +191,7 @@ class PromptReader:
         self.path, self.kind, self.dataset = Path(path), kind, dataset
         self.image_root = image_root if image_root is not None else self.path.parent
         self.images_dir = Path(images_dir) if images_dir else default_images_dir(self.path)
+        self.extracted = False  # whether embedded images were written to images_dir (then the image root)
         self.on_error = on_error
         self.quarantine = Quarantine(Path(quarantine) if quarantine else None)
         self.read = 0
@@ -202,7 +203,7 @@ class PromptReader:
             self.read += 1
             if line.error is None and isinstance(line.value, dict) and is_embedded(line.value.get("image")):
                 line = Line(line.loc, {**line.value, "image": extract_images(line.value["image"], self.images_dir)})
-                self.image_root = self.images_dir
+                self.image_root, self.extracted = self.images_dir, True
             yield line, record_problems(line, self.kind, self.image_root)
 
     def __iter__(self) -> Iterator[PromptItem]:

@@ -320,6 +320,17 @@ def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int) ->
     return work
 
 
+def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[PromptItem], int]:
+    """(config, reader, selected items, repeats skipped). Images embedded in the prompt source are written
+    once to OUT/images/<dataset>/, which becomes the config's image root (the engine actors load from it)."""
+    dataset = config.dataset_name
+    quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
+    images_dir = Path(config.out_dir) / "images" / dataset
+    reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine, images_dir)
+    items, repeats = read_items(config, reader)
+    return replace(config, image_root=str(reader.image_root)), reader, items, repeats
+
+
 @holds("out_dir")
 def run_stage(config: StageConfig) -> dict[str, Any]:
     """Sample one prompt set into `<out>/samples/<stage>/<dataset>/`, resuming; returns the summary."""
@@ -329,11 +340,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     dataset = config.dataset_name
     store = ShardStore(stage_dir(config.out_dir, config.stage, dataset))
     store.check_settings(config.stage_settings(), config.force)
-    quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
-    images_dir = Path(config.out_dir) / "images" / dataset  # where images embedded in the prompt source go
-    reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine, images_dir)
-    items, repeats = read_items(config, reader)
-    config = replace(config, image_root=str(reader.image_root))  # images_dir for a source with embedded images
+    config, reader, items, repeats = read_prompts(config)
     done = store.done()
     work = plan_work(items, done, config.sampling.n)
     generated_from = time.monotonic()
@@ -344,7 +351,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "dataset": dataset,
         "model": config.model_name,
         "prompt_path": str(config.prompt_path),
-        "images_dir": str(images_dir) if Path(reader.image_root) == images_dir else None,  # embedded images went here
+        "images_dir": str(reader.images_dir) if reader.extracted else None,  # where embedded images were written
         "rows_read": reader.read,
         "items_selected": len(items),
         "repeated_items_skipped": repeats,
@@ -354,7 +361,8 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "samples_requested": sum(len(w["indices"]) for w in work),
         "samples_out": tally.kept,
         "dropped": dict(tally.dropped),
-        "quarantined": {"total": reader.quarantine.total, "reasons": dict(reader.quarantine.counts), "file": str(quarantine) if quarantine else None},
+        "quarantined": {"total": reader.quarantine.total, "reasons": dict(reader.quarantine.counts),
+                        "file": str(reader.quarantine.path) if reader.quarantine.path else None},
         "parts_written": tally.parts,
         "prompt_tokens": tally.prompt_tokens,
         "output_tokens": tally.output_tokens,

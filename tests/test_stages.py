@@ -30,7 +30,9 @@ from mpo_data.stages import (
     drop_reason,
     join_continuation,
     normalize,
+    _resolved,
     plan_work,
+    read_prompts,
     run_stage,
 )
 
@@ -143,6 +145,19 @@ def test_bad_settings_and_bad_input_are_clear_errors(tmp_path, demo_dir, models_
     bad.write_text('{"question": "q", "answer": "1"}\n{"question": "no answer"}\n')
     with pytest.raises(InputError, match=r"bad.jsonl:2: missing key 'answer'"):
         run_stage(CorrectnessConfig(str(bad), EngineConfig(model), out_dir=str(tmp_path)))
+
+
+def test_embedded_images_are_written_once_and_become_the_image_root(tmp_path):
+    import datasets
+
+    red = Image.new("RGB", (20, 10), "red")
+    data = datasets.Dataset.from_list([{"image": red, "question": f"Colour {i}?", "answer": "red"} for i in range(3)])
+    data.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "shapes.parquet"))
+    config = CorrectnessConfig(str(tmp_path / "shapes.parquet"), EngineConfig("m"), out_dir=str(tmp_path / "out"))
+    config, reader, items, _ = read_prompts(_resolved(config))
+    assert config.image_root == str(tmp_path / "out" / "images" / "shapes") and reader.extracted
+    assert len(items) == 3 and len({i.image for i in items}) == 1  # one file for the one picture
+    assert Image.open(Path(config.image_root) / items[0].image).getpixel((0, 0)) == (255, 0, 0)
 
 
 # ---- the stage objects on the session's real engines ----
