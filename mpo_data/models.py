@@ -244,19 +244,3 @@ def build_all(out: str | Path, names: tuple[str, ...] | list[str] = DEFAULT_MODE
             staging.rename(target)
         paths[name] = target
     return paths
-
-
-def _main(args) -> int:
-    for name, path in build_all(args.out, args.model or DEFAULT_MODELS).items():
-        print(f"{name}: {path}")
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("models", help="build the local models offline (SmolLM2 from GGUF, a tiny SmolVLM)")
-    p.add_argument("--out", default="models", help="folder to build them in (cached: complete ones are kept)")
-    p.add_argument(
-        "--model", action="append", choices=sorted(BUILDERS),
-        help=f"model to build (repeatable; default: {', '.join(DEFAULT_MODELS)}); the Qwen2.5-VL ones need torchvision (GPU machines)",
-    )
-    p.set_defaults(func=_main)

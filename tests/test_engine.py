@@ -18,7 +18,7 @@ from mpo_data.engine import (
     EngineConfig,
     GenerationRequest,
     SamplingConfig,
-    _batches,
+    batches,
     _engine_kwargs,
     _tiling_kwargs,
     cpu_has_bf16,
@@ -102,6 +102,11 @@ def test_each_live_engine_gets_its_own_compile_cache(tmp_path, monkeypatch):
     second.close()
 
 
+def test_engine_kwargs_reach_vllm_untouched_and_win():
+    kwargs = _engine_kwargs(EngineConfig(model="m", max_model_len=8192, engine_kwargs={"max_num_seqs": 7, "max_model_len": 4096}))
+    assert kwargs["max_num_seqs"] == 7 and kwargs["max_model_len"] == 4096
+
+
 # ---- the real engine ----
 
 
@@ -179,7 +184,7 @@ def test_generate_rows_over_a_prompt_file(vlm_engine, demo_dir, tmp_path):
     source.write_text("".join((demo_dir / "easy_vqa.jsonl").read_text().splitlines(keepends=True)[:3]))
     reader = PromptReader(source, "correctness", "vqa", image_root=demo_dir / "images")
     sampling = SamplingConfig(n=2, max_new_tokens=4)
-    rows = list(generate_rows(_batches(reader, 2), reader.image_root, vlm_engine, sampling))
+    rows = list(generate_rows(batches(reader, 2), reader.image_root, vlm_engine, sampling))
     assert len(rows) == 3
     expected = [value for _, value in read_jsonl(source)]
     for row, line in zip(rows, expected):
@@ -189,14 +194,14 @@ def test_generate_rows_over_a_prompt_file(vlm_engine, demo_dir, tmp_path):
     assert len({row["item_id"] for row in rows}) == 3
 
 
-# ---- `mpo-data generate` on bad input: fails or quarantines before any engine starts ----
+# ---- `mpo-data sample` on bad input: fails or quarantines before any engine starts ----
 
 
 def test_generate_cli_names_the_bad_line(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"question": "ok?", "answer": "1"}\n{"question": 5}\n')
     out = tmp_path / "out.jsonl"
-    rc = cli.main(["generate", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--batch-size", "8"])
+    rc = cli.main(["sample", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--batch-size", "8"])
     assert rc == 1
     assert f"{prompts}:2:" in capsys.readouterr().err
     assert not out.exists()
@@ -206,7 +211,7 @@ def test_generate_cli_skip_quarantines_and_counts(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"question": 5}\nnot json\n')
     out = tmp_path / "out.jsonl"
-    rc = cli.main(["generate", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--on-error", "skip"])
+    rc = cli.main(["sample", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--on-error", "skip"])
     assert rc == 0 and out.read_text() == ""
     quarantined = [value["loc"] for _, value in read_jsonl(tmp_path / "out.jsonl.quarantine.jsonl")]
     assert quarantined == [f"{prompts}:1", f"{prompts}:2"]
