@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "judge": "judge responses against ground-truth answers (the judge contract)",
     "pairs": "turn sample shards into MMPR preference pairs (correctness and DropoutNTP)",
     "meta": "write a meta.json mixture over pair files (repeat ratios, target size)",
+    "export": "a meta.json mixture as a TRL-ready preference set (save_to_disk folder or Parquet, images embedded)",
 }
 
 
