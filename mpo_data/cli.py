@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "validate": "check a prompt, pair or meta file; report every problem as FILE:LINE: reason",
     "demo-data": "build the offline demo prompt sets (arithmetic, easy-VQA)",
     "models": "build the local models offline (SmolLM2 from GGUF, a tiny SmolVLM)",
+    "gpu-smoke": "first thing on a GPU cluster: both stages, pairs, meta and 2 training steps on tiny models, pass/fail",
     "sample": "plain vLLM answers to a prompt file (smoke-tests a model and the engine settings)",
     "dropout-ntp": "DropoutNTP: continue half of `chosen` without the image -> rejected (resumable, on Ray)",
     "correctness": "correctness sampling: n reasoning answers per item (resumable, on Ray)",
@@ -25,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "judge": "judge responses against ground-truth answers (the judge contract)",
     "pairs": "turn sample shards into MMPR preference pairs (correctness and DropoutNTP)",
     "meta": "write a meta.json mixture over pair files (repeat ratios, target size)",
+    "export": "a meta.json mixture as a TRL-ready preference set (save_to_disk folder or Parquet, images embedded)",
 }
 
 

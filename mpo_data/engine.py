@@ -20,7 +20,7 @@ from PIL import Image
 
 from mpo_data import images as image_io
 from mpo_data.errors import InputError
-from mpo_data.formats import PromptItem
+from mpo_data.formats import PromptItem, content_parts
 from mpo_data.inputs import PromptReader
 from mpo_data.jsonl import write_jsonl
 from mpo_data.stage_config import EngineConfig, SampleConfig, SamplingConfig
@@ -156,13 +156,16 @@ def own_compile_cache(base: str | Path | None = None) -> IO[str]:
 
 
 def _conversation(request: GenerationRequest) -> list[dict[str, Any]]:
-    """OpenAI-style messages with the images as image_pil parts before the first user text."""
+    """OpenAI-style messages with the images as image_pil parts of the first user turn: at its `<image>`
+    placeholders, or before its text when it has none."""
     messages = [dict(m) for m in request.messages]
     if request.images:
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        text = messages[first_user]["content"]
-        parts: list[dict[str, Any]] = [{"type": "image_pil", "image_pil": image} for image in request.images]
-        messages[first_user]["content"] = parts + [{"type": "text", "text": text}]
+        images = iter(request.images)
+        parts = content_parts(messages[first_user]["content"], len(request.images))
+        messages[first_user]["content"] = [
+            {"type": "image_pil", "image_pil": next(images)} if p["type"] == "image" else p for p in parts
+        ]
     if request.assistant_prefix is not None:
         messages.append({"role": "assistant", "content": request.assistant_prefix})
     return messages

@@ -1,4 +1,4 @@
-"""GPU smoke test, the first thing to run on a new cluster: `make gpu-smoke` or `python -m mpo_data.gpu_smoke`.
+"""GPU smoke test, the first thing to run on a new cluster: `make gpu-smoke` or `mpo-data gpu-smoke`.
 
 It builds a tiny random Qwen2.5-VL and a tiny HF-format InternVL offline, runs both sampling stages on 4
 items each at tp=1 (and tp=2 with 2+ GPUs), then pairs, meta and 2 training steps, each as the `mpo-data`
@@ -9,7 +9,6 @@ both InternVL tiling names, tensor parallel, TRL on GPU), not answer quality.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import subprocess
 import sys
@@ -160,16 +159,3 @@ def run(out: Path, models_dir: Path, timeout: float) -> int:
         print(f"gpu-smoke: {step.name} {step.model} {'pass' if outcomes[-1].ok else 'FAIL'}", file=sys.stderr, flush=True)
     print(table(outcomes, skipped))
     return 0 if all(o.ok for o in outcomes) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mpo_data.gpu_smoke", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="out/gpu-smoke", help="where prompts, samples, pairs and the training run go")
-    parser.add_argument("--models", default="models", help="where the tiny models are built (cached)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds one step may take")
-    args = parser.parse_args(argv)
-    return run(Path(args.out), Path(args.models), args.timeout)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

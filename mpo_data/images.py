@@ -14,6 +14,7 @@ What each kind of image becomes (one rule for validate, the stages, the report a
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -109,3 +110,18 @@ def check(root: str | Path, rel: str, max_pixels: int | None = None) -> None:
 def load(root: str | Path, rel: str, max_pixels: int | None = None) -> Image.Image:
     """Decode one image as RGB, refusing or converting it as the module docstring says."""
     return _decoded(resolve(root, rel), max_pixels)
+
+
+def decode(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode embedded image bytes (a `datasets` Image cell) as RGB, under the same limit and rules as `load`."""
+    max_pixels = max_pixels or MAX_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Exception as e:  # UnidentifiedImageError, DecompressionBombError, ... by format plugin
+            raise ImageError("image unreadable", f"image '{name}' is unreadable as an image: {e}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError("image oversized", f"image '{name}' is {width}x{height}, over the {max_pixels:,}-pixel limit")
+    return to_rgb(image, f"image '{name}'")

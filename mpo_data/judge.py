@@ -24,11 +24,12 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 from rapidfuzz.distance import Levenshtein
 
 from mpo_data.errors import InputError
+from mpo_data.formats import JUDGE_INPUT_SCHEMA
 from mpo_data.jsonl import AtomicFile, dumps, iter_lines
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, prompt_version
 
@@ -357,7 +358,18 @@ def _init_worker() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
-JudgeItem = tuple[Any, str, str, str | None, str, tuple[str, ...]]  # payload, response, answer, question, version, modes
+@dataclass
+class JudgeItem:
+    """One response to judge (the judge contract's input line, parsed); `payload` travels back untouched."""
+
+    payload: Any
+    response: str
+    answer: str
+    question: str | None
+    prompt_version: str
+    modes: tuple[str, ...]
+
+
 MatchKey = tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]
 MatchResult = tuple[bool, str | None]  # (matched, judge_error)
 
@@ -387,6 +399,17 @@ class Verdict:
     is_correct: bool
     judge_error: str | None = None
     span: tuple[int, int] | None = None  # where answer_pred sits in the response
+
+    KEYS: ClassVar[tuple[str, ...]] = ("answer_pred", "format_ok", "is_correct", "judge_error", "answer_span")
+
+    def contract(self) -> dict[str, Any]:
+        """The keys the judge adds to a line (`judge` output, judged samples in pairs' pos_items/)."""
+        out: dict[str, Any] = {"answer_pred": self.answer_pred, "format_ok": self.format_ok, "is_correct": self.is_correct}
+        if self.judge_error:
+            out["judge_error"] = self.judge_error
+        if self.span:
+            out["answer_span"] = list(self.span)
+        return out
 
 
 @dataclass
@@ -455,15 +478,15 @@ class Judge:
 
     def _prepare(self, rows: list[JudgeItem]) -> _Task:
         payloads, extractions, keys, todo = [], [], [], {}
-        for payload, response, answer, question, version, modes in rows:
-            extraction = extract_answer(response, version)
+        for row in rows:
+            extraction = extract_answer(row.response, row.prompt_version)
             key = None
             if extraction.format_ok:
-                options = question_options(question) if "mc" in modes else ()
-                key = (extraction.answer, str(answer), modes, options)
+                options = question_options(row.question) if "mc" in row.modes else ()
+                key = (extraction.answer, row.answer, row.modes, options)
                 if key not in self._cache:
                     todo[key] = None
-            payloads.append(payload)
+            payloads.append(row.payload)
             extractions.append(extraction)
             keys.append(key)
         task = _Task(payloads, extractions, keys, list(todo))
@@ -484,7 +507,7 @@ class Judge:
         return verdicts
 
     def judge_many(self, rows: Iterable[JudgeItem]) -> Iterator[tuple[Any, Verdict]]:
-        """(payload, verdict) for each (payload, response, answer, question, prompt_version, modes), in order.
+        """(payload, verdict) for each item, in order.
 
         The payload travels untouched, so callers stream their records through without keeping them.
         """
@@ -516,19 +539,12 @@ def checked_version(loc: str, raw: dict) -> str:
     return version
 
 
-def _judge_row(loc: str, raw: Any) -> tuple[str, str, str | None, str]:
-    """(response, answer, question, prompt_version) of one input line, or InputError naming it."""
-    if not isinstance(raw, dict):
-        raise InputError(f"{loc}: expected a JSON object, got {type(raw).__name__}")
-    if not isinstance(raw.get("response"), str):
-        raise InputError(f"{loc}: 'response' must be a string")
-    answer = raw.get("answer")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-        raise InputError(f"{loc}: 'answer' must be a non-empty string or number")
-    question = raw.get("question")
-    if question is not None and not isinstance(question, str):
-        raise InputError(f"{loc}: 'question' must be a string")
-    return raw["response"], str(answer), question, checked_version(loc, raw)
+def judge_item(loc: str, raw: Any, modes: tuple[str, ...]) -> JudgeItem:
+    """The judge contract's input line (`JUDGE_INPUT_SCHEMA`) as an item, or InputError naming FILE:LINE."""
+    problems = JUDGE_INPUT_SCHEMA.problems(raw)
+    if problems:
+        raise InputError(f"{loc}: {problems[0]}")
+    return JudgeItem(raw, raw["response"], str(raw["answer"]), raw.get("question"), checked_version(loc, raw), modes)
 
 
 def judge_file(input_path: Path, output_path: Path, config: JudgeConfig, dataset: str | None = None) -> Counter:
@@ -539,14 +555,12 @@ def judge_file(input_path: Path, output_path: Path, config: JudgeConfig, dataset
         for line in iter_lines(input_path):
             if line.error:
                 raise InputError(f"{line.loc}: {line.error}")
-            yield (line.value, *_judge_row(line.loc, line.value), modes)
+            yield judge_item(line.loc, line.value, modes)
 
     counts: Counter = Counter()
     with Judge(config) as judge, AtomicFile(output_path) as out:
         for row, verdict in judge.judge_many(parsed()):
-            row.update(answer_pred=verdict.answer_pred, format_ok=verdict.format_ok, is_correct=verdict.is_correct)
-            if verdict.judge_error:
-                row["judge_error"] = verdict.judge_error
+            row.update(verdict.contract())
             out.write(dumps(row))
             counts.update(lines=1, correct=verdict.is_correct, format_failures=not verdict.format_ok,
                           judge_errors=verdict.judge_error is not None)

@@ -126,7 +126,8 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     for entry in entries.values():  # NAME and its NAME_rest entry share the file, hence the root
         if Path(entry.annotation) in files:
             stage = owner(Path(entry.annotation).stem, stages)
-            entry.root = str(stage.image_root or Path(stage.prompt_path).parent)
+            extracted = summaries[f"{stage.stage}/{stage.dataset}"]["images_dir"]  # images embedded in the source
+            entry.root = extracted or str(stage.image_root or Path(stage.prompt_path).parent)
     write_meta(config.meta.out, entries)
 
     record = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mpo_data.formats import with_placeholders
+
 AnswerFormat = Literal["line", "boxed", "think_boxed"]
 
 
@@ -73,3 +75,10 @@ def prompt_version(name: str) -> PromptVersion:
 def render(question: str, version: str = DEFAULT_PROMPT_VERSION) -> str:
     """The user turn for `question` under prompt version `version`."""
     return prompt_version(version).template.format(question=question)
+
+
+def user_prompt(question: str, n_images: int, version: str = DEFAULT_PROMPT_VERSION) -> str:
+    """The exact user text of a correctness request: the templated question with InternVL's image
+    placeholders (`<image>\\n` in front for one image, one per image for several). Pair lines store it as
+    `question`, so training pairs the answer with the prompt that produced it."""
+    return with_placeholders(render(question, version), n_images)

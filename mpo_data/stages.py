@@ -8,6 +8,7 @@ item becomes a `GenerationRequest`, and how a completion becomes an output line 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -22,9 +23,9 @@ from tqdm import tqdm
 
 from mpo_data import images as image_io
 from mpo_data.engine import Completion, Engine, GenerationRequest
-from mpo_data.formats import PromptItem, Sample, image_list
+from mpo_data.formats import PromptItem, Sample, image_list, strip_placeholders
 from mpo_data.inputs import PromptReader
-from mpo_data.prompts import render
+from mpo_data.prompts import user_prompt
 from mpo_data.runlock import holds
 from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
 from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
@@ -39,10 +40,13 @@ def normalize(text: str) -> str:
 
 
 def cut_prefix(chosen: str, start_ratio: float) -> tuple[str, str]:
-    """(prefix, rest): the first int(words x ratio) words of `chosen`, and the remaining words."""
-    words = chosen.split()
-    keep = int(len(words) * start_ratio)
-    return " ".join(words[:keep]), " ".join(words[keep:])
+    """(prefix, rest) with prefix + rest == chosen: the cut falls after the first int(words x ratio) words,
+    so the prefix is chosen's own text byte for byte (newlines, list markup, double spaces kept) and ends
+    on a word, and the rest starts with the whitespace that followed it."""
+    ends = [m.end() for m in re.finditer(r"\S+", chosen)]
+    keep = int(len(ends) * start_ratio)
+    cut = ends[keep - 1] if keep else 0
+    return chosen[:cut], chosen[cut:]
 
 
 def join_continuation(prefix: str, continuation: str) -> str:
@@ -78,8 +82,10 @@ class DropoutNTPStage:
 
     def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
         prefix, _ = cut_prefix(item["chosen"], self.config.start_ratio)
+        # without the image its placeholders go too: a VLM tokenizer reads `<image>` as an image token
+        question = item["question"] if self.config.load_image else strip_placeholders(item["question"])
         # an empty prefix is a plain answer: continuing an empty assistant turn is template-dependent
-        return GenerationRequest([{"role": "user", "content": item["question"]}], pil, prefix or None)
+        return GenerationRequest([{"role": "user", "content": question}], pil, prefix or None)
 
     def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
         prefix, rest = cut_prefix(item["chosen"], self.config.start_ratio)
@@ -105,14 +111,19 @@ class CorrectnessStage:
         self.wants_images = True
         self.sampling = config.sampling_config().as_dict()
 
+    def user_text(self, item: dict[str, Any]) -> str:
+        """The user turn exactly as sampled (stored in each sample as `prompt`)."""
+        return user_prompt(item["question"], len(image_list(item.get("image"))), self.config.prompt_version)
+
     def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
-        return GenerationRequest([{"role": "user", "content": render(item["question"], self.config.prompt_version)}], pil)
+        return GenerationRequest([{"role": "user", "content": self.user_text(item)}], pil)
 
     def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
         sample = Sample(
             item_id=key["item_id"],
             sample_index=key["sample_index"],
             item=item,
+            prompt=self.user_text(item),
             response=completion.text,
             finish_reason=completion.finish_reason,
             prompt_tokens=prompt_tokens,
@@ -309,6 +320,17 @@ def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int) ->
     return work
 
 
+def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[PromptItem], int]:
+    """(config, reader, selected items, repeats skipped). Images embedded in the prompt source are written
+    once to OUT/images/<dataset>/, which becomes the config's image root (the engine actors load from it)."""
+    dataset = config.dataset_name
+    quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
+    images_dir = Path(config.out_dir) / "images" / dataset
+    reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine, images_dir)
+    items, repeats = read_items(config, reader)
+    return replace(config, image_root=str(reader.image_root)), reader, items, repeats
+
+
 @holds("out_dir")
 def run_stage(config: StageConfig) -> dict[str, Any]:
     """Sample one prompt set into `<out>/samples/<stage>/<dataset>/`, resuming; returns the summary."""
@@ -318,9 +340,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     dataset = config.dataset_name
     store = ShardStore(stage_dir(config.out_dir, config.stage, dataset))
     store.check_settings(config.stage_settings(), config.force)
-    quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
-    reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine)
-    items, repeats = read_items(config, reader)
+    config, reader, items, repeats = read_prompts(config)
     done = store.done()
     work = plan_work(items, done, config.sampling.n)
     generated_from = time.monotonic()
@@ -331,6 +351,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "dataset": dataset,
         "model": config.model_name,
         "prompt_path": str(config.prompt_path),
+        "images_dir": str(reader.images_dir) if reader.extracted else None,  # where embedded images were written
         "rows_read": reader.read,
         "items_selected": len(items),
         "repeated_items_skipped": repeats,
@@ -340,7 +361,8 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "samples_requested": sum(len(w["indices"]) for w in work),
         "samples_out": tally.kept,
         "dropped": dict(tally.dropped),
-        "quarantined": {"total": reader.quarantine.total, "reasons": dict(reader.quarantine.counts), "file": str(quarantine) if quarantine else None},
+        "quarantined": {"total": reader.quarantine.total, "reasons": dict(reader.quarantine.counts),
+                        "file": str(reader.quarantine.path) if reader.quarantine.path else None},
         "parts_written": tally.parts,
         "prompt_tokens": tally.prompt_tokens,
         "output_tokens": tally.output_tokens,

@@ -41,7 +41,7 @@ def dpo_config(config: TrainConfig, cuda: bool):
 
 
 def peft_config(config: TrainConfig):
-    """LoraConfig for lora / dora / qlora (the cookbook's settings), None for full fine-tuning."""
+    """LoraConfig for lora / qlora, DoRA with use_dora (the cookbook's settings), None for full fine-tuning."""
     m = config.model
     if m.finetune == "full":
         return None
@@ -49,7 +49,7 @@ def peft_config(config: TrainConfig):
 
     return LoraConfig(
         r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=m.target_modules,
-        use_dora=m.finetune == "dora", init_lora_weights="gaussian", task_type="CAUSAL_LM",
+        use_dora=m.use_dora, init_lora_weights="gaussian", task_type="CAUSAL_LM",
     )
 
 

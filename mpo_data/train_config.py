@@ -22,7 +22,7 @@ MPO_DEFAULTS: dict[str, Any] = {
     "beta": 0.1,
     "report_to": "tensorboard",
 }
-FINETUNE_METHODS = ("full", "lora", "dora", "qlora")
+FINETUNE_METHODS = ("full", "lora", "qlora")
 COOKBOOK_TARGETS = ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"]
 
 
@@ -31,7 +31,11 @@ class ModelArgs:
     path: str = field(metadata={"help": "Local model folder (a causal LM or a vision-language model with its processor)."})
     finetune: str = field(
         default="lora",
-        metadata={"help": "full: all weights; lora / dora: a PEFT adapter; qlora: LoRA over a 4-bit base (CUDA only)."},
+        metadata={"help": "full: all weights; lora: a PEFT adapter; qlora: LoRA over a 4-bit base (CUDA only)."},
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: LoRA/QLoRA adapters with weight decomposition (the TRL cookbook's QLoRA recipe turns it on)."},
     )
     lora_r: int = field(default=8, metadata={"help": "Adapter rank."})
     lora_alpha: int = field(default=8, metadata={"help": "Adapter scaling numerator (scale = alpha / r)."})
@@ -106,7 +110,10 @@ def check(config: TrainConfig) -> TrainConfig:
         if key == "output_dir":
             raise InputError(f"{where}: dpo: set 'output_dir' at the top level, not under dpo")
     if config.model.finetune not in FINETUNE_METHODS:
-        raise InputError(f"{where}: model.finetune: '{config.model.finetune}' is not one of {', '.join(FINETUNE_METHODS)}")
+        hint = " (DoRA is model.finetune: lora with model.use_dora: true)" if config.model.finetune == "dora" else ""
+        raise InputError(f"{where}: model.finetune: '{config.model.finetune}' is not one of {', '.join(FINETUNE_METHODS)}{hint}")
+    if config.model.use_dora and config.model.finetune == "full":
+        raise InputError(f"{where}: model.use_dora: DoRA is an adapter method; set model.finetune to lora or qlora")
     if (config.data.meta is None) == (config.data.dataset is None):
         raise InputError(f"{where}: data: set exactly one of 'meta' and 'dataset'")
     if not config.data.eval_size > 0:

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from mpo_data import cli, gpu_smoke
+from mpo_data.config import config_from_args
 from mpo_data.gpu_smoke import Outcome, Step
 from mpo_data.models import TINY_INTERNVL, TINY_QWEN
+from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig
 
 
 def stage_runs(steps: list[Step]) -> list[tuple[str, str, int]]:
@@ -30,12 +32,11 @@ def test_two_gpus_add_tp2_runs(tmp_path):
 
 
 def test_every_planned_command_is_valid_for_our_cli(tmp_path):
-    parser = cli.build_parser()
     steps, _ = gpu_smoke.plan(tmp_path / "out", tmp_path / "models", gpus=2)
-    parsed = {(s.name, s.model, s.tp): parser.parse_args(s.argv) for s in steps}
-    internvl = parsed[("correctness", TINY_INTERNVL, 2)]
-    assert (internvl.max_num, internvl.dynamic, internvl.tp) == (6, True, 2)
-    assert parsed[("dropout-ntp", TINY_QWEN, 1)].num_return_sequences == 2
+    parsed = {(s.name, s.model, s.tp): cli.build_parser(s.argv[0]).parse_args(s.argv) for s in steps}
+    internvl = config_from_args(CorrectnessConfig, parsed[("correctness", TINY_INTERNVL, 2)]).engine
+    assert (internvl.max_num, internvl.dynamic, internvl.tensor_parallel_size) == (6, True, 2)
+    assert config_from_args(DropoutNTPConfig, parsed[("dropout-ntp", TINY_QWEN, 1)]).sampling.n == 2
     assert parsed[("models", "", None)].model == [TINY_QWEN, TINY_INTERNVL]
 
 
@@ -70,7 +71,7 @@ def test_a_failing_step_reports_its_exit_status_and_last_line(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the smoke test would run")
 def test_without_a_gpu_it_says_why_instead_of_crashing(tmp_path, capsys):
-    assert gpu_smoke.main(["--out", str(tmp_path / "out"), "--models", str(tmp_path / "models")]) == 2
+    assert cli.main(["gpu-smoke", "--out", str(tmp_path / "out"), "--models", str(tmp_path / "models")]) == 2
     err = capsys.readouterr().err
     assert "no CUDA GPU visible" in err and "need torchvision" in err
     assert not (tmp_path / "models").exists()

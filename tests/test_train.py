@@ -98,11 +98,30 @@ def test_hf_dataset_on_disk_with_pil_images(tmp_path):
         {"prompt": "Colour?", "chosen": "Red.", "rejected": "Blue.", "images": [red]},
         {"prompt": "Colour?", "chosen": "Red.", "rejected": "", "images": [red]},
     ]).save_to_disk(tmp_path / "ds")
-    with pytest.raises(InputError, match=r"ds:2: 'rejected' must be a non-empty string or conversation"):
+    with pytest.raises(InputError, match=r"ds:2: 'rejected' is empty"):
         PairLoader().read_dataset(tmp_path / "ds")
     rows = PairLoader(on_error="skip").read_dataset(tmp_path / "ds").rows
     assert len(rows) == 1 and rows[0]["images"][0].size == (20, 20)
     assert rows[0]["prompt"][0]["content"][0] == {"type": "image"}
+    # Parquet written by `datasets`: Image cells are {bytes, path} structs, decoded here
+    datasets.load_from_disk(tmp_path / "ds").to_parquet(tmp_path / "ds.parquet")
+    rows = PairLoader(on_error="skip").read_dataset(tmp_path / "ds.parquet").rows
+    assert len(rows) == 1 and rows[0]["images"][0].getpixel((3, 3)) == (255, 0, 0)
+
+
+def test_mmpr_placeholders_become_image_parts_in_place(pairs):
+    lines = [
+        {"image": ["red.png", "blue.png"], "question": "Image-1: <image>\nImage-2: <image>\nSame?", "chosen": "No.", "rejected": "Yes."},
+        {"image": "red.png", "question": "<image>\nColour?", "chosen": "Red.", "rejected": "Blue."},
+    ]
+    (pairs / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    two, one = PairLoader().read_meta(pairs / "meta.json", seed=0).rows[:2]
+    assert two["prompt"][0]["content"] == [
+        {"type": "text", "text": "Image-1: "}, {"type": "image"}, {"type": "text", "text": "\nImage-2: "}, {"type": "image"},
+        {"type": "text", "text": "\nSame?"},
+    ]
+    assert one["prompt"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "\nColour?"}]
+    assert "<image>" not in json.dumps([two["prompt"], one["prompt"]])
 
 
 def test_config_errors_name_key_and_file(tmp_path):
@@ -110,9 +129,18 @@ def test_config_errors_name_key_and_file(tmp_path):
         load(CONFIG, ["dpo.rpo_alpha=0.5"])
     with pytest.raises(InputError, match=r"tiny_vlm_full_cpu.yaml: model: unknown key 'lora_rank'"):
         load(CONFIG, ["model.lora_rank=4"])
-    with pytest.raises(InputError, match=r"model.finetune: 'qlora4' is not one of full, lora, dora, qlora"):
+    with pytest.raises(InputError, match=r"model.finetune: 'qlora4' is not one of full, lora, qlora"):
         load(CONFIG, ["model.finetune=qlora4"])
-    from mpo_data.train import dpo_config, quantization_config
+    with pytest.raises(InputError, match=r"model.finetune: 'dora' is not one of .*model.use_dora: true"):
+        load(CONFIG, ["model.finetune=dora"])
+    with pytest.raises(InputError, match=r"model.use_dora: DoRA is an adapter method"):
+        load(CONFIG, ["model.finetune=full", "model.use_dora=true"])
+    from mpo_data.train import dpo_config, peft_config, quantization_config
+
+    assert peft_config(load(CONFIG, ["model.finetune=lora", "model.use_dora=true"])).use_dora is True
+    assert peft_config(load(CONFIG, ["model.finetune=lora"])).use_dora is False
+    cookbook = load(ROOT / "training" / "configs" / "qwen2_5_vl_3b_qlora.yaml")
+    assert (cookbook.model.finetune, peft_config(cookbook).use_dora) == ("qlora", True)
 
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match=r"qlora needs a CUDA GPU"):
