@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "mpo_data.pipeline",
     "mpo_data.report",
     "mpo_data.train",
+    "mpo_data.answer_accuracy",
     "mpo_data.judge",
     "mpo_data.pairs",
     "mpo_data.meta",

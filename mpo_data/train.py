@@ -213,7 +213,9 @@ def eval_run(run_dir: str | Path) -> Path:
     args = dpo_config(config, cuda_available())
     _, held, _ = prepare_rows(config, processing_class, args.max_length)
     report = evaluate.evaluate(policy, reference, processing_class, held, args.beta, config.eval)
-    return evaluate.write(Path(run_dir) / "eval.json", report)
+    path = Path(run_dir) / "eval.json"
+    kept = {k: v for k, v in json.loads(path.read_text()).items() if k in ("run", "answer_accuracy")} if path.is_file() else {}
+    return evaluate.write(path, {**report, **kept})  # the run summary and answer accuracy stay
 
 
 def add_train_args(parser) -> None:
@@ -230,6 +232,10 @@ def train_main(args) -> int:
     out = Path(run["output_dir"])
     what = "model" if config.model.finetune == "full" else "adapter"
     print(f"{what}: {out}\nevaluation: {out / 'eval.json'}\ntensorboard: {out / 'runs'}")
+    if config.eval.answers.questions:  # after the trainer is gone: vLLM gets the memory
+        from mpo_data import answer_accuracy
+
+        print(answer_accuracy.describe(answer_accuracy.evaluate_run(out)))
     return 0
 
 
