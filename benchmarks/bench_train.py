@@ -60,7 +60,8 @@ def make_pairs(folder: Path, count: int, image_size: int, seed: int = 0) -> Path
 
 def train_config(model: str, meta: Path, method: str, args: argparse.Namespace, out: Path) -> dict:
     return {
-        "model": {"path": model, "finetune": method},
+        # dora: LoRA with weight decomposition (model.use_dora), the cookbook's choice
+        "model": {"path": model, "finetune": "lora" if method == "dora" else method, "use_dora": method == "dora"},
         "data": {"meta": str(meta), "eval_size": 8, "seed": 0},
         "output_dir": str(out / method),
         "eval": {"pairs": 8, "generations": 1, "max_new_tokens": 8, "batch_size": 4},
@@ -75,7 +76,7 @@ def train_config(model: str, meta: Path, method: str, args: argparse.Namespace, 
 
 def run_method(config: dict, folder: Path) -> dict:
     """One `mpo-data train` process; its summary.json, or why it failed."""
-    path = folder / f"{config['model']['finetune']}.yaml"
+    path = folder / f"{Path(config['output_dir']).name}.yaml"
     path.write_text(yaml.safe_dump(config))
     done = subprocess.run([sys.executable, "-m", "mpo_data", "train", "--config", str(path)], capture_output=True, text=True)
     if done.returncode != 0:

@@ -124,10 +124,12 @@ def answer(model: str | Path | Any, items: list, args: AnswerEvalArgs, image_roo
     started and closed here) or from a running `Engine`."""
     from dataclasses import replace
 
-    from mpo_data.engine import Engine, EngineConfig, SamplingConfig, item_request
-    from mpo_data.prompts import render
+    from mpo_data.engine import Engine, item_request
+    from mpo_data.prompts import user_prompt
+    from mpo_data.stage_config import EngineConfig, SamplingConfig
 
-    requests = [item_request(replace(i, question=render(i.question, args.prompt_version)), image_root) for i in items]
+    prompts = [replace(i, question=user_prompt(i.question, len(i.images), args.prompt_version)) for i in items]
+    requests = [item_request(item, image_root) for item in prompts]
     sampling = SamplingConfig(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     engine = model if isinstance(model, Engine) else Engine(EngineConfig(model=str(model)))
     try:
@@ -139,9 +141,9 @@ def answer(model: str | Path | Any, items: list, args: AnswerEvalArgs, image_roo
 
 def judge(items: list, responses: list[str], prompt_version: str) -> list[bool]:
     """Our judge's verdict per answer; a judge error (timeout) counts as wrong and is reported on stderr."""
-    from mpo_data.judge import Judge, modes_for_dataset
+    from mpo_data.judge import Judge, JudgeItem, modes_for_dataset
 
-    rows = [(i, r, item.answer, item.question, prompt_version, modes_for_dataset(item.dataset))
+    rows = [JudgeItem(i, r, item.answer, item.question, prompt_version, modes_for_dataset(item.dataset))
             for i, (item, r) in enumerate(zip(items, responses))]
     with Judge() as j:
         verdicts = [v for _, v in j.judge_many(rows)]
@@ -213,17 +215,3 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, An
     report["answer_accuracy"] = accuracy
     atomic_write_bytes(path, json.dumps(report, indent=2, ensure_ascii=False).encode() + b"\n")
     return accuracy
-
-
-def _main(args) -> int:
-    accuracy = evaluate_run(args.run, args.overrides)
-    print(describe(accuracy))
-    print(f"evaluation: {Path(args.run) / 'eval.json'}, answers: {Path(args.run) / 'answers.jsonl'}", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("evaluate", help="answer accuracy on held-out questions, base vs trained model of a run (vLLM + judge)")
-    p.add_argument("run", help="the run folder (output_dir of `mpo-data train`)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.answers.max_questions=50 (see AnswerEvalArgs)")
-    p.set_defaults(func=_main)

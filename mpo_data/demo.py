@@ -1,4 +1,4 @@
-"""Demo prompt sets, built offline: arithmetic word problems and a subset of the real easy-VQA data set.
+"""Demo prompt sets, built offline: arithmetic questions and a subset of the real easy-VQA data set.
 
 Writes, in the input formats of design.md, under OUT:
   arithmetic.jsonl           correctness, text-only, exact integer answers (fixed seed): sampled for pairs
@@ -141,20 +141,3 @@ def build(out: str | Path, num_arithmetic: int = 48, num_vqa: int = 24, num_desc
     write_jsonl(out / "easy_vqa_describe.jsonl", describe_rows)
     return {"arithmetic": len(arithmetic), "arithmetic_heldout": len(heldout), "easy_vqa": len(vqa_rows),
             "easy_vqa_describe": len(describe_rows)}
-
-
-def _main(args) -> int:
-    counts = build(args.out, args.num_arithmetic, args.num_vqa, args.num_describe, args.seed, args.num_heldout)
-    print(f"demo prompt sets under {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("demo-data", help="build the offline demo prompt sets (arithmetic, easy-VQA)")
-    p.add_argument("--out", default="data/demo", help="output folder")
-    p.add_argument("--num-arithmetic", type=int, default=48, help="arithmetic questions sampled for pairs (correctness, text)")
-    p.add_argument("--num-heldout", type=int, default=256, help="held-out arithmetic questions, never sampled (answer accuracy)")
-    p.add_argument("--num-vqa", type=int, default=24, help="easy-VQA questions (correctness, image)")
-    p.add_argument("--num-describe", type=int, default=24, help="easy-VQA descriptions (dropout-ntp)")
-    p.add_argument("--seed", type=int, default=0, help="fixed seed: the same sets every time")
-    p.set_defaults(func=_main)

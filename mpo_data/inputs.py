@@ -6,7 +6,9 @@ file that validates clean is exactly a file the stages accept.
 
 from __future__ import annotations
 
+import hashlib
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +17,10 @@ from typing import Any, Iterator
 import orjson
 
 from mpo_data import images
-from mpo_data.errors import InputError
-from mpo_data.formats import PromptItem, image_list, meta_problems, pair_problems, prompt_problems
-from mpo_data.jsonl import AtomicFile, Line, dumps, iter_lines
+from mpo_data.errors import ON_ERROR, InputError
+from mpo_data.formats import PromptItem, image_list, internvl_reading, meta_problems, pair_problems, prompt_problems
+from mpo_data.jsonl import AtomicFile, Line, atomic_write_bytes, dumps, iter_lines
 
-ON_ERROR = ("fail", "skip")
 
 
 @dataclass
@@ -72,8 +73,53 @@ def _iter_hf_dataset(path: Path) -> Iterator[Line]:
         if "train" not in data:
             raise InputError(f"{path}: a DatasetDict needs a 'train' split, found {list(data)}")
         data = data["train"]
+    undecoded = _undecoded(data.features)
+    if undecoded != data.features:
+        data = data.cast(undecoded)  # Image cells as {bytes, path}, the same as in Parquet
     for row, value in enumerate(data, 1):
         yield Line(f"{path}:{row}", value)
+
+
+def _undecoded(features):
+    """`features` with every Image feature (also inside lists) left undecoded."""
+    import datasets
+
+    def undecode(feature):
+        if isinstance(feature, datasets.Image):
+            return datasets.Image(decode=False)
+        if isinstance(feature, datasets.List):
+            return datasets.List(undecode(feature.feature))
+        return feature
+
+    return datasets.Features({name: undecode(f) for name, f in features.items()})
+
+
+def default_images_dir(source: Path) -> Path:
+    """Where a prompt source's embedded images go when the caller names no folder (content-addressed, reusable)."""
+    key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "mpo-data-images" / key
+
+
+def is_embedded(image: Any) -> bool:
+    """Whether a prompt line's image cell holds `datasets` Image structs ({bytes, path}) rather than paths."""
+    cells = image if isinstance(image, list) else [image]
+    return bool(cells) and all(isinstance(c, dict) and set(c) <= {"bytes", "path"} for c in cells)
+
+
+def extract_images(image: Any, folder: Path) -> str | list[str]:
+    """Embedded image cells written once to `folder` under their content hash; their file names, as a
+    prompt line names images. A cell without bytes keeps its path (an image `datasets` did not embed)."""
+    names = []
+    for cell in image if isinstance(image, list) else [image]:
+        if not cell.get("bytes"):
+            names.append(cell.get("path"))
+            continue
+        suffix = Path(cell.get("path") or "").suffix or ".img"
+        name = hashlib.sha1(cell["bytes"]).hexdigest()[:20] + suffix
+        if not (folder / name).exists():
+            atomic_write_bytes(folder / name, cell["bytes"])
+        names.append(name)
+    return names if isinstance(image, list) else names[0]
 
 
 def record_problems(line: Line, kind: str, image_root: str | Path | None) -> list[Problem]:
@@ -138,20 +184,31 @@ class PromptReader:
         image_root: str | Path | None = None,
         on_error: str = "fail",
         quarantine: str | Path | None = None,
+        images_dir: str | Path | None = None,
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.path, self.kind, self.dataset = Path(path), kind, dataset
         self.image_root = image_root if image_root is not None else self.path.parent
+        self.images_dir = Path(images_dir) if images_dir else default_images_dir(self.path)
+        self.extracted = False  # whether embedded images were written to images_dir (then the image root)
         self.on_error = on_error
         self.quarantine = Quarantine(Path(quarantine) if quarantine else None)
         self.read = 0
 
+    def checked(self) -> Iterator[tuple[Line, list[Problem]]]:
+        """Every row with its problems; embedded images (a `datasets` Image column) are written out to
+        `images_dir` once and read from there, so the stages see paths as with any other source."""
+        for line in iter_records(self.path):
+            self.read += 1
+            if line.error is None and isinstance(line.value, dict) and is_embedded(line.value.get("image")):
+                line = Line(line.loc, {**line.value, "image": extract_images(line.value["image"], self.images_dir)})
+                self.image_root, self.extracted = self.images_dir, True
+            yield line, record_problems(line, self.kind, self.image_root)
+
     def __iter__(self) -> Iterator[PromptItem]:
         try:
-            for line in iter_records(self.path):
-                self.read += 1
-                problems = record_problems(line, self.kind, self.image_root)
+            for line, problems in self.checked():
                 if not problems:
                     yield PromptItem.from_raw(line.value, self.dataset, line.loc)
                 elif self.on_error == "fail":
@@ -177,29 +234,17 @@ def validate_file(path: str | Path, kind: str, image_root: str | Path | None = N
             for name, entry in meta.items():
                 if not Path(entry["annotation"]).is_file():
                     problems.append(f"{path}: entry '{name}': annotation '{entry['annotation']}' not found")
+                note = internvl_reading(name, entry["repeat_time"])
+                if note:  # valid, but not what the writer probably meant
+                    print(f"warning: {path}: {note}", file=sys.stderr)
         return len(meta) if isinstance(meta, dict) else 0, problems
+    if kind != "pairs":  # prompt sets: read as the stages read them (embedded images included)
+        reader = PromptReader(path, kind, path.stem, image_root)
+        problems = [str(p) for _, found in reader.checked() for p in found]
+        return reader.read, problems
     root = image_root if image_root is not None else path.parent
     rows, problems = 0, []
     for line in iter_records(path):
         rows += 1
         problems += [str(p) for p in record_problems(line, kind, root)]
     return rows, problems
-
-
-def _validate_main(args) -> int:
-    rows, problems = validate_file(args.file, args.kind, args.image_root)
-    for problem in problems:
-        print(problem)
-    if problems:
-        print(f"{args.file}: {len(problems)} problem(s) in {rows} row(s)", file=sys.stderr)
-        return 1
-    print(f"{args.file}: {rows} row(s) OK ({args.kind})")
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("validate", help="check a prompt, pair or meta file; report every problem as FILE:LINE: reason")
-    p.add_argument("file", help="JSONL, Parquet or saved HF dataset folder (or a meta.json with --kind meta)")
-    p.add_argument("--kind", required=True, choices=["correctness", "dropout-ntp", "pairs", "meta"])
-    p.add_argument("--image-root", default=None, help="root that image paths are relative to (default: the file's folder)")
-    p.set_defaults(func=_validate_main)

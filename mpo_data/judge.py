@@ -15,22 +15,23 @@ relative tolerance makes 2013 equal 2012), except under the chart rule (5%, year
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import os
 import re
 import signal
-import sys
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
+
+from rapidfuzz.distance import Levenshtein
 
 from mpo_data.errors import InputError
+from mpo_data.formats import JUDGE_INPUT_SCHEMA
 from mpo_data.jsonl import AtomicFile, dumps, iter_lines
-from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
+from mpo_data.prompts import DEFAULT_PROMPT_VERSION, prompt_version
 
 MODES = ("vqa", "mc", "number", "relaxed", "anls", "math")  # exact match after normalisation always applies
 
@@ -60,14 +61,15 @@ class JudgeConfig:
     """How answers are matched and how long one verdict may take."""
 
     modes: tuple[str, ...] | None = field(
-        default=None, metadata={"help": f"matching modes from {MODES}; None: chosen by dataset name"}
+        default=None,
+        metadata={"help": "Matching modes (repeatable); None: chosen by dataset name.", "choices": MODES, "aliases": ["--mode"]},
     )
-    timeout: float = field(default=5.0, metadata={"help": "seconds one comparison may take before it is a judge_error"})
-    workers: int = field(default=0, metadata={"help": "matcher processes; 0: one per CPU core"})
-    batch_size: int = field(default=512, metadata={"help": "responses per task sent to a worker"})
-    relaxed_tolerance: float = field(default=0.05, metadata={"help": "relative error the chart (relaxed) rule accepts"})
+    timeout: float = field(default=5.0, metadata={"help": "Seconds one comparison may take before it is a judge_error."})
+    workers: int = field(default=0, metadata={"help": "Matcher processes; 0: one per CPU core."})
+    batch_size: int = field(default=512, metadata={"help": "Responses per task sent to a worker."})
+    relaxed_tolerance: float = field(default=0.05, metadata={"help": "Relative error the chart (relaxed) rule accepts."})
     anls_threshold: float = field(
-        default=0.9, metadata={"help": "ANLS similarity a document answer needs (InternVL's 0.9 bar on every score)"}
+        default=0.9, metadata={"help": "ANLS similarity a document answer needs (InternVL's 0.9 bar on every score)."}
     )
 
 
@@ -85,7 +87,13 @@ class Extraction:
 
 _FAIL = Extraction(None, False)
 _BRACE = re.compile(r"[{}]")
-_FINAL_ANSWER = re.compile(r"^[\s*#>]*final answer\s*[:：]\**", re.IGNORECASE | re.MULTILINE)
+_ANSWER_LINES: dict[str, re.Pattern] = {}  # label -> the pattern of a line that starts with it
+
+
+def _answer_line(label: str) -> re.Pattern:
+    if label not in _ANSWER_LINES:
+        _ANSWER_LINES[label] = re.compile(rf"^[\s*#>]*{re.escape(label)}\s*[:：]\**", re.IGNORECASE | re.MULTILINE)
+    return _ANSWER_LINES[label]
 
 
 def last_boxed(text: str, start: int = 0) -> Extraction:
@@ -104,13 +112,13 @@ def last_boxed(text: str, start: int = 0) -> Extraction:
     return _FAIL
 
 
-def _final_answer_line(text: str) -> Extraction:
-    """en: the last non-empty line reads `Final answer: ...` after some reasoning."""
+def _final_answer_line(text: str, label: str) -> Extraction:
+    """en/zh: the last non-empty line reads `<label>: ...` (Final answer, 答案) after some reasoning."""
     stripped = text.rstrip()
     line_start = stripped.rfind("\n") + 1
     if line_start == 0:  # no reasoning before the answer line
         return _FAIL
-    head = _FINAL_ANSWER.match(stripped, line_start)
+    head = _answer_line(label).match(stripped, line_start)
     if not head:
         return _FAIL
     answer = stripped[head.end():].strip().strip("*").strip()
@@ -121,7 +129,7 @@ def _final_answer_line(text: str) -> Extraction:
 
 
 def _think_then_box(text: str) -> Extraction:
-    """r1: exactly one <think>...</think> block, then the boxed answer after it."""
+    """en_r1/zh_r1: exactly one <think>...</think> block, then the boxed answer after it."""
     if text.count("<think>") != 1 or text.count("</think>") != 1:
         return _FAIL
     opened, closed = text.find("<think>"), text.find("</think>")
@@ -130,15 +138,14 @@ def _think_then_box(text: str) -> Extraction:
     return last_boxed(text, closed + len("</think>"))
 
 
-def extract_answer(response: str, prompt_version: str = DEFAULT_PROMPT_VERSION) -> Extraction:
-    """The final answer in the format `prompt_version` asks for; anything else is a format failure."""
-    if prompt_version == "en":
-        return _final_answer_line(response)
-    if prompt_version == "en_v2":
+def extract_answer(response: str, version: str = DEFAULT_PROMPT_VERSION) -> Extraction:
+    """The final answer in the format prompt version `version` asks for; anything else is a format failure."""
+    spec = prompt_version(version)
+    if spec.answer_format == "line":
+        return _final_answer_line(response, spec.answer_label)
+    if spec.answer_format == "boxed":
         return last_boxed(response)
-    if prompt_version == "r1":
-        return _think_then_box(response)
-    raise ValueError(f"unknown prompt version {prompt_version!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
+    return _think_then_box(response)
 
 
 _OPTION_LINE = re.compile(r"^[ \t]*\(?([A-Z])[.:)][ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
@@ -245,26 +252,10 @@ def relaxed_equal(pred: Number, gt: Number, tolerance: float) -> bool:
     return abs(pred.value - gt.value) <= abs(gt.value) * Fraction(tolerance)
 
 
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance, O(len(a) * len(b)) time and O(min) memory."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
 def anls(pred: str, gt: str) -> float:
     """ANLS similarity of one answer: 1 - normalised edit distance, 0 when that distance is >= 0.5."""
     pred, gt = " ".join(pred.lower().split()), " ".join(gt.lower().split())
-    longest = max(len(pred), len(gt))
-    if longest == 0:
-        return 1.0
-    distance = levenshtein(pred, gt) / longest
+    distance = Levenshtein.normalized_distance(pred, gt)  # edit distance / longer length; 0 for two empty strings
     return 1.0 - distance if distance < 0.5 else 0.0
 
 
@@ -367,7 +358,18 @@ def _init_worker() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
-JudgeItem = tuple[Any, str, str, str | None, str, tuple[str, ...]]  # payload, response, answer, question, version, modes
+@dataclass
+class JudgeItem:
+    """One response to judge (the judge contract's input line, parsed); `payload` travels back untouched."""
+
+    payload: Any
+    response: str
+    answer: str
+    question: str | None
+    prompt_version: str
+    modes: tuple[str, ...]
+
+
 MatchKey = tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]
 MatchResult = tuple[bool, str | None]  # (matched, judge_error)
 
@@ -397,6 +399,17 @@ class Verdict:
     is_correct: bool
     judge_error: str | None = None
     span: tuple[int, int] | None = None  # where answer_pred sits in the response
+
+    KEYS: ClassVar[tuple[str, ...]] = ("answer_pred", "format_ok", "is_correct", "judge_error", "answer_span")
+
+    def contract(self) -> dict[str, Any]:
+        """The keys the judge adds to a line (`judge` output, judged samples in pairs' pos_items/)."""
+        out: dict[str, Any] = {"answer_pred": self.answer_pred, "format_ok": self.format_ok, "is_correct": self.is_correct}
+        if self.judge_error:
+            out["judge_error"] = self.judge_error
+        if self.span:
+            out["answer_span"] = list(self.span)
+        return out
 
 
 @dataclass
@@ -465,15 +478,15 @@ class Judge:
 
     def _prepare(self, rows: list[JudgeItem]) -> _Task:
         payloads, extractions, keys, todo = [], [], [], {}
-        for payload, response, answer, question, version, modes in rows:
-            extraction = extract_answer(response, version)
+        for row in rows:
+            extraction = extract_answer(row.response, row.prompt_version)
             key = None
             if extraction.format_ok:
-                options = question_options(question) if "mc" in modes else ()
-                key = (extraction.answer, str(answer), modes, options)
+                options = question_options(row.question) if "mc" in row.modes else ()
+                key = (extraction.answer, row.answer, row.modes, options)
                 if key not in self._cache:
                     todo[key] = None
-            payloads.append(payload)
+            payloads.append(row.payload)
             extractions.append(extraction)
             keys.append(key)
         task = _Task(payloads, extractions, keys, list(todo))
@@ -494,7 +507,7 @@ class Judge:
         return verdicts
 
     def judge_many(self, rows: Iterable[JudgeItem]) -> Iterator[tuple[Any, Verdict]]:
-        """(payload, verdict) for each (payload, response, answer, question, prompt_version, modes), in order.
+        """(payload, verdict) for each item, in order.
 
         The payload travels untouched, so callers stream their records through without keeping them.
         """
@@ -513,25 +526,25 @@ class Judge:
             yield from self._finish(self._pending.popleft())
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------ judging a file
 
 
-def _judge_row(loc: str, raw: Any) -> tuple[str, str, str | None, str]:
-    """(response, answer, question, prompt_version) of one input line, or InputError naming it."""
-    if not isinstance(raw, dict):
-        raise InputError(f"{loc}: expected a JSON object, got {type(raw).__name__}")
-    if not isinstance(raw.get("response"), str):
-        raise InputError(f"{loc}: 'response' must be a string")
-    answer = raw.get("answer")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-        raise InputError(f"{loc}: 'answer' must be a non-empty string or number")
-    question = raw.get("question")
-    if question is not None and not isinstance(question, str):
-        raise InputError(f"{loc}: 'question' must be a string")
+def checked_version(loc: str, raw: dict) -> str:
+    """The prompt_version a sample line names (default en_v2), or InputError naming the line."""
     version = raw.get("prompt_version") or DEFAULT_PROMPT_VERSION
-    if version not in PROMPT_TEMPLATES:
-        raise InputError(f"{loc}: unknown prompt_version {version!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
-    return raw["response"], str(answer), question, version
+    try:
+        prompt_version(version)
+    except ValueError as e:
+        raise InputError(f"{loc}: {e}") from None
+    return version
+
+
+def judge_item(loc: str, raw: Any, modes: tuple[str, ...]) -> JudgeItem:
+    """The judge contract's input line (`JUDGE_INPUT_SCHEMA`) as an item, or InputError naming FILE:LINE."""
+    problems = JUDGE_INPUT_SCHEMA.problems(raw)
+    if problems:
+        raise InputError(f"{loc}: {problems[0]}")
+    return JudgeItem(raw, raw["response"], str(raw["answer"]), raw.get("question"), checked_version(loc, raw), modes)
 
 
 def judge_file(input_path: Path, output_path: Path, config: JudgeConfig, dataset: str | None = None) -> Counter:
@@ -542,37 +555,13 @@ def judge_file(input_path: Path, output_path: Path, config: JudgeConfig, dataset
         for line in iter_lines(input_path):
             if line.error:
                 raise InputError(f"{line.loc}: {line.error}")
-            yield (line.value, *_judge_row(line.loc, line.value), modes)
+            yield judge_item(line.loc, line.value, modes)
 
     counts: Counter = Counter()
     with Judge(config) as judge, AtomicFile(output_path) as out:
         for row, verdict in judge.judge_many(parsed()):
-            row.update(answer_pred=verdict.answer_pred, format_ok=verdict.format_ok, is_correct=verdict.is_correct)
-            if verdict.judge_error:
-                row["judge_error"] = verdict.judge_error
+            row.update(verdict.contract())
             out.write(dumps(row))
             counts.update(lines=1, correct=verdict.is_correct, format_failures=not verdict.format_ok,
                           judge_errors=verdict.judge_error is not None)
     return counts
-
-
-def _judge_main(args: argparse.Namespace) -> int:
-    config = JudgeConfig(modes=tuple(args.mode) if args.mode else None, timeout=args.timeout, workers=args.workers)
-    counts = judge_file(Path(args.input), Path(args.output), config, args.dataset)
-    print(
-        f"judged {counts['lines']} lines: {counts['correct']} correct, {counts['format_failures']} format failures, "
-        f"{counts['judge_errors']} judge errors -> {args.output}",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("judge", help="judge responses against ground-truth answers (the judge contract)")
-    p.add_argument("--input", required=True, help="JSONL with response, answer, question?, prompt_version?")
-    p.add_argument("--output", required=True, help="JSONL: the input plus answer_pred, format_ok, is_correct")
-    p.add_argument("--mode", action="append", choices=MODES, help="matching mode (repeatable); default: by dataset name")
-    p.add_argument("--dataset", default=None, help="dataset name that picks the modes (default: the input file's stem)")
-    p.add_argument("--timeout", type=float, default=JudgeConfig.timeout, help="seconds per comparison")
-    p.add_argument("--workers", type=int, default=0, help="matcher processes (0: one per core)")
-    p.set_defaults(func=_judge_main)

@@ -15,11 +15,10 @@ Outputs in --save-dir, all written atomically:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import random
-import sys
+import shutil
 import tempfile
 import zlib
 from collections import Counter, defaultdict
@@ -31,37 +30,44 @@ from typing import Any, Callable, Iterator
 import orjson
 from tqdm import tqdm
 
-from mpo_data.errors import InputError
-from mpo_data.formats import Pair
-from mpo_data.inputs import ON_ERROR, Problem, Quarantine
+from mpo_data.errors import InputError, OnError
+from mpo_data.formats import (
+    DROPOUT_SAMPLE_SCHEMA, SAMPLE_SCHEMA, Pair, Sample, Schema, image_list, placeholder_problems, with_placeholders,
+)
+from mpo_data.inputs import Problem, Quarantine
 from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
-from mpo_data.judge import Judge, JudgeConfig, JudgeItem, modes_for_dataset
-from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
+from mpo_data.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_version, modes_for_dataset
+from mpo_data.prompts import DEFAULT_PROMPT_VERSION, user_prompt
+from mpo_data.runlock import holds
 from mpo_data.shards import DROPPED
 
 STAGES = ("correctness", "dropout-ntp")
-# Keys a correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
-SAMPLE_KEYS = {
-    "item_id", "sample_index", "response", "finish_reason", "prompt_tokens", "output_tokens", "prompt_version",
-    "model", "sampling", "answer_pred", "format_ok", "is_correct", "judge_error", "_span",
-}
+# Keys a judged correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
+SAMPLE_KEYS = Sample.added_keys() | set(Verdict.KEYS)
 
 
 @dataclass
 class PairsConfig:
     """Where samples come from, where pairs go, and how many pairs one item may give."""
 
-    data_dir: Path = field(metadata={"help": "samples folder: <out>/samples, one stage folder, or one dataset folder"})
-    save_dir: Path = field(metadata={"help": "folder for pair files, pos_items/, neg_items/ and pairs_summary.json"})
-    num_pairs_per_key: int = field(default=15, metadata={"help": "at most this many pairs per item and rule"})
-    max_lines: int = field(default=1_200_000, metadata={"help": "lines read per dataset at most (InternVL's cap)"})
-    answer_fix: bool = field(default=False, metadata={"help": "rewrite the chosen's final answer to the ground truth"})
-    seed: int = field(default=0, metadata={"help": "seed of pair sampling; same seed, same output"})
-    on_error: str = field(
-        default="fail", metadata={"help": "bad sample lines: fail naming FILE:LINE, or skip to quarantine/<ds>.jsonl"}
+    data_dir: Path = field(
+        metadata={"help": "Samples: a stage's --out-dir (as InternVL's guide passes it), its samples/ folder, one stage "
+                  "folder or one dataset folder."}
     )
-    bucket_bytes: int = field(default=32 << 20, metadata={"help": "input bytes per item_id hash bucket held in memory"})
-    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "matching modes, workers, timeout"})
+    save_dir: Path = field(metadata={"help": "Folder for pair files, pos_items/, neg_items/ and pairs_summary.json."})
+    num_pairs_per_key: int = field(default=15, metadata={"help": "At most this many pairs per item and rule."})
+    max_lines: int = field(
+        default=1_200_000,
+        metadata={"help": "Lines read per dataset at most. InternVL's script defaults to 1,000,000; its guide passes "
+                  "1,200,000, which is ours."},
+    )
+    answer_fix: bool = field(default=False, metadata={"help": "Rewrite the chosen's final answer to the ground truth."})
+    seed: int = field(default=0, metadata={"help": "Seed of pair sampling; same seed, same output."})
+    on_error: OnError = field(
+        default="fail", metadata={"help": "Bad sample lines: fail naming FILE:LINE, or skip them to SAVE_DIR/quarantine/ with counts."}
+    )
+    bucket_bytes: int = field(default=32 << 20, metadata={"help": "Input bytes per item_id hash bucket held in memory."})
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "Matching modes, workers, timeout."})
 
 
 def find_datasets(data_dir: Path) -> dict[tuple[str, str], list[Path]]:
@@ -111,31 +117,17 @@ def iter_checked(
             yield line.value, checked
 
 
-def _require(loc: str, raw: Any, checks: dict[str, tuple[type, ...]]) -> None:
-    """InputError naming FILE:LINE unless every key holds a value of its type."""
-    if not isinstance(raw, dict):
-        raise InputError(f"{loc}: expected a JSON object, got {type(raw).__name__}")
-    for key, types in checks.items():
-        value = raw.get(key)
-        if value is None:
-            raise InputError(f"{loc}: missing key '{key}'")
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            raise InputError(f"{loc}: '{key}' must be {types[0].__name__}, got {type(value).__name__}")
-
-
-_CORRECTNESS_KEYS = {
-    "item_id": (str,), "sample_index": (int,), "question": (str,), "answer": (str, int, float),
-    "response": (str,), "finish_reason": (str,),
-}
-_DROPOUT_KEYS = {"item_id": (str,), "question": (str,), "chosen": (str,), "rejected": (str,), "provenance": (dict,)}
+def _require(loc: str, raw: Any, schema: Schema) -> None:
+    """InputError naming FILE:LINE at the first problem of `raw` under `schema`, its `<image>` count included."""
+    problems = schema.problems(raw) or placeholder_problems(raw, exact=False)
+    if problems:
+        raise InputError(f"{loc}: {problems[0]}")
 
 
 def check_sample(loc: str, raw: Any) -> str:
     """Validate a correctness sample line; returns its prompt_version."""
-    _require(loc, raw, _CORRECTNESS_KEYS)
-    version = raw.get("prompt_version") or DEFAULT_PROMPT_VERSION
-    if version not in PROMPT_TEMPLATES:
-        raise InputError(f"{loc}: unknown prompt_version {version!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
+    _require(loc, raw, SAMPLE_SCHEMA)
+    version = checked_version(loc, raw)
     if raw["finish_reason"] not in ("stop", "length"):
         raise InputError(f"{loc}: 'finish_reason' must be 'stop' or 'length', got {raw['finish_reason']!r}")
     return version
@@ -207,10 +199,17 @@ def _sample_meta(sample: dict) -> dict[str, Any]:
     }
 
 
+def sampled_prompt(sample: dict) -> str:
+    """The user text a sample answered; rebuilt from its template for shards written before samples kept it."""
+    version = sample.get("prompt_version") or DEFAULT_PROMPT_VERSION
+    return sample.get("prompt") or user_prompt(sample["question"], len(image_list(sample.get("image"))), version)
+
+
 def _make_pair(pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, ...], answer_fix: bool) -> Pair:
     return Pair(
         image=pos.get("image"),
-        question=pos["question"],
+        question=sampled_prompt(pos),
+        question_orig=pos["question"],
         chosen=chosen,
         rejected=neg["response"],
         answer_gt=str(pos["answer"]),
@@ -243,7 +242,7 @@ class CorrectnessPairs:
 
     def _items(self) -> Iterator[JudgeItem]:
         for raw, version in iter_checked(self.parts, self.config.max_lines, self.counts, check_sample, self.quarantine):
-            yield raw, raw["response"], str(raw["answer"]), raw["question"], version, self.modes
+            yield JudgeItem(raw, raw["response"], str(raw["answer"]), raw["question"], version, self.modes)
 
     def _spill(self, folder: Path) -> list[Path]:
         """Pass 1: judge every sample and append it to its item_id's bucket file."""
@@ -253,8 +252,7 @@ class CorrectnessPairs:
             handles = [stack.enter_context(b.open("wb")) for b in buckets]
             verdicts = self.judge.judge_many(self._items())
             for raw, verdict in tqdm(verdicts, desc=f"judge {self.dataset}", unit=" lines", mininterval=5, disable=None):
-                raw.update(answer_pred=verdict.answer_pred, format_ok=verdict.format_ok, is_correct=verdict.is_correct,
-                           judge_error=verdict.judge_error, _span=verdict.span)
+                raw.update(verdict.contract())
                 self.counts.update(samples=1, correct=verdict.is_correct, format_failures=not verdict.format_ok,
                                    judge_errors=verdict.judge_error is not None)
                 handles[zlib.crc32(raw["item_id"].encode()) % len(handles)].write(dumps(raw))
@@ -291,11 +289,11 @@ class CorrectnessPairs:
 
     def _item(self, item_id: str, samples: list[dict]) -> None:
         samples.sort(key=lambda s: s["sample_index"])
-        judged = [s for s in samples if s["judge_error"] is None]
+        judged = [s for s in samples if "judge_error" not in s]
         positives = [s for s in judged if s["is_correct"]]
         self.counts["items"] += 1
         for pos in positives:
-            self.out.write(self.paths["pos"], {k: v for k, v in pos.items() if k != "_span"})
+            self.out.write(self.paths["pos"], pos)
         if not positives:
             self.counts["items_never_correct"] += 1
             prompt = {k: v for k, v in samples[0].items() if k not in SAMPLE_KEYS}
@@ -303,7 +301,7 @@ class CorrectnessPairs:
             return
         answer = str(samples[0]["answer"])
         chosen = [
-            (s, fix_answer(s["response"], s["_span"], answer) if self.config.answer_fix else s["response"])
+            (s, fix_answer(s["response"], s.get("answer_span"), answer) if self.config.answer_fix else s["response"])
             for s in positives
             if self._usable_chosen(s)
         ]
@@ -329,7 +327,7 @@ class CorrectnessPairs:
 
 def check_dropout(loc: str, raw: Any) -> float:
     """Validate a DropoutNTP sample line; returns its start ratio."""
-    _require(loc, raw, _DROPOUT_KEYS)
+    _require(loc, raw, DROPOUT_SAMPLE_SCHEMA)
     ratio = raw["provenance"].get("start_ratio")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise InputError(f"{loc}: 'provenance.start_ratio' must be a number")
@@ -348,9 +346,11 @@ def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: D
         if is_degenerate(raw["chosen"]):
             counts["filtered_chosen_repetitive"] += 1
             continue
+        n_images = len(image_list(raw.get("image")))
         pair = Pair(
             image=raw.get("image"),
-            question=raw["question"],
+            # InternVL asserts one placeholder per image on multi-image lines (and adds the single one itself)
+            question=with_placeholders(raw["question"], n_images) if n_images > 1 else raw["question"],
             chosen=raw["chosen"],
             rejected=raw["rejected"],
             rejected_meta={k: raw.get(k) for k in ("item_id", "sample_index", "finish_reason", "output_tokens")},
@@ -365,10 +365,21 @@ def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: D
     return counts
 
 
+def remove_leftovers(save_dir: Path) -> None:
+    """Temp files and buckets a killed run left; safe to remove as this run holds the folder."""
+    for path in list(save_dir.rglob(".*")):
+        if path.is_dir() and path.name.startswith(".pairs-buckets-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
+@holds("save_dir")
 def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
     """Every dataset below data_dir -> pair files; returns (and writes) the per-dataset summary."""
     datasets = find_datasets(config.data_dir)
     config.save_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(config.save_dir)
     summary: dict[str, dict[str, Any]] = {}
     dedup = Dedup()
     with ExitStack() as stack:
@@ -387,40 +398,3 @@ def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
             summary[f"{stage}/{dataset}"] = dict(sorted(counts.items()))
     atomic_write_bytes(config.save_dir / "pairs_summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     return summary
-
-
-def _pairs_main(args: argparse.Namespace) -> int:
-    config = PairsConfig(
-        data_dir=Path(args.data_dir),
-        save_dir=Path(args.save_dir),
-        num_pairs_per_key=args.num_pairs_per_key,
-        max_lines=args.max_lines,
-        answer_fix=args.answer_fix,
-        seed=args.seed,
-        on_error=args.on_error,
-        judge=JudgeConfig(modes=tuple(args.mode) if args.mode else None, workers=args.workers, timeout=args.timeout),
-    )
-    summary = build_pairs(config)
-    for name, counts in summary.items():
-        made = {k: v for k, v in counts.items() if k.startswith("pairs_")}
-        print(f"{name}: {counts.get('lines', 0)} lines -> {made}", file=sys.stderr)
-    print(f"summary: {config.save_dir / 'pairs_summary.json'}", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub) -> None:
-    from mpo_data.judge import MODES
-
-    p = sub.add_parser("pairs", help="turn sample shards into MMPR preference pairs (correctness and DropoutNTP)")
-    p.add_argument("--data-dir", required=True, help="<out>/samples, a stage folder, or one dataset folder")
-    p.add_argument("--save-dir", required=True, help="where pair files and pairs_summary.json go")
-    p.add_argument("--num-pairs-per-key", type=int, default=15, help="at most this many pairs per item and rule")
-    p.add_argument("--max-lines", type=int, default=1_200_000, help="lines read per dataset at most")
-    p.add_argument("--answer-fix", action="store_true", help="rewrite the chosen's final answer to the ground truth")
-    p.add_argument("--seed", type=int, default=0, help="seed of pair sampling")
-    p.add_argument("--on-error", default="fail", choices=ON_ERROR,
-                   help="bad sample lines: fail naming FILE:LINE, or skip to <save-dir>/quarantine/ with counts")
-    p.add_argument("--mode", action="append", choices=MODES, help="judge mode (repeatable); default: by dataset name")
-    p.add_argument("--workers", type=int, default=0, help="judge processes (0: one per core)")
-    p.add_argument("--timeout", type=float, default=JudgeConfig.timeout, help="seconds per answer comparison")
-    p.set_defaults(func=_pairs_main)

@@ -8,139 +8,27 @@ item becomes a `GenerationRequest`, and how a completion becomes an output line 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import groupby
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import orjson
 from tqdm import tqdm
 
 from mpo_data import images as image_io
-from mpo_data.engine import Completion, Engine, EngineConfig, GenerationRequest, SamplingConfig
-from mpo_data.errors import InputError
-from mpo_data.formats import PromptItem, Sample, image_list
+from mpo_data.engine import Completion, Engine, GenerationRequest
+from mpo_data.formats import PromptItem, Sample, image_list, strip_placeholders
 from mpo_data.inputs import PromptReader
-from mpo_data.prompts import PROMPT_TEMPLATES, render
+from mpo_data.prompts import user_prompt
+from mpo_data.runlock import holds
 from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
-
-
-@dataclass
-class StageConfig:
-    """Settings shared by both sampling stages; flag names and meanings follow InternVL's scripts."""
-
-    stage: ClassVar[str]  # also the prompt line schema it reads (mpo_data.formats.PROMPT_KINDS)
-    own_settings: ClassVar[tuple[str, ...]] = ()  # stage fields that change what a sample is
-
-    checkpoint: str = field(metadata={"help": "Model folder (HF layout) that generates the samples."})
-    prompt_path: str = field(metadata={"help": "Prompt set: JSONL, Parquet or a saved HF dataset folder."})
-    out_dir: str = field(default="out", metadata={"help": "Output root; samples go to OUT/samples/<stage>/<dataset>/."})
-    dataset: str | None = field(default=None, metadata={"help": "Dataset name in paths and item ids (default: prompt file stem)."})
-    image_root: str | None = field(default=None, metadata={"help": "Root of the image paths (default: the prompt file's folder)."})
-    on_error: Literal["fail", "skip"] = field(
-        default="fail", metadata={"help": "Bad prompt line: fail naming FILE:LINE, or skip it into OUT/quarantine/."}
-    )
-    num_return_sequences: int = field(default=1, metadata={"help": "Samples per item (the per-item quota a rerun tops up to)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=50, metadata={"help": "Top-k cut-off; 0 or -1 turns it off."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
-    max_new_tokens: int = field(default=1024, metadata={"help": "Most new tokens per sample."})
-    sample_start_idx: int = field(default=0, metadata={"help": "First prompt row to use (InternVL semantics)."})
-    sample_max_num: int | None = field(
-        default=None, metadata={"help": "Most items; over it, rows are taken at an even stride across the file (as InternVL)."}
-    )
-    max_num: int | None = field(default=None, metadata={"help": "Most image tiles with dynamic resolution (InternVL models)."})
-    dynamic: bool = field(default=False, metadata={"help": "Dynamic-resolution tiling (InternVL models)."})
-    batch_size: int = field(default=8, metadata={"help": "Items per engine call; each finished batch becomes one part file."})
-    tp: int = field(default=1, metadata={"help": "Tensor-parallel degree of each engine (GPUs per pipeline stage)."})
-    pp: int = field(default=1, metadata={"help": "Pipeline-parallel degree of each engine."})
-    num_engines: int = field(default=1, metadata={"help": "vLLM engine actors running at once (each takes tp x pp GPUs)."})
-    address: str | None = field(
-        default=None, metadata={"help": "Ray cluster to join ('auto' or HOST:PORT); default: start a private local Ray (no dashboard)."}
-    )
-    force: bool = field(default=False, metadata={"help": "Add samples even if OUT already holds samples drawn with other settings."})
-
-    @property
-    def dataset_name(self) -> str:
-        return self.dataset or Path(self.prompt_path).stem
-
-    @property
-    def model_name(self) -> str:
-        return os.path.basename(os.path.normpath(self.checkpoint))
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.checkpoint,
-            tensor_parallel_size=self.tp,
-            pipeline_parallel_size=self.pp,
-            max_num=self.max_num,
-            dynamic=self.dynamic,
-        )
-
-    def sampling_config(self, n: int | None = None) -> SamplingConfig:
-        return SamplingConfig(
-            n=self.num_return_sequences if n is None else n,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-        )
-
-    def stage_settings(self) -> dict[str, Any]:
-        """Settings that change what a sample is (what run.json guards)."""
-        sampling = self.sampling_config().as_dict()
-        del sampling["n"]  # the quota, not how a sample is drawn: raising it tops items up
-        own = {name: getattr(self, name) for name in self.own_settings}
-        return {"model": self.model_name, "max_num": self.max_num, "dynamic": self.dynamic, "sampling": sampling, **own}
-
-    def check(self) -> None:
-        """Refuse nonsense settings up front, before any reading or engine start."""
-        positive = ("num_return_sequences", "max_new_tokens", "batch_size", "tp", "pp", "num_engines")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.top_p <= 1 or self.temperature < 0:
-            raise InputError(f"need 0 < --top-p <= 1 and --temperature >= 0 (got {self.top_p}, {self.temperature})")
-        if not Path(self.checkpoint).is_dir():
-            raise InputError(f"{self.checkpoint}: no such model folder (--checkpoint)")
-
-
-@dataclass
-class DropoutNTPConfig(StageConfig):
-    """DropoutNTP: the model continues the first `start_ratio` of `chosen` without the image -> `rejected`."""
-
-    stage: ClassVar[str] = "dropout-ntp"
-    own_settings: ClassVar[tuple[str, ...]] = ("start_ratio", "load_image")
-
-    start_ratio: float = field(default=0.5, metadata={"help": "Share of the words of `chosen` kept as the prefix to continue."})
-    load_image: bool = field(default=False, metadata={"help": "Show the image while continuing (default: without it, as DropoutNTP)."})
-
-    def check(self) -> None:
-        super().check()
-        if not 0 <= self.start_ratio <= 1:
-            raise InputError(f"--start-ratio must be within [0, 1], got {self.start_ratio}")
-
-
-@dataclass
-class CorrectnessConfig(StageConfig):
-    """Correctness sampling: n chain-of-thought answers per item, judged against the ground truth later."""
-
-    stage: ClassVar[str] = "correctness"
-    own_settings: ClassVar[tuple[str, ...]] = ("prompt_version",)
-
-    num_return_sequences: int = field(default=8, metadata={"help": "Samples per item (the per-item quota a rerun tops up to)."})
-    prompt_version: Literal["en", "en_v2", "r1"] = field(
-        default="en_v2", metadata={"help": "Answer-format template of mpo_data.prompts (the judge checks that format)."}
-    )
-
-    def check(self) -> None:
-        super().check()
-        if self.prompt_version not in PROMPT_TEMPLATES:
-            raise InputError(f"--prompt-version must be one of {sorted(PROMPT_TEMPLATES)}, got {self.prompt_version!r}")
+from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
 
 
 # ---- what differs between the stages: requests in, lines out ----
@@ -152,10 +40,13 @@ def normalize(text: str) -> str:
 
 
 def cut_prefix(chosen: str, start_ratio: float) -> tuple[str, str]:
-    """(prefix, rest): the first int(words x ratio) words of `chosen`, and the remaining words."""
-    words = chosen.split()
-    keep = int(len(words) * start_ratio)
-    return " ".join(words[:keep]), " ".join(words[keep:])
+    """(prefix, rest) with prefix + rest == chosen: the cut falls after the first int(words x ratio) words,
+    so the prefix is chosen's own text byte for byte (newlines, list markup, double spaces kept) and ends
+    on a word, and the rest starts with the whitespace that followed it."""
+    ends = [m.end() for m in re.finditer(r"\S+", chosen)]
+    keep = int(len(ends) * start_ratio)
+    cut = ends[keep - 1] if keep else 0
+    return chosen[:cut], chosen[cut:]
 
 
 def join_continuation(prefix: str, continuation: str) -> str:
@@ -191,8 +82,10 @@ class DropoutNTPStage:
 
     def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
         prefix, _ = cut_prefix(item["chosen"], self.config.start_ratio)
+        # without the image its placeholders go too: a VLM tokenizer reads `<image>` as an image token
+        question = item["question"] if self.config.load_image else strip_placeholders(item["question"])
         # an empty prefix is a plain answer: continuing an empty assistant turn is template-dependent
-        return GenerationRequest([{"role": "user", "content": item["question"]}], pil, prefix or None)
+        return GenerationRequest([{"role": "user", "content": question}], pil, prefix or None)
 
     def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
         prefix, rest = cut_prefix(item["chosen"], self.config.start_ratio)
@@ -218,14 +111,19 @@ class CorrectnessStage:
         self.wants_images = True
         self.sampling = config.sampling_config().as_dict()
 
+    def user_text(self, item: dict[str, Any]) -> str:
+        """The user turn exactly as sampled (stored in each sample as `prompt`)."""
+        return user_prompt(item["question"], len(image_list(item.get("image"))), self.config.prompt_version)
+
     def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
-        return GenerationRequest([{"role": "user", "content": render(item["question"], self.config.prompt_version)}], pil)
+        return GenerationRequest([{"role": "user", "content": self.user_text(item)}], pil)
 
     def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
         sample = Sample(
             item_id=key["item_id"],
             sample_index=key["sample_index"],
             item=item,
+            prompt=self.user_text(item),
             response=completion.text,
             finish_reason=completion.finish_reason,
             prompt_tokens=prompt_tokens,
@@ -293,12 +191,13 @@ def _placement_group(devices: int, pipeline: bool) -> dict[str, Any]:
 
 def actor_resources(config: StageConfig, cluster_gpus: float) -> dict[str, Any]:
     """map_batches resources of one engine actor: tp x pp GPUs, or one CPU on a CPU-only cluster."""
-    devices = config.tp * config.pp
+    pipeline = config.engine.pipeline_parallel_size
+    devices = config.engine.tensor_parallel_size * pipeline
     if not cluster_gpus:
         return {"num_cpus": 1}
     if devices == 1:
         return {"num_gpus": 1}
-    return {"num_gpus": 0, "ray_remote_args_fn": partial(_placement_group, devices, config.pp > 1)}
+    return {"num_gpus": 0, "ray_remote_args_fn": partial(_placement_group, devices, pipeline > 1)}
 
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -394,7 +293,8 @@ def _write_batch(batch: dict[str, Any], store: ShardStore, tally: Tally) -> None
 def _resolved(config: StageConfig) -> StageConfig:
     """Absolute model and image paths: Ray workers need not share the driver's working directory."""
     image_root = config.image_root or str(Path(config.prompt_path).parent)
-    return replace(config, checkpoint=os.path.abspath(config.checkpoint), image_root=os.path.abspath(image_root))
+    engine = replace(config.engine, model=os.path.abspath(config.engine.model))
+    return replace(config, engine=engine, image_root=os.path.abspath(image_root))
 
 
 def read_items(config: StageConfig, reader: PromptReader) -> tuple[list[PromptItem], int]:
@@ -420,6 +320,18 @@ def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int) ->
     return work
 
 
+def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[PromptItem], int]:
+    """(config, reader, selected items, repeats skipped). Images embedded in the prompt source are written
+    once to OUT/images/<dataset>/, which becomes the config's image root (the engine actors load from it)."""
+    dataset = config.dataset_name
+    quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
+    images_dir = Path(config.out_dir) / "images" / dataset
+    reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine, images_dir)
+    items, repeats = read_items(config, reader)
+    return replace(config, image_root=str(reader.image_root)), reader, items, repeats
+
+
+@holds("out_dir")
 def run_stage(config: StageConfig) -> dict[str, Any]:
     """Sample one prompt set into `<out>/samples/<stage>/<dataset>/`, resuming; returns the summary."""
     began = time.monotonic()
@@ -428,11 +340,9 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     dataset = config.dataset_name
     store = ShardStore(stage_dir(config.out_dir, config.stage, dataset))
     store.check_settings(config.stage_settings(), config.force)
-    quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
-    reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine)
-    items, repeats = read_items(config, reader)
+    config, reader, items, repeats = read_prompts(config)
     done = store.done()
-    work = plan_work(items, done, config.num_return_sequences)
+    work = plan_work(items, done, config.sampling.n)
     generated_from = time.monotonic()
     tally = generate(config, work, store) if work else Tally()
     generation_s = time.monotonic() - generated_from
@@ -441,16 +351,18 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "dataset": dataset,
         "model": config.model_name,
         "prompt_path": str(config.prompt_path),
+        "images_dir": str(reader.images_dir) if reader.extracted else None,  # where embedded images were written
         "rows_read": reader.read,
         "items_selected": len(items),
         "repeated_items_skipped": repeats,
-        "quota_per_item": config.num_return_sequences,
+        "quota_per_item": config.sampling.n,
         "samples_already_done": sum(len(done.get(i.item_id, ())) for i in items),
         "items_sampled": len(tally.items),
         "samples_requested": sum(len(w["indices"]) for w in work),
         "samples_out": tally.kept,
         "dropped": dict(tally.dropped),
-        "quarantined": {"total": reader.quarantine.total, "reasons": dict(reader.quarantine.counts), "file": str(quarantine) if quarantine else None},
+        "quarantined": {"total": reader.quarantine.total, "reasons": dict(reader.quarantine.counts),
+                        "file": str(reader.quarantine.path) if reader.quarantine.path else None},
         "parts_written": tally.parts,
         "prompt_tokens": tally.prompt_tokens,
         "output_tokens": tally.output_tokens,
@@ -464,32 +376,3 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     }
     summary["summary_file"] = str(store.write_summary(summary))
     return summary
-
-
-# ---- command line ----
-
-
-def _main(args: Any) -> int:
-    cls = args.config_class
-    summary = run_stage(cls(**{f.name: getattr(args, f.name) for f in fields(cls)}))
-    dropped = ", ".join(f"{n} {reason}" for reason, n in summary["dropped"].items()) or "none"
-    print(
-        f"{summary['stage']} {summary['dataset']}: {summary['samples_out']} sample(s) written, dropped: {dropped}, "
-        f"{summary['samples_already_done']} already there, {summary['quarantined']['total']} line(s) quarantined; "
-        f"{summary['output_tokens_per_s']} tok/s; summary: {summary['summary_file']}",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    from transformers import HfArgumentParser  # dataclass fields + help metadata -> flags (InternVL's names)
-
-    helps = {
-        DropoutNTPConfig: "DropoutNTP: continue half of `chosen` without the image -> rejected (resumable, on Ray)",
-        CorrectnessConfig: "correctness sampling: n reasoning answers per item (resumable, on Ray)",
-    }
-    for cls, help_text in helps.items():
-        flags = HfArgumentParser(cls, add_help=False)
-        p = sub.add_parser(cls.stage, parents=[flags], help=help_text, description=cls.__doc__)
-        p.set_defaults(func=_main, config_class=cls)

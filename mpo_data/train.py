@@ -12,7 +12,6 @@ import dataclasses
 import json
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ def dpo_config(config: TrainConfig, cuda: bool):
 
 
 def peft_config(config: TrainConfig):
-    """LoraConfig for lora / dora / qlora (the cookbook's settings), None for full fine-tuning."""
+    """LoraConfig for lora / qlora, DoRA with use_dora (the cookbook's settings), None for full fine-tuning."""
     m = config.model
     if m.finetune == "full":
         return None
@@ -51,7 +50,7 @@ def peft_config(config: TrainConfig):
 
     return LoraConfig(
         r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=m.target_modules,
-        use_dora=m.finetune == "dora", init_lora_weights="gaussian", task_type="CAUSAL_LM",
+        use_dora=m.use_dora, init_lora_weights="gaussian", task_type="CAUSAL_LM",
     )
 
 
@@ -216,42 +215,3 @@ def eval_run(run_dir: str | Path) -> Path:
     path = Path(run_dir) / "eval.json"
     kept = {k: v for k, v in json.loads(path.read_text()).items() if k in ("run", "answer_accuracy")} if path.is_file() else {}
     return evaluate.write(path, {**report, **kept})  # the run summary and answer accuracy stay
-
-
-def add_train_args(parser) -> None:
-    """Arguments of `mpo-data train` and of training/train_mpo.py (the same recipe)."""
-    parser.add_argument("--config", required=True, help="training YAML, e.g. training/configs/smollm2_lora_cpu.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. dpo.max_steps=2 model.finetune=full")
-
-
-def train_main(args) -> int:
-    config = load(args.config, args.overrides)
-    run = train(config)
-    if not run:
-        return 0
-    out = Path(run["output_dir"])
-    what = "model" if config.model.finetune == "full" else "adapter"
-    print(f"{what}: {out}\nevaluation: {out / 'eval.json'}\ntensorboard: {out / 'runs'}")
-    if config.eval.answers.questions:  # after the trainer is gone: vLLM gets the memory
-        from mpo_data import answer_accuracy
-
-        print(answer_accuracy.describe(answer_accuracy.evaluate_run(out)))
-    return 0
-
-
-def _eval_main(args) -> int:
-    path = eval_run(args.run)
-    result = json.loads(path.read_text())
-    for when in ("before", "after"):
-        print(f"{when}: {result.get(when)}")
-    print(f"evaluation: {path}", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("train", help="MPO training (TRL DPOTrainer, sigmoid+bco_pair+sft) on a meta.json mixture")
-    add_train_args(p)
-    p.set_defaults(func=train_main)
-    p = sub.add_parser("eval", help="preference accuracy and answers of a training run, before vs after")
-    p.add_argument("run", help="the run folder (output_dir of `mpo-data train`)")
-    p.set_defaults(func=_eval_main)

@@ -14,7 +14,7 @@ from typing import Any
 
 from mpo_data.answer_accuracy import AnswerEvalArgs
 from mpo_data.config import apply_overrides, build, load_yaml
-from mpo_data.errors import InputError
+from mpo_data.errors import InputError, OnError
 
 # The MPO paper's loss mix, as the TRL cookbook sets it: preference (sigmoid), quality (bco_pair), generation (sft).
 MPO_DEFAULTS: dict[str, Any] = {
@@ -23,7 +23,7 @@ MPO_DEFAULTS: dict[str, Any] = {
     "beta": 0.1,
     "report_to": "tensorboard",
 }
-FINETUNE_METHODS = ("full", "lora", "dora", "qlora")
+FINETUNE_METHODS = ("full", "lora", "qlora")
 COOKBOOK_TARGETS = ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"]
 
 
@@ -32,7 +32,11 @@ class ModelArgs:
     path: str = field(metadata={"help": "Local model folder (a causal LM or a vision-language model with its processor)."})
     finetune: str = field(
         default="lora",
-        metadata={"help": "full: all weights; lora / dora: a PEFT adapter; qlora: LoRA over a 4-bit base (CUDA only)."},
+        metadata={"help": "full: all weights; lora: a PEFT adapter; qlora: LoRA over a 4-bit base (CUDA only)."},
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: LoRA/QLoRA adapters with weight decomposition (the TRL cookbook's QLoRA recipe turns it on)."},
     )
     lora_r: int = field(default=8, metadata={"help": "Adapter rank."})
     lora_alpha: int = field(default=8, metadata={"help": "Adapter scaling numerator (scale = alpha / r)."})
@@ -61,7 +65,7 @@ class DataArgs:
     max_train_pairs: int | None = field(
         default=None, metadata={"help": "Cap on training pairs after the split, for bounded runs (None: all)."}
     )
-    on_error: str = field(
+    on_error: OnError = field(
         default="fail", metadata={"help": "fail: stop at the first bad row (FILE:LINE); skip: quarantine and count it."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of repeat_time sampling and of the split."})
@@ -111,11 +115,12 @@ def check(config: TrainConfig) -> TrainConfig:
         if key == "output_dir":
             raise InputError(f"{where}: dpo: set 'output_dir' at the top level, not under dpo")
     if config.model.finetune not in FINETUNE_METHODS:
-        raise InputError(f"{where}: model.finetune: '{config.model.finetune}' is not one of {', '.join(FINETUNE_METHODS)}")
+        hint = " (DoRA is model.finetune: lora with model.use_dora: true)" if config.model.finetune == "dora" else ""
+        raise InputError(f"{where}: model.finetune: '{config.model.finetune}' is not one of {', '.join(FINETUNE_METHODS)}{hint}")
+    if config.model.use_dora and config.model.finetune == "full":
+        raise InputError(f"{where}: model.use_dora: DoRA is an adapter method; set model.finetune to lora or qlora")
     if (config.data.meta is None) == (config.data.dataset is None):
         raise InputError(f"{where}: data: set exactly one of 'meta' and 'dataset'")
-    if config.data.on_error not in ("fail", "skip"):
-        raise InputError(f"{where}: data.on_error: '{config.data.on_error}' is not fail or skip")
     if not config.data.eval_size > 0:
         raise InputError(f"{where}: data.eval_size: must be > 0 (the evaluation needs held-out pairs)")
     return config

@@ -14,29 +14,27 @@ from pathlib import Path
 from typing import Any
 
 from mpo_data import images
-from mpo_data.errors import InputError
-from mpo_data.formats import image_list, read_meta
-from mpo_data.inputs import ON_ERROR, Problem, Quarantine, iter_records, record_problems
+from mpo_data.errors import ON_ERROR, InputError
+from mpo_data.formats import TRL_ROW_SCHEMA, content_parts, image_list, read_meta
+from mpo_data.inputs import Problem, Quarantine, iter_records, record_problems
 from mpo_data.jsonl import Line
 
 
 def repeat_indices(length: int, repeat_time: float, rng: random.Random) -> list[int]:
-    """Row indices for one meta.json entry: exactly ``int(length * repeat_time)`` of them.
+    """Row indices for one meta.json entry, by InternVL's loader rule (`mpo_data.meta.active_rows`).
 
-    InternVL's rule, extended to fractions on both sides of 1: whole copies of every row, then a seeded
-    random subset (without replacement) for the fractional part. 0.5 -> a random half; 2.25 -> every row
-    twice plus a random quarter.
+    Below 1: a seeded random `int(length * r)` rows without replacement; from 1 up: `int(r)` whole
+    copies (1.5 -> one copy, as InternVL reads it; `mpo-data meta` writes such shares as two entries).
     """
-    if length == 0:
-        return []
-    whole, rest = divmod(int(length * repeat_time), length)
-    return list(range(length)) * whole + sorted(rng.sample(range(length), rest))
+    if repeat_time < 1:
+        return sorted(rng.sample(range(length), int(length * repeat_time)))
+    return list(range(length)) * int(repeat_time)
 
 
 def user_turn(question: str, n_images: int) -> list[dict[str, Any]]:
-    """The prompt as one user message: an image placeholder per image, then the question."""
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
-    return [{"role": "user", "content": content}]
+    """The prompt as one user message: each `<image>` of an MMPR question becomes an image part at its
+    place (no literal placeholder text is left for the tokenizer); without placeholders the images go first."""
+    return [{"role": "user", "content": content_parts(question, n_images)}]
 
 
 def assistant_turn(text: str) -> list[dict[str, Any]]:
@@ -50,6 +48,15 @@ def as_text_only(row: dict[str, Any]) -> dict[str, Any]:
         return [{"role": m["role"], "content": _text(m["content"])} for m in messages]
 
     return {"prompt": flat(row["prompt"]), "chosen": flat(row["chosen"]), "rejected": flat(row["rejected"])}
+
+
+@dataclass
+class MixtureLine:
+    """One active line of a meta.json mixture: the entry it was drawn for, its image root, the line."""
+
+    dataset: str
+    root: Path
+    line: Line
 
 
 @dataclass
@@ -87,7 +94,7 @@ class PairLoader:
             self.reject([Problem(line.loc, "image row, text-only model", "has images but the model is text-only")], None)
             return None
         try:
-            loaded = [images.load(root, p) if isinstance(p, str) else p.convert("RGB") for p in pics]
+            loaded = [_image(root, p) for p in pics]
         except images.ImageError as e:
             self.reject([Problem(line.loc, e.category, str(e))], line.value)
             return None
@@ -98,27 +105,38 @@ class PairLoader:
         }
         return as_text_only(row) if self.text_only else {**row, "images": loaded}
 
-    def read_meta(self, meta_path: str | Path, seed: int) -> PairRows:
-        """Every entry of a meta.json, each sampled by its repeat_time (one seeded generator per entry)."""
+    def meta_lines(self, meta_path: str | Path, seed: int) -> list[MixtureLine]:
+        """The mixture's active lines: each entry's valid lines (schema, placeholders, images checked), picked
+        by its repeat_time with one seeded generator per entry; whole copies appear as repeated lines."""
+        picked_all: list[MixtureLine] = []
         for name, entry in read_meta(meta_path).items():
             annotation = _resolve(meta_path, name, "annotation", entry.annotation)
             root = _resolve(meta_path, name, "root", entry.root)
-            valid: list[tuple[str, dict]] = []
+            valid: list[Line] = []
             lines = 0
             for line in iter_records(annotation):
                 lines += 1
-                problems = record_problems(line, "pairs", None)
+                problems = record_problems(line, "pairs", root)
+                if not problems and self.text_only and line.value.get("image"):
+                    problems = [Problem(line.loc, "image row, text-only model", "has images but the model is text-only")]
                 if problems:
                     self.reject(problems, line.value if line.error is None else None)
                     continue
-                v = line.value
-                row = self._row(line, root, v["question"], v["chosen"], v["rejected"], image_list(v.get("image")))
-                if row is not None:
-                    valid.append((line.loc, row))
+                valid.append(line)
             picked = repeat_indices(len(valid), entry.repeat_time, random.Random(f"{seed}:{name}"))
-            for i in picked:
-                self.out.add(valid[i][1], valid[i][0])
+            picked_all += [MixtureLine(name, root, valid[i]) for i in picked]
             self.out.counts[name] = {"lines": lines, "valid": len(valid), "sampled": len(picked)}
+        return picked_all
+
+    def read_meta(self, meta_path: str | Path, seed: int) -> PairRows:
+        """Every entry of a meta.json as TRL rows, each sampled by its repeat_time (see `meta_lines`)."""
+        built: dict[str, dict | None] = {}  # copies of a line share one row (and its decoded images)
+        for m in self.meta_lines(meta_path, seed):
+            if m.line.loc not in built:
+                v = m.line.value
+                built[m.line.loc] = self._row(m.line, m.root, v["question"], v["chosen"], v["rejected"], image_list(v.get("image")))
+            if built[m.line.loc] is not None:
+                self.out.add(built[m.line.loc], m.line.loc)
         return self.out
 
     def read_dataset(self, path: str | Path, image_root: str | Path | None = None) -> PairRows:
@@ -160,6 +178,18 @@ class PairLoader:
         return self.out
 
 
+def _image(root: Path, value: Any):
+    """A PIL image from a path under `root`, a decoded image (saved `datasets` set), or the `{bytes, path}`
+    struct that `datasets` writes for Image columns in Parquet (bytes win; a path alone is under `root`)."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return images.decode(value["bytes"], value.get("path") or "embedded image")
+        value = value.get("path")
+    if isinstance(value, str):
+        return images.load(root, value)
+    return images.to_rgb(value)
+
+
 def _text(content: str | list[dict[str, Any]]) -> str:
     return content if isinstance(content, str) else "".join(p.get("text") or "" for p in content)
 
@@ -167,15 +197,8 @@ def _text(content: str | list[dict[str, Any]]) -> str:
 def _trl_row_problem(line: Line) -> str | None:
     if line.error:
         return line.error
-    v = line.value
-    if not isinstance(v, dict):
-        return f"expected an object, got {type(v).__name__}"
-    for key in ("prompt", "chosen", "rejected"):
-        if not isinstance(v.get(key), (str, list)) or not v[key]:
-            return f"'{key}' must be a non-empty string or conversation"
-    if not isinstance(v.get("images") or [], list):
-        return "'images' must be a list"
-    return None
+    problems = TRL_ROW_SCHEMA.problems(line.value)
+    return problems[0] if problems else None
 
 
 def _resolve(meta_path: str | Path, name: str, key: str, rel: str) -> Path:

