@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "report": "one static HTML page: counts, correctness rates, lengths, sample pairs",
     "train": "MPO training (TRL DPOTrainer, sigmoid+bco_pair+sft) on a meta.json mixture",
     "eval": "preference accuracy and answers of a training run, before vs after",
+    "evaluate": "answer accuracy on held-out questions, base vs trained model of a run (vLLM + judge, intervals)",
     "judge": "judge responses against ground-truth answers (the judge contract)",
     "pairs": "turn sample shards into MMPR preference pairs (correctness and DropoutNTP)",
     "meta": "write a meta.json mixture over pair files (repeat ratios, target size)",

@@ -1,7 +1,8 @@
-"""Demo prompt sets, built offline: arithmetic word problems and a subset of the real easy-VQA data set.
+"""Demo prompt sets, built offline: arithmetic questions and a subset of the real easy-VQA data set.
 
 Writes, in the input formats of design.md, under OUT:
-  arithmetic.jsonl           correctness, text-only, exact integer answers (fixed seed)
+  arithmetic.jsonl           correctness, text-only, exact integer answers (fixed seed): sampled for pairs
+  arithmetic_heldout.jsonl   the same kind of questions, never sampled: answer accuracy before/after training
   easy_vqa.jsonl             correctness, one image each (easy-VQA's own questions and answers)
   easy_vqa_describe.jsonl    dropout-ntp, a faithful description built from the ground truth as `chosen`
   images/easy_vqa/*.png      the images, copied from the easy-vqa package
@@ -9,6 +10,7 @@ Writes, in the input formats of design.md, under OUT:
 
 from __future__ import annotations
 
+import itertools
 import random
 import shutil
 from collections import defaultdict
@@ -16,33 +18,43 @@ from pathlib import Path
 
 from mpo_data.jsonl import write_jsonl
 
-NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jia"]
-THINGS = ["apple", "book", "marble", "pencil", "sticker", "card", "shell", "coin"]
+# SmolLM2-135M-Instruct, "en" template, on 8-40 items each (greedy / T=0.3 / T=0.7): "What is a + b?" with one
+# digit 38% / 25% / 7-19%; "a + b = ?" 38% / 19% / 12%; word problems 12% / 12% / 0-5%; two-digit operands
+# lower still; x and / below 6% at T=0.7. Hence single digits, + and -, plain wording, T=0.3 in the demo.
+OPERATIONS = {"+": lambda a, b: (a, b, a + b), "-": lambda a, b: (a + b, b, a)}  # (left, right, answer)
+WORDINGS = ("What is {left} {op} {right}?", "{left} {op} {right} = ?")
+DIGITS = range(1, 10)
 
 
-def arithmetic_problems(count: int, seed: int) -> list[dict]:
-    """Word problems over + - x / with an exact integer answer each.
-
-    Numbers stay small so that a 135M-parameter model gets some right and some wrong: correctness
-    sampling needs both to make pairs.
-    """
-    rng = random.Random(seed)
+def _questions(facts: list[tuple[str, int, int]], rng: random.Random) -> list[dict]:
+    """Every wording of each fact, sums in both orders (1 + 2 and 2 + 1 are one fact)."""
     rows = []
-    for index in range(count):
-        name, thing = rng.choice(NAMES), rng.choice(THINGS)
-        a, b = rng.randint(2, 9), rng.randint(2, 6)
-        op = index % 4
-        if op == 0:
-            question, answer = f"{name} has {a} {thing}s and buys {b} more. How many {thing}s does {name} have now?", a + b
-        elif op == 1:
-            a += b
-            question, answer = f"{name} had {a} {thing}s and gave {b} of them away. How many {thing}s are left?", a - b
-        elif op == 2:
-            question, answer = f"A box holds {b} {thing}s. How many {thing}s are in {a} boxes?", a * b
-        else:
-            question, answer = f"{name} shares {a * b} {thing}s equally among {b} friends. How many {thing}s does each friend get?", a
-        rows.append({"question": question, "answer": str(answer), "source": "arithmetic", "op": "+-*/"[op]})
+    for op, a, b in facts:
+        left, right, answer = OPERATIONS[op](a, b)
+        orders = {(left, right), (right, left)} if op == "+" else {(left, right)}
+        for (x, y), wording in itertools.product(sorted(orders), WORDINGS):
+            rows.append({"question": wording.format(left=x, op=op, right=y), "answer": str(answer), "source": "arithmetic", "op": op})
+    rng.shuffle(rows)
     return rows
+
+
+def arithmetic_problems(count: int, seed: int, held_out: int = 0) -> tuple[list[dict], list[dict]]:
+    """(prompts for pairs, held-out questions): one-digit sums and differences, exact integer answers.
+
+    The two sets share no arithmetic fact (operation and operands, in either order for a sum), so a
+    held-out question is never a rewording of one the model was trained on. Numbers stay small so that a
+    135M-parameter model answers some right and some wrong: correctness sampling needs both.
+    """
+    facts = [("+", a, b) for a in DIGITS for b in DIGITS if a <= b] + [("-", a, b) for a in DIGITS for b in DIGITS]
+    rng = random.Random(seed)
+    rng.shuffle(facts)
+    for split in range(len(facts) + 1):  # the fewest facts that give `count` questions
+        if len(_questions(facts[:split], random.Random(0))) >= count:
+            break
+    sampled, rest = _questions(facts[:split], rng), _questions(facts[split:], rng)
+    if len(sampled) < count or len(rest) < held_out:
+        raise ValueError(f"{len(facts)} arithmetic facts cannot give {count} + {held_out} disjoint questions")
+    return sampled[:count], rest[:held_out]
 
 
 def _easy_vqa_facts() -> tuple[dict[int, list[tuple[str, str]]], dict[int, str]]:
@@ -84,10 +96,13 @@ def describe(shape: str, colour: str) -> str:
     )
 
 
-def build(out: str | Path, num_arithmetic: int = 32, num_vqa: int = 24, num_describe: int = 24, seed: int = 0) -> dict:
-    """Write the three demo prompt sets under `out`; returns the row counts."""
+def build(out: str | Path, num_arithmetic: int = 48, num_vqa: int = 24, num_describe: int = 24, seed: int = 0,
+          num_heldout: int = 256) -> dict:
+    """Write the demo prompt sets under `out`; returns the row counts."""
     out = Path(out)
-    write_jsonl(out / "arithmetic.jsonl", arithmetic_problems(num_arithmetic, seed))
+    arithmetic, heldout = arithmetic_problems(num_arithmetic, seed, num_heldout)
+    write_jsonl(out / "arithmetic.jsonl", arithmetic)
+    write_jsonl(out / "arithmetic_heldout.jsonl", heldout)
 
     per_image, paths = _easy_vqa_facts()
     rng = random.Random(seed)
@@ -124,4 +139,5 @@ def build(out: str | Path, num_arithmetic: int = 32, num_vqa: int = 24, num_desc
                 }
             )
     write_jsonl(out / "easy_vqa_describe.jsonl", describe_rows)
-    return {"arithmetic": num_arithmetic, "easy_vqa": len(vqa_rows), "easy_vqa_describe": len(describe_rows)}
+    return {"arithmetic": len(arithmetic), "arithmetic_heldout": len(heldout), "easy_vqa": len(vqa_rows),
+            "easy_vqa_describe": len(describe_rows)}

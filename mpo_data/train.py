@@ -9,6 +9,7 @@ with counts, and the run folder (adapter or model, processor, config, data summa
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import resource
 import time
@@ -211,4 +212,6 @@ def eval_run(run_dir: str | Path) -> Path:
     args = dpo_config(config, cuda_available())
     _, held, _ = prepare_rows(config, processing_class, args.max_length)
     report = evaluate.evaluate(policy, reference, processing_class, held, args.beta, config.eval)
-    return evaluate.write(Path(run_dir) / "eval.json", report)
+    path = Path(run_dir) / "eval.json"
+    kept = {k: v for k, v in json.loads(path.read_text()).items() if k in ("run", "answer_accuracy")} if path.is_file() else {}
+    return evaluate.write(path, {**report, **kept})  # the run summary and answer accuracy stay

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpo_data.answer_accuracy import AnswerEvalArgs
 from mpo_data.config import apply_overrides, build, load_yaml
 from mpo_data.errors import InputError, OnError
 
@@ -76,6 +77,10 @@ class EvalArgs:
     generations: int = field(default=3, metadata={"help": "Held-out prompts answered before and after training."})
     max_new_tokens: int = field(default=64, metadata={"help": "Length cap of those answers (greedy decoding)."})
     batch_size: int = field(default=4, metadata={"help": "Pairs per forward pass while scoring."})
+    answers: AnswerEvalArgs = field(
+        default_factory=AnswerEvalArgs,
+        metadata={"help": "Answer accuracy on held-out questions, base vs trained model (vLLM + judge), after training."},
+    )
 
 
 @dataclass

@@ -230,7 +230,7 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
     models (SmolLM2); tests/test_cli.py checks that they parse into engine.dynamic/max_num."""
     out, smollm2 = tmp_path / "out", str(models_dir / "smollm2-135m-instruct")
     common = ["--checkpoint", smollm2, "--out-dir", str(out), "--batch-size", "1", "--num-workers", "8", "--top-k", "50",
-              "--temperature", "1.0", "--tp", "1"]
+              "--temperature", "1.0", "--tp", "1", "--image-root", str(demo_dir / "images")]  # ours: InternVL's paths are absolute
     dropout = ["dropout-ntp", *common, "--prompt-path", str(demo_dir / "easy_vqa_describe.jsonl"), "--num-return-sequences", "2",
                "--sample-max-num", "3", "--start-ratio", "0.5", "--max-new-tokens", "48"]
     assert cli.main(dropout) == 0

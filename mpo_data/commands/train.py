@@ -22,4 +22,8 @@ def main(args) -> int:
     out = Path(run["output_dir"])
     what = "model" if config.model.finetune == "full" else "adapter"
     print(f"{what}: {out}\nevaluation: {out / 'eval.json'}\ntensorboard: {out / 'runs'}")
+    if config.eval.answers.questions:  # after the trainer is gone, so vLLM gets its memory
+        from mpo_data.answer_accuracy import describe, evaluate_run
+
+        print(describe(evaluate_run(out)))
     return 0

@@ -1,0 +1,137 @@
+"""Answer accuracy before/after training: the statistics (pure logic), the held-out split, and one real run
+(real LoRA adapter merged, real vLLM engine, real judge) on a handful of questions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mpo_data import answer_accuracy as aa
+from mpo_data.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_PIPELINE, DEMO_TRAIN = ROOT / "pipelines" / "demo.yaml", ROOT / "training" / "configs" / "smollm2_lora_cpu.yaml"
+
+
+def test_wilson_matches_published_values():
+    # Newcombe (1998), single proportion, method 3: 0/10 -> (0, 0.2775), 5/10 -> (0.2366, 0.7634)
+    assert aa.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert aa.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert aa.wilson(10, 10)[1] == pytest.approx(1.0) and aa.wilson(10, 10)[0] == pytest.approx(0.7225, abs=1e-4)
+
+
+def _verdicts(both: int, gained: int, lost: int, neither: int) -> tuple[list[bool], list[bool]]:
+    before = [True] * both + [False] * gained + [True] * lost + [False] * neither
+    after = [True] * both + [True] * gained + [False] * lost + [False] * neither
+    return before, after
+
+
+def test_paired_interval_without_correlation_is_square_and_add_of_wilson():
+    # ad - bc = 0: phi is 0 and the interval is the plain square-and-add of the two Wilson intervals
+    before, after = _verdicts(both=10, gained=10, lost=10, neither=10)
+    (l1, u1), (l2, u2) = aa.wilson(20, 40), aa.wilson(20, 40)
+    low, high = aa.paired_difference_ci(before, after)
+    assert low == pytest.approx(-math.hypot(0.5 - l1, u2 - 0.5)) and high == pytest.approx(math.hypot(u1 - 0.5, 0.5 - l2))
+
+
+def test_paired_interval_narrows_with_correlation_and_mirrors_when_swapped():
+    before, after = _verdicts(both=60, gained=25, lost=5, neither=110)
+    low, high = aa.paired_difference_ci(before, after)
+    assert low < 0.1 < high and low > 0  # 20 more right out of 200, correlated verdicts: clearly above zero
+    (l1, u1), (l2, u2) = aa.wilson(85, 200), aa.wilson(65, 200)
+    assert high - low < math.hypot(0.425 - l1, u2 - 0.325) + math.hypot(u1 - 0.425, 0.325 - l2)  # narrower than independent
+    assert aa.paired_difference_ci(after, before) == pytest.approx((-high, -low))
+
+
+def test_summary_counts_gained_and_lost():
+    before, after = _verdicts(both=3, gained=2, lost=1, neither=4)
+    s = aa.summarize(before, after)
+    assert (s["questions"], s["before"], s["after"], s["gained"], s["lost"]) == (10, 0.4, 0.5, 2, 1)
+    assert s["before_ci"][0] < 0.4 < s["before_ci"][1] and s["diff_ci"][0] < 0.1 < s["diff_ci"][1]
+    assert "+10.0 points" in aa.describe(s)
+    with pytest.raises(ValueError):
+        aa.summarize([True], [])
+
+
+def test_evaluate_without_questions_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="eval.answers.questions"):
+        aa.evaluate("base", "trained", aa.AnswerEvalArgs(), tmp_path)
+    with pytest.raises(InputError, match="not a training run folder"):
+        aa.evaluate_run(tmp_path)
+
+
+def test_held_out_questions_share_no_fact_with_the_sampled_ones():
+    from mpo_data import demo
+
+    train, held = demo.arithmetic_problems(48, seed=0, held_out=256)
+    assert (len(train), len(held)) == (48, 256)
+    fact = lambda row: (row["op"], *sorted(int(n) for n in row["question"].replace("?", " ").split() if n.isdigit()))  # noqa: E731
+    assert not {fact(r) for r in train} & {fact(r) for r in held}
+    for row in train + held:  # exact answers
+        left, op, right = row["question"].removeprefix("What is ").rstrip("?= ").split()
+        assert int(row["answer"]) == (int(left) + int(right) if op == "+" else int(left) - int(right))
+    assert demo.arithmetic_problems(48, seed=0, held_out=256) == (train, held)  # the same sets every time
+    assert len({r["question"] for r in held}) == 256
+    with pytest.raises(ValueError, match="disjoint"):
+        demo.arithmetic_problems(48, seed=0, held_out=10_000)
+    sampled = [d["settings"].get("prompt_path") for d in yaml.safe_load(DEMO_PIPELINE.read_text())["datasets"]]
+    train_config = yaml.safe_load(DEMO_TRAIN.read_text())
+    assert train_config["eval"]["answers"]["questions"] == "data/demo/arithmetic_heldout.jsonl" not in sampled
+
+
+def _random_adapter_run(models_dir, run):
+    """A run folder as `mpo-data train` leaves it, with a real LoRA adapter whose weights are not zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = str(models_dir / "smollm2-135m-instruct")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(run)
+    AutoTokenizer.from_pretrained(base).save_pretrained(run)
+    run_config = {"model": {"path": base}, "data": {"meta": "unused.json"}, "output_dir": str(run)}
+    (run / "train_config.yaml").write_text(yaml.safe_dump(run_config))
+    return base
+
+
+@pytest.mark.engine
+def test_adapter_run_answers_judged_before_and_after(models_dir, text_engine, tmp_path):
+    """Merged adapter (float32) computes what the PEFT model computes, vLLM answers with it, the judge marks both."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mpo_data.judge import extract_answer
+
+    run = tmp_path / "run"
+    base = _random_adapter_run(models_dir, run)
+    merged = aa.trained_model(run, base)
+    assert merged == run / "merged" and aa.trained_model(run, base) == merged  # merged once, then reused
+    ids = torch.tensor([[1, 504, 3458, 314, 1638, 30]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run)
+    expected = peft(ids).logits
+    assert torch.allclose(AutoModelForCausalLM.from_pretrained(merged)(ids).logits, expected, atol=1e-4)
+
+    questions = tmp_path / "held_out.jsonl"
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in ((2, 3), (4, 4), (6, 1))]
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = aa.AnswerEvalArgs(questions=str(questions), max_new_tokens=48)
+    summary = aa.evaluate(text_engine, merged, args, tmp_path)
+
+    lines = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [line["answer"] for line in lines] == ["5", "8", "7"]
+    assert any(line["before_response"] != line["after_response"] for line in lines)  # the adapter is in the weights
+    for when in ("before", "after"):
+        assert summary[when] == pytest.approx(sum(line[f"{when}_correct"] for line in lines) / 3, abs=1e-4)
+        for line in lines:  # no final-answer line: wrong; exactly the right number: right
+            extraction = extract_answer(line[f"{when}_response"], "en")
+            if not extraction.format_ok or extraction.answer == line["answer"]:
+                assert line[f"{when}_correct"] == extraction.format_ok
+    assert summary["gained"] == sum(l["after_correct"] and not l["before_correct"] for l in lines)
