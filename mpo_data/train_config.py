@@ -15,6 +15,7 @@ from typing import Any
 from mpo_data.answer_accuracy import AnswerEvalArgs
 from mpo_data.config import apply_overrides, build, load_yaml
 from mpo_data.errors import InputError, OnError
+from mpo_data.prompts import PROMPT_VERSIONS
 
 # The MPO paper's loss mix, as the TRL cookbook sets it: preference (sigmoid), quality (bco_pair), generation (sft).
 MPO_DEFAULTS: dict[str, Any] = {
@@ -123,6 +124,8 @@ def check(config: TrainConfig) -> TrainConfig:
         raise InputError(f"{where}: data: set exactly one of 'meta' and 'dataset'")
     if not config.data.eval_size > 0:
         raise InputError(f"{where}: data.eval_size: must be > 0 (the evaluation needs held-out pairs)")
+    if config.eval.answers.prompt_version not in PROMPT_VERSIONS:
+        raise InputError(f"{where}: eval.answers.prompt_version: '{config.eval.answers.prompt_version}' is not one of {', '.join(PROMPT_VERSIONS)}")
     return config
 
 

@@ -58,6 +58,19 @@ def test_summary_counts_gained_and_lost():
         aa.summarize([True], [])
 
 
+def test_training_config_checks_the_answer_settings_before_training(tmp_path):
+    from mpo_data.commands import train as train_command
+    from mpo_data.train_config import load
+
+    config = load(DEMO_TRAIN)
+    assert config.eval.answers.questions == "data/demo/arithmetic_heldout.jsonl" and config.eval.answers.temperature == 0
+    with pytest.raises(InputError, match="eval.answers.prompt_version: 'en3'"):
+        load(DEMO_TRAIN, ["eval.answers.prompt_version=en3"])
+    args = type("Args", (), {"config": str(DEMO_TRAIN), "overrides": [f"eval.answers.questions={tmp_path / 'nope.jsonl'}"]})
+    with pytest.raises(InputError, match="nope.jsonl: no such file"):
+        train_command.main(args)
+
+
 def test_evaluate_without_questions_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="eval.answers.questions"):
         aa.evaluate("base", "trained", aa.AnswerEvalArgs(), tmp_path)

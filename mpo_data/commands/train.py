@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mpo_data.errors import InputError
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="training YAML, e.g. training/configs/smollm2_lora_cpu.yaml")
@@ -16,6 +18,9 @@ def main(args) -> int:
     from mpo_data.train_config import load
 
     config = load(args.config, args.overrides)
+    questions = config.eval.answers.questions
+    if questions and not Path(questions).exists():  # found out now, not after the training
+        raise InputError(f"{args.config}: eval.answers.questions: {questions}: no such file (make demo-data builds the demo's)")
     run = train(config)
     if not run:
         return 0
