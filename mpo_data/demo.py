@@ -1,6 +1,6 @@
 """Demo prompt sets, built offline: arithmetic questions and a subset of the real easy-VQA data set.
 
-Writes, in the input formats of design.md, under OUT:
+Writes, in the input formats of docs/design.md, under OUT:
   arithmetic.jsonl           correctness, text-only, exact integer answers (fixed seed): sampled for pairs
   arithmetic_heldout.jsonl   the same kind of questions, never sampled: answer accuracy before/after training
   easy_vqa.jsonl             correctness, one image each (easy-VQA's own questions and answers)

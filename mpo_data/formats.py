@@ -1,7 +1,7 @@
 """Typed records for every file mpo-data reads or writes, and the rules that validate them.
 
 Records keep unknown keys in ``extra`` so that whatever a user put in a prompt line travels to the
-samples and pairs unchanged (design.md: "Extra keys are kept and carried through").
+samples and pairs unchanged (docs/design.md, input formats).
 """
 
 from __future__ import annotations

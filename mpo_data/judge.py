@@ -1,4 +1,4 @@
-"""`mpo-data judge`: is a sampled response correct? The judge contract of design.md.
+"""`mpo-data judge`: is a sampled response correct? The judge contract of docs/design.md.
 
 Two steps with different risks. Extraction (the answer format each prompt version asks for) is linear
 string work and runs where the data is read. Matching (normalisation, numbers, options, ANLS, symbolic

@@ -135,7 +135,7 @@ def build_qwen2_5_vl(out: Path, text_source: Path, size: str = "tiny", seed: int
     """A random-weight Qwen2.5-VL from config with the SmolLM2 tokenizer plus Qwen's vision tokens.
 
     Its processor needs torchvision (Qwen's video processor), which GPU machines have and the CPU
-    install removes (environment.md), so this model is for GPU runs of the training recipe.
+    install removes (docs/engine.md), so this model is for GPU runs of the training recipe.
     """
     if importlib.util.find_spec("torchvision") is None:
         raise InputError("Qwen2.5-VL's processor needs torchvision (present on GPU machines, removed by the CPU install)")
