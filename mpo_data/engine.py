@@ -88,7 +88,7 @@ def _engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         trust_remote_code=config.trust_remote_code,
     )
     if config.max_num is not None or config.dynamic:
-        kwargs["mm_processor_kwargs"] = _tiling_kwargs(config)
+        kwargs["mm_processor_kwargs"] = tiling_kwargs(config)
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1 and _inside_ray():
         kwargs["distributed_executor_backend"] = "ray"  # workers go into the actor's placement group
     return {**kwargs, **config.engine_kwargs}  # handed over untouched: the user's word wins
@@ -102,7 +102,7 @@ TILING_NAMES = {
 }
 
 
-def _tiling_kwargs(config: EngineConfig) -> dict[str, Any]:
+def tiling_kwargs(config: EngineConfig) -> dict[str, Any]:
     """InternVL tiling under the names of the model's own processor, chosen from its config.json."""
     config_file = Path(config.model) / "config.json"
     try:

@@ -9,3 +9,9 @@ ON_ERROR: tuple[str, ...] = get_args(OnError)
 
 class InputError(Exception):
     """Bad data or configuration; the message names the file (and line) at fault."""
+
+
+class ClusterError(InputError):
+    """The cluster lost part of a run (a node, an engine actor); what was written is kept and a rerun resumes.
+
+    Not bad input, but printed the same way: a clear message, no traceback."""

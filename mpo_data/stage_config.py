@@ -156,6 +156,10 @@ class StageConfig:
             raise InputError(f"need 0 < --top-p <= 1 and --temperature >= 0 (got {self.sampling.top_p}, {self.sampling.temperature})")
         if not Path(self.engine.model).is_dir():
             raise InputError(f"{self.engine.model}: no such model folder (--checkpoint)")
+        if self.engine.max_num is not None or self.engine.dynamic:
+            from mpo_data.engine import tiling_kwargs  # a late import: engine imports this module
+
+            tiling_kwargs(self.engine)  # InternVL tiling on another model: refused here, not inside an engine actor
 
 
 @dataclass

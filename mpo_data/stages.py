@@ -22,7 +22,9 @@ import orjson
 from tqdm import tqdm
 
 from mpo_data import images as image_io
+from mpo_data import ray_logs
 from mpo_data.engine import Completion, Engine, GenerationRequest
+from mpo_data.errors import ClusterError
 from mpo_data.formats import PromptItem, Sample, image_list, strip_placeholders
 from mpo_data.inputs import PromptReader
 from mpo_data.prompts import user_prompt
@@ -201,6 +203,7 @@ def actor_resources(config: StageConfig, cluster_gpus: float) -> dict[str, Any]:
 
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_MODE = "RAY_AUTH_MODE"
 
 
 def connect_ray(address: str | None) -> bool:
@@ -209,14 +212,15 @@ def connect_ray(address: str | None) -> bool:
         # With this switch off, Ray takes 127.0.0.1 as the node address instead of the host's routable
         # one, so a private instance never listens on or talks to a network address. Read at import.
         os.environ.setdefault(LOOPBACK_ONLY, "0")
+        os.environ.setdefault(AUTH_MODE, "token")  # token auth on by our choice: Ray warns when it is left unset
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray_logs.init(address=address, log_to_driver=False)
         return False
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_logs.init(address="local", include_dashboard=False, log_to_driver=False)
     return True
 
 
@@ -254,7 +258,8 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore)
             fn_constructor_kwargs={"config": config},
             batch_size=config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=config.num_engines),
-            **actor_resources(config, ray.cluster_resources().get("GPU", 0)),
+            max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
+            **actor_resources(config, ray.cluster_resources().get("GPU", 0)),  # a restart that may never place
         )
         total = sum(len(w["indices"]) for w in work)
         with tqdm(total=total, unit="sample", desc=f"{config.stage} {config.dataset_name}", file=sys.stderr) as bar:
@@ -266,6 +271,11 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore)
                     tally.first_part_s, tally.first_part_tokens = tally.last_part_s, tally.output_tokens
                 bar.update(len(batch["record"]))
                 bar.set_postfix(items=len(tally.items), kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=tally.steady_tokens_per_s() or "-")
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
+        raise ClusterError(
+            f"{config.stage} {config.dataset_name}: an engine or node was lost ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}); the {tally.parts} part(s) written are kept: rerun to resume"
+        ) from None
     finally:
         if started_ray:
             ray.shutdown()
@@ -373,6 +383,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "wall_s": round(time.monotonic() - began, 2),
         "totals": store.totals(),
         "settings": config.stage_settings(),
+        "ray_logs": ray_logs.folder(),
     }
     summary["summary_file"] = str(store.write_summary(summary))
     return summary

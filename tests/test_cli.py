@@ -103,3 +103,13 @@ def test_bad_flag_values_are_usage_errors(capsys):
     with pytest.raises(SystemExit):
         main(["meta", "--pairs-dir", "p", "--image-root", "i", "--out", "m.json", "--weight", "noequals"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_guide_tiling_flags_on_a_model_that_is_not_internvl_are_refused_up_front(models_dir, tmp_path):
+    from mpo_data.errors import InputError
+
+    argv = ["correctness", "--checkpoint", str(models_dir / "smollm2-135m-instruct"), "--prompt-path", "p.jsonl",
+            "--dynamic", "--max-num", "6"]
+    config = config_from_args(CorrectnessConfig, parse(argv))
+    with pytest.raises(InputError, match="config.json: max_num/dynamic tiling is for InternVL models"):
+        config.check()

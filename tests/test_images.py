@@ -18,6 +18,7 @@ from PIL import Image
 
 from mpo_data import images
 from mpo_data.inputs import PromptReader, validate_file
+from mpo_data.jsonl import current_umask
 from mpo_data.train_data import PairLoader
 
 
@@ -160,6 +161,7 @@ def test_stage_reader_quarantines_each_refused_image(tmp_path, corpus):
     assert dict(reader.quarantine.counts) == dict(Counter(category for _, category in REFUSED.values()))
     quarantined = [orjson.loads(line) for line in (tmp_path / "q.jsonl").read_bytes().splitlines()]
     assert sorted(q["line"]["image"] for q in quarantined) == sorted(REFUSED)
+    assert (tmp_path / "q.jsonl").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as open() would make it
 
 
 def test_training_loader_quarantines_each_refused_image(tmp_path, corpus):

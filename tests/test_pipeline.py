@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,8 @@ from mpo_data.formats import REST_SUFFIX, read_meta
 from mpo_data.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+# a line in Ray's own log formats: Python loggers ("2026-01-01 10:00:00,123\tINFO file.py:1 -- ...") and its C++ core
+RAY_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t[A-Z]+ .*|\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] .*")
 
 
 def write(tmp_path, config) -> Path:
@@ -90,9 +94,13 @@ def test_bad_pipeline_config_names_key_and_file(tmp_path, demo_dir, edit, messag
 def test_tiny_pipeline_runs_and_rerun_does_no_work(tmp_path, demo_dir):
     path = write(tmp_path, base_config(tmp_path, demo_dir))
     cmd = [sys.executable, "-m", "mpo_data", "run", str(path)]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, preexec_fn=lambda: os.umask(0o022))
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "out"
+    # quiet logs: Ray's own lines (Python loggers, its C++ core) went to its log folder, named in the summary
+    assert not RAY_LINE.search(first.stderr), RAY_LINE.search(first.stderr).group(0)
+    ray_logs = Path(orjson.loads((out / "samples" / "correctness" / "arith" / "summary.json").read_bytes())["ray_logs"])
+    assert "Started a local Ray instance" in (ray_logs / "mpo-data-driver.log").read_text()
     samples = sorted((out / "samples").glob("*/*/part-*.jsonl"))
     arith = orjson.loads((out / "samples" / "correctness" / "arith" / "summary.json").read_bytes())
     assert arith["samples_out"] == 9
@@ -109,10 +117,17 @@ def test_tiny_pipeline_runs_and_rerun_does_no_work(tmp_path, demo_dir):
     record = orjson.loads((out / "pipeline.json").read_bytes())
     assert record["pairs_rebuilt"] is True and record["meta"] == str(tmp_path / "meta.json")
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900, preexec_fn=lambda: os.umask(0o022))
     assert second.returncode == 0, second.stderr[-3000:]
     assert sorted((out / "samples").glob("*/*/part-*.jsonl")) == samples
     again = orjson.loads((out / "samples" / "correctness" / "arith" / "summary.json").read_bytes())
     assert again["samples_requested"] == 0 and again["samples_already_done"] == 9
     assert orjson.loads((out / "pipeline.json").read_bytes())["pairs_rebuilt"] is False
     assert read_meta(tmp_path / "meta.json") == meta
+    report = subprocess.run([sys.executable, "-m", "mpo_data", "report", str(out)], capture_output=True, text=True,
+                            timeout=300, preexec_fn=lambda: os.umask(0o022))
+    assert report.returncode == 0, report.stderr[-3000:]
+    # every file the run wrote has the mode open() gives under umask 022: parts, run.json, summaries, pairs, report, meta
+    modes = {str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in [*out.rglob("*"), tmp_path / "meta.json"] if f.is_file()}
+    assert {"out/report.html", "out/pairs/pairs_summary.json", "out/samples/correctness/arith/run.json"} <= set(modes)
+    assert set(modes.values()) == {"0o644"}, modes

@@ -13,6 +13,7 @@ from PIL import Image
 from mpo_data import evaluate
 from mpo_data.errors import InputError
 from mpo_data.formats import MetaEntry, write_meta
+from mpo_data.jsonl import current_umask
 from mpo_data.train_config import load
 from mpo_data.train_data import PairLoader, repeat_indices
 
@@ -213,6 +214,8 @@ def test_two_mpo_steps_on_tiny_vlm(pairs, tmp_path, finetune):
     assert (out / saved).is_file() and (out / "processor_config.json").is_file()
     assert list((out / "runs").glob("*/events.out.tfevents.*"))
     result = json.loads((out / "eval.json").read_text())
+    for written in ("eval.json", "summary.json"):  # readable by the group, as open() would make them
+        assert (out / written).stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert result["pairs"] == 2 and len(result["generations"]) == 1
     moved = [p["policy_chosen"] - p["ref_chosen"] for p in result["per_pair"]]
     assert any(abs(d) > 1e-4 for d in moved)  # the policy left the reference: training changed weights
