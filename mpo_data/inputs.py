@@ -76,8 +76,11 @@ def _iter_hf_dataset(path: Path) -> Iterator[Line]:
         yield Line(f"{path}:{row}", value)
 
 
-def record_problems(line: Line, kind: str, image_root: str | Path | None) -> list[Problem]:
-    """Every problem of one row: JSON, schema, then each image (only if the schema is sound)."""
+def record_problems(line: Line, kind: str, image_root: str | Path | None, verify_images: bool = True) -> list[Problem]:
+    """Every problem of one row: JSON, schema, then each image (only if the schema is sound).
+
+    verify_images=False checks image headers only (path, format, size), not the compressed data.
+    """
     if line.error:
         return [Problem(line.loc, "invalid JSON", line.error)]
     schema = pair_problems(line.value) if kind == "pairs" else prompt_problems(line.value, kind)
@@ -87,20 +90,25 @@ def record_problems(line: Line, kind: str, image_root: str | Path | None) -> lis
     if image_root is not None:
         for rel in image_list(line.value.get("image")):
             try:
-                images.check(image_root, rel)
+                images.check(image_root, rel, verify=verify_images)
             except images.ImageError as e:
                 problems.append(Problem(line.loc, e.category, str(e)))
     return problems
 
 
 class Quarantine:
-    """Where skipped lines go, each with its reasons, and the counts for the run summary."""
+    """Where skipped lines go, each with its reasons, and the counts for the run summary.
+
+    Lines added after `close` (a stage's engine refused an item the reader had passed) are added to the
+    file this run wrote; a new run starts a new file.
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
         self.counts: Counter[str] = Counter()
         self._writer: AtomicFile | None = None
         self._file: Any = None
+        self._closed_once = False
 
     def add(self, problems: list[Problem], value: Any) -> None:
         for problem in problems:
@@ -110,6 +118,8 @@ class Quarantine:
         if self._file is None:
             self._writer = AtomicFile(self.path)
             self._file = self._writer.__enter__()
+            if self._closed_once and self.path.exists():
+                self._file.write(self.path.read_bytes())
         record = {"loc": problems[0].loc, "reasons": [p.message for p in problems], "line": value}
         self._file.write(dumps(record))
 
@@ -117,6 +127,7 @@ class Quarantine:
         if self._file is not None:
             self._writer.__exit__(None, None, None)
             self._file = None
+        self._closed_once = True
 
     @property
     def total(self) -> int:
@@ -128,6 +139,8 @@ class PromptReader:
 
     With on_error="fail" the first bad line raises InputError naming FILE:LINE and why. With "skip" it
     is written with its reasons to the quarantine file and counted; nothing is dropped silently.
+    verify_images=False checks only image headers here, for readers whose images are decoded elsewhere
+    (the stages' engine workers), so that a million prompts do not wait for a serial decode on the driver.
     """
 
     def __init__(
@@ -138,6 +151,7 @@ class PromptReader:
         image_root: str | Path | None = None,
         on_error: str = "fail",
         quarantine: str | Path | None = None,
+        verify_images: bool = True,
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -146,12 +160,13 @@ class PromptReader:
         self.on_error = on_error
         self.quarantine = Quarantine(Path(quarantine) if quarantine else None)
         self.read = 0
+        self.verify_images = verify_images
 
     def __iter__(self) -> Iterator[PromptItem]:
         try:
             for line in iter_records(self.path):
                 self.read += 1
-                problems = record_problems(line, self.kind, self.image_root)
+                problems = record_problems(line, self.kind, self.image_root, self.verify_images)
                 if not problems:
                     yield PromptItem.from_raw(line.value, self.dataset, line.loc)
                 elif self.on_error == "fail":

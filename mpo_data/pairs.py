@@ -32,12 +32,12 @@ import orjson
 from tqdm import tqdm
 
 from mpo_data.errors import InputError
-from mpo_data.formats import Pair
+from mpo_data.formats import FINISH_REASONS, Pair
 from mpo_data.inputs import ON_ERROR, Problem, Quarantine
 from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
 from mpo_data.judge import Judge, JudgeConfig, JudgeItem, modes_for_dataset
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
-from mpo_data.shards import DROPPED
+from mpo_data.shards import DROPPED, shard_folder
 
 STAGES = ("correctness", "dropout-ntp")
 # Keys a correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
@@ -73,9 +73,10 @@ def find_datasets(data_dir: Path) -> dict[tuple[str, str], list[Path]]:
         raise InputError(f"{data_dir}: no such folder")
     found: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for part in sorted(data_dir.rglob("part-*.jsonl")):
-        if part.parent.name == DROPPED and part.parent.parent.parent.name in STAGES:
+        folder = shard_folder(part)
+        if folder.name == DROPPED and folder.parent.parent.name in STAGES:
             continue
-        stage, dataset = part.parent.parent.name, part.parent.name
+        stage, dataset = folder.parent.name, folder.name
         if stage not in STAGES:
             raise InputError(f"{part}: expected <stage>/<dataset>/part-*.jsonl with stage in {STAGES}, got {stage!r}")
         found[(stage, dataset)].append(part)
@@ -136,8 +137,8 @@ def check_sample(loc: str, raw: Any) -> str:
     version = raw.get("prompt_version") or DEFAULT_PROMPT_VERSION
     if version not in PROMPT_TEMPLATES:
         raise InputError(f"{loc}: unknown prompt_version {version!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
-    if raw["finish_reason"] not in ("stop", "length"):
-        raise InputError(f"{loc}: 'finish_reason' must be 'stop' or 'length', got {raw['finish_reason']!r}")
+    if raw["finish_reason"] not in FINISH_REASONS:
+        raise InputError(f"{loc}: 'finish_reason' must be one of {FINISH_REASONS}, got {raw['finish_reason']!r}")
     return version
 
 
@@ -261,8 +262,8 @@ class CorrectnessPairs:
         return buckets
 
     def _usable_chosen(self, sample: dict) -> bool:
-        """Chosen responses are complete (not cut at max tokens) and not looping."""
-        if sample["finish_reason"] == "length":
+        """Chosen responses are complete (not cut at max tokens or by a full context) and not looping."""
+        if sample["finish_reason"] in ("length", "context"):
             self.counts["filtered_chosen_truncated"] += 1
             return False
         if is_degenerate(sample["response"]):
