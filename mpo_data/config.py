@@ -1,7 +1,13 @@
-"""YAML configs into (nested) dataclasses, strictly: an unknown or mistyped key is an error naming it and the file."""
+"""Settings declared once, as dataclass fields with help and default; YAML sections and flags come from them.
+
+`build` turns a YAML mapping (or the flags `add_arguments` derived) into (nested) dataclasses, strictly: an
+unknown or mistyped key is an error naming it and the file. Nested sections keep their field names: the
+stage's `engine: {max_model_len: 8192}` in YAML is `--max-model-len 8192` on the command line.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -47,26 +53,36 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def build(cls: type[T], data: Any, source: str, key: str = "") -> T:
+def build(cls: type[T], data: Any, source: str, key: str = "", base: T | None = None) -> T:
     """Instantiate dataclass `cls` from a dict, recursing into dataclass, list and dict fields.
 
-    Messages read "SOURCE: KEY.PATH: problem", e.g. "pipelines/demo.yaml: datasets[1].stage: ...".
+    Keys missing from `data` take their value from `base` (an instance) or else the field default; a nested
+    section given in part keeps the defaults its owner declares for the rest. Messages read
+    "SOURCE: KEY.PATH: problem", e.g. "pipelines/demo.yaml: datasets[1].stage: ...".
     """
     where = f"{source}: {key}" if key else source
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise InputError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(names))})")
-    missing = [
-        f.name for f in dataclasses.fields(cls)
-        if f.init and f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+        raise InputError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(fields))})")
+    values = {name: getattr(base, name) for name in fields} if base is not None else {}
+    missing = [name for name, f in fields.items() if name not in data and name not in values and _default(f, None) is dataclasses.MISSING]
     if missing:
         raise InputError(f"{where}: missing key '{missing[0]}'")
-    return cls(**{k: _convert(hints[k], v, source, f"{key}.{k}" if key else k) for k, v in data.items()})
+    for name, value in data.items():
+        path = f"{key}.{name}" if key else name
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            nested = values.get(name, _default(fields[name], None))
+            values[name] = build(hints[name], value, source, path, None if nested is dataclasses.MISSING else nested)
+        else:
+            values[name] = _convert(hints[name], value, source, path)
+        choices = fields[name].metadata.get("choices")
+        if choices and values[name] not in choices:
+            raise InputError(f"{source}: {path}: expected one of {list(choices)}, got {values[name]!r}")
+    return cls(**values)
 
 
 def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
@@ -108,3 +124,107 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
     if isinstance(hint, type) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise InputError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, section by section (a nested mapping is merged, not replaced)."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = merge(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+# ---- command-line flags derived from the same dataclasses ----
+
+
+def _scalar(text: str) -> Any:
+    """A command-line value read as a YAML scalar (1 -> int, true -> bool, x -> str), as overrides are."""
+    return yaml.safe_load(text)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, _scalar(value)
+
+
+def _flag_kwargs(hint: Any, f: dataclasses.Field) -> dict[str, Any]:
+    """argparse arguments for one field type: bools get --x/--no-x, lists and mappings repeat the flag."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _flag_kwargs(options[0], f) if len(options) == 1 else {"type": _scalar}
+    choices = f.metadata.get("choices")
+    if origin is typing.Literal:
+        choices = args
+    if choices:
+        return {"choices": list(choices), "type": type(choices[0])}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is dict:
+        return {"action": "append", "type": _key_value, "metavar": "KEY=VALUE"}
+    if origin in (list, tuple):
+        return {"action": "append", "type": args[0] if args and args[0] in (str, int, float) else _scalar}
+    if hint in (int, float, str):
+        return {"type": hint}
+    return {"type": str if hint is Path else _scalar}
+
+
+def _flags(f: dataclasses.Field) -> list[str]:
+    name = f.name.replace("_", "-")
+    return [f"-{name}" if len(name) == 1 else f"--{name}", *f.metadata.get("aliases", ())]
+
+
+def _default(f: dataclasses.Field, base: Any) -> Any:
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, base: Any = None, prefix: str = "") -> None:
+    """One flag per field of dataclass `cls`, nested dataclass fields flattened (their flags carry no prefix).
+
+    Flag, type, choices, default and help all come from the field; `base` (an instance) gives the defaults
+    of a nested section when its owner declares other ones (e.g. 8 samples per item for correctness).
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = _default(f, base)
+        if dataclasses.is_dataclass(hints[f.name]):
+            section = hints[f.name]
+            # one help group per section (argparse groups do not nest: deeper sections join their parent's)
+            group = parser.add_argument_group(f"{prefix}{f.name}", section.__doc__) if isinstance(parser, argparse.ArgumentParser) else parser
+            add_config_arguments(group, section, default if default is not dataclasses.MISSING else None, f"{prefix}{f.name}.")
+            continue
+        kwargs = _flag_kwargs(hints[f.name], f)
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        elif default is not None and default is not False and default not in ({}, []) and kwargs.get("action") != "append":
+            kwargs["default"] = default
+            help_text += f" (default: {default})"
+        if "choices" not in kwargs and kwargs.get("action") is not argparse.BooleanOptionalAction:
+            kwargs.setdefault("metavar", f.name.upper())
+        parser.add_argument(*_flags(f), dest=prefix + f.name, help=help_text, **kwargs)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, base: T | None = None) -> T:
+    """The dataclass that `add_config_arguments(parser, cls)` flags describe, checked as a YAML config is."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    data: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        *parents, leaf = dest.split(".")
+        if value is None or (parents or [leaf])[0] not in names:
+            continue  # not given (the field default applies), or another part of the command line
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = dict(value) if isinstance(value, list) and value and isinstance(value[0], tuple) else value
+    return build(cls, data, "command line", base=base)

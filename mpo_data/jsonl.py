@@ -69,11 +69,27 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
     return count
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only swap it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: swap and restore (a brief race with threads that create files)
+    os.umask(mask)
+    return mask
+
+
 class AtomicFile:
     """A binary file that appears under its name only once closed without error.
 
     Streams of any size go through it (the data is never held in memory); on an exception, or a
     SIGKILL, the temp file is all that is left and readers never see it (it ends in ``.tmp``).
+    The file gets the mode ``open()`` would give it (0666 less the umask), not mkstemp's private 0600,
+    so a data set on a shared filesystem is readable by whoever the umask lets read it.
     """
 
     def __init__(self, path: Path):
@@ -82,6 +98,7 @@ class AtomicFile:
 
     def __enter__(self):
         fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~current_umask())
         self._handle = os.fdopen(fd, "wb", buffering=1 << 20)
         return self._handle
 

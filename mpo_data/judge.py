@@ -15,22 +15,22 @@ relative tolerance makes 2013 equal 2012), except under the chart rule (5%, year
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import os
 import re
 import signal
-import sys
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from rapidfuzz.distance import Levenshtein
+
 from mpo_data.errors import InputError
 from mpo_data.jsonl import AtomicFile, dumps, iter_lines
-from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
+from mpo_data.prompts import DEFAULT_PROMPT_VERSION, prompt_version
 
 MODES = ("vqa", "mc", "number", "relaxed", "anls", "math")  # exact match after normalisation always applies
 
@@ -60,14 +60,15 @@ class JudgeConfig:
     """How answers are matched and how long one verdict may take."""
 
     modes: tuple[str, ...] | None = field(
-        default=None, metadata={"help": f"matching modes from {MODES}; None: chosen by dataset name"}
+        default=None,
+        metadata={"help": "Matching modes (repeatable); None: chosen by dataset name.", "choices": MODES, "aliases": ["--mode"]},
     )
-    timeout: float = field(default=5.0, metadata={"help": "seconds one comparison may take before it is a judge_error"})
-    workers: int = field(default=0, metadata={"help": "matcher processes; 0: one per CPU core"})
-    batch_size: int = field(default=512, metadata={"help": "responses per task sent to a worker"})
-    relaxed_tolerance: float = field(default=0.05, metadata={"help": "relative error the chart (relaxed) rule accepts"})
+    timeout: float = field(default=5.0, metadata={"help": "Seconds one comparison may take before it is a judge_error."})
+    workers: int = field(default=0, metadata={"help": "Matcher processes; 0: one per CPU core."})
+    batch_size: int = field(default=512, metadata={"help": "Responses per task sent to a worker."})
+    relaxed_tolerance: float = field(default=0.05, metadata={"help": "Relative error the chart (relaxed) rule accepts."})
     anls_threshold: float = field(
-        default=0.9, metadata={"help": "ANLS similarity a document answer needs (InternVL's 0.9 bar on every score)"}
+        default=0.9, metadata={"help": "ANLS similarity a document answer needs (InternVL's 0.9 bar on every score)."}
     )
 
 
@@ -85,7 +86,13 @@ class Extraction:
 
 _FAIL = Extraction(None, False)
 _BRACE = re.compile(r"[{}]")
-_FINAL_ANSWER = re.compile(r"^[\s*#>]*final answer\s*[:：]\**", re.IGNORECASE | re.MULTILINE)
+_ANSWER_LINES: dict[str, re.Pattern] = {}  # label -> the pattern of a line that starts with it
+
+
+def _answer_line(label: str) -> re.Pattern:
+    if label not in _ANSWER_LINES:
+        _ANSWER_LINES[label] = re.compile(rf"^[\s*#>]*{re.escape(label)}\s*[:：]\**", re.IGNORECASE | re.MULTILINE)
+    return _ANSWER_LINES[label]
 
 
 def last_boxed(text: str, start: int = 0) -> Extraction:
@@ -104,13 +111,13 @@ def last_boxed(text: str, start: int = 0) -> Extraction:
     return _FAIL
 
 
-def _final_answer_line(text: str) -> Extraction:
-    """en: the last non-empty line reads `Final answer: ...` after some reasoning."""
+def _final_answer_line(text: str, label: str) -> Extraction:
+    """en/zh: the last non-empty line reads `<label>: ...` (Final answer, 答案) after some reasoning."""
     stripped = text.rstrip()
     line_start = stripped.rfind("\n") + 1
     if line_start == 0:  # no reasoning before the answer line
         return _FAIL
-    head = _FINAL_ANSWER.match(stripped, line_start)
+    head = _answer_line(label).match(stripped, line_start)
     if not head:
         return _FAIL
     answer = stripped[head.end():].strip().strip("*").strip()
@@ -121,7 +128,7 @@ def _final_answer_line(text: str) -> Extraction:
 
 
 def _think_then_box(text: str) -> Extraction:
-    """r1: exactly one <think>...</think> block, then the boxed answer after it."""
+    """en_r1/zh_r1: exactly one <think>...</think> block, then the boxed answer after it."""
     if text.count("<think>") != 1 or text.count("</think>") != 1:
         return _FAIL
     opened, closed = text.find("<think>"), text.find("</think>")
@@ -130,15 +137,14 @@ def _think_then_box(text: str) -> Extraction:
     return last_boxed(text, closed + len("</think>"))
 
 
-def extract_answer(response: str, prompt_version: str = DEFAULT_PROMPT_VERSION) -> Extraction:
-    """The final answer in the format `prompt_version` asks for; anything else is a format failure."""
-    if prompt_version == "en":
-        return _final_answer_line(response)
-    if prompt_version == "en_v2":
+def extract_answer(response: str, version: str = DEFAULT_PROMPT_VERSION) -> Extraction:
+    """The final answer in the format prompt version `version` asks for; anything else is a format failure."""
+    spec = prompt_version(version)
+    if spec.answer_format == "line":
+        return _final_answer_line(response, spec.answer_label)
+    if spec.answer_format == "boxed":
         return last_boxed(response)
-    if prompt_version == "r1":
-        return _think_then_box(response)
-    raise ValueError(f"unknown prompt version {prompt_version!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
+    return _think_then_box(response)
 
 
 _OPTION_LINE = re.compile(r"^[ \t]*\(?([A-Z])[.:)][ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
@@ -245,26 +251,10 @@ def relaxed_equal(pred: Number, gt: Number, tolerance: float) -> bool:
     return abs(pred.value - gt.value) <= abs(gt.value) * Fraction(tolerance)
 
 
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance, O(len(a) * len(b)) time and O(min) memory."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
 def anls(pred: str, gt: str) -> float:
     """ANLS similarity of one answer: 1 - normalised edit distance, 0 when that distance is >= 0.5."""
     pred, gt = " ".join(pred.lower().split()), " ".join(gt.lower().split())
-    longest = max(len(pred), len(gt))
-    if longest == 0:
-        return 1.0
-    distance = levenshtein(pred, gt) / longest
+    distance = Levenshtein.normalized_distance(pred, gt)  # edit distance / longer length; 0 for two empty strings
     return 1.0 - distance if distance < 0.5 else 0.0
 
 
@@ -513,7 +503,17 @@ class Judge:
             yield from self._finish(self._pending.popleft())
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------ judging a file
+
+
+def checked_version(loc: str, raw: dict) -> str:
+    """The prompt_version a sample line names (default en_v2), or InputError naming the line."""
+    version = raw.get("prompt_version") or DEFAULT_PROMPT_VERSION
+    try:
+        prompt_version(version)
+    except ValueError as e:
+        raise InputError(f"{loc}: {e}") from None
+    return version
 
 
 def _judge_row(loc: str, raw: Any) -> tuple[str, str, str | None, str]:
@@ -528,10 +528,7 @@ def _judge_row(loc: str, raw: Any) -> tuple[str, str, str | None, str]:
     question = raw.get("question")
     if question is not None and not isinstance(question, str):
         raise InputError(f"{loc}: 'question' must be a string")
-    version = raw.get("prompt_version") or DEFAULT_PROMPT_VERSION
-    if version not in PROMPT_TEMPLATES:
-        raise InputError(f"{loc}: unknown prompt_version {version!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
-    return raw["response"], str(answer), question, version
+    return raw["response"], str(answer), question, checked_version(loc, raw)
 
 
 def judge_file(input_path: Path, output_path: Path, config: JudgeConfig, dataset: str | None = None) -> Counter:
@@ -554,25 +551,3 @@ def judge_file(input_path: Path, output_path: Path, config: JudgeConfig, dataset
             counts.update(lines=1, correct=verdict.is_correct, format_failures=not verdict.format_ok,
                           judge_errors=verdict.judge_error is not None)
     return counts
-
-
-def _judge_main(args: argparse.Namespace) -> int:
-    config = JudgeConfig(modes=tuple(args.mode) if args.mode else None, timeout=args.timeout, workers=args.workers)
-    counts = judge_file(Path(args.input), Path(args.output), config, args.dataset)
-    print(
-        f"judged {counts['lines']} lines: {counts['correct']} correct, {counts['format_failures']} format failures, "
-        f"{counts['judge_errors']} judge errors -> {args.output}",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("judge", help="judge responses against ground-truth answers (the judge contract)")
-    p.add_argument("--input", required=True, help="JSONL with response, answer, question?, prompt_version?")
-    p.add_argument("--output", required=True, help="JSONL: the input plus answer_pred, format_ok, is_correct")
-    p.add_argument("--mode", action="append", choices=MODES, help="matching mode (repeatable); default: by dataset name")
-    p.add_argument("--dataset", default=None, help="dataset name that picks the modes (default: the input file's stem)")
-    p.add_argument("--timeout", type=float, default=JudgeConfig.timeout, help="seconds per comparison")
-    p.add_argument("--workers", type=int, default=0, help="matcher processes (0: one per core)")
-    p.set_defaults(func=_judge_main)

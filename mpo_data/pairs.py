@@ -15,11 +15,10 @@ Outputs in --save-dir, all written atomically:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import random
-import sys
+import shutil
 import tempfile
 import zlib
 from collections import Counter, defaultdict
@@ -31,12 +30,13 @@ from typing import Any, Callable, Iterator
 import orjson
 from tqdm import tqdm
 
-from mpo_data.errors import InputError
+from mpo_data.errors import InputError, OnError
 from mpo_data.formats import FINISH_REASONS, Pair
-from mpo_data.inputs import ON_ERROR, Problem, Quarantine
+from mpo_data.inputs import Problem, Quarantine
 from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
-from mpo_data.judge import Judge, JudgeConfig, JudgeItem, modes_for_dataset
-from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
+from mpo_data.judge import Judge, JudgeConfig, JudgeItem, checked_version, modes_for_dataset
+from mpo_data.prompts import DEFAULT_PROMPT_VERSION
+from mpo_data.runlock import holds
 from mpo_data.shards import DROPPED, shard_folder
 
 STAGES = ("correctness", "dropout-ntp")
@@ -51,17 +51,24 @@ SAMPLE_KEYS = {
 class PairsConfig:
     """Where samples come from, where pairs go, and how many pairs one item may give."""
 
-    data_dir: Path = field(metadata={"help": "samples folder: <out>/samples, one stage folder, or one dataset folder"})
-    save_dir: Path = field(metadata={"help": "folder for pair files, pos_items/, neg_items/ and pairs_summary.json"})
-    num_pairs_per_key: int = field(default=15, metadata={"help": "at most this many pairs per item and rule"})
-    max_lines: int = field(default=1_200_000, metadata={"help": "lines read per dataset at most (InternVL's cap)"})
-    answer_fix: bool = field(default=False, metadata={"help": "rewrite the chosen's final answer to the ground truth"})
-    seed: int = field(default=0, metadata={"help": "seed of pair sampling; same seed, same output"})
-    on_error: str = field(
-        default="fail", metadata={"help": "bad sample lines: fail naming FILE:LINE, or skip to quarantine/<ds>.jsonl"}
+    data_dir: Path = field(
+        metadata={"help": "Samples: a stage's --out-dir (as InternVL's guide passes it), its samples/ folder, one stage "
+                  "folder or one dataset folder."}
     )
-    bucket_bytes: int = field(default=32 << 20, metadata={"help": "input bytes per item_id hash bucket held in memory"})
-    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "matching modes, workers, timeout"})
+    save_dir: Path = field(metadata={"help": "Folder for pair files, pos_items/, neg_items/ and pairs_summary.json."})
+    num_pairs_per_key: int = field(default=15, metadata={"help": "At most this many pairs per item and rule."})
+    max_lines: int = field(
+        default=1_200_000,
+        metadata={"help": "Lines read per dataset at most. InternVL's script defaults to 1,000,000; its guide passes "
+                  "1,200,000, which is ours."},
+    )
+    answer_fix: bool = field(default=False, metadata={"help": "Rewrite the chosen's final answer to the ground truth."})
+    seed: int = field(default=0, metadata={"help": "Seed of pair sampling; same seed, same output."})
+    on_error: OnError = field(
+        default="fail", metadata={"help": "Bad sample lines: fail naming FILE:LINE, or skip them to SAVE_DIR/quarantine/ with counts."}
+    )
+    bucket_bytes: int = field(default=32 << 20, metadata={"help": "Input bytes per item_id hash bucket held in memory."})
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "Matching modes, workers, timeout."})
 
 
 def find_datasets(data_dir: Path) -> dict[tuple[str, str], list[Path]]:
@@ -134,9 +141,7 @@ _DROPOUT_KEYS = {"item_id": (str,), "question": (str,), "chosen": (str,), "rejec
 def check_sample(loc: str, raw: Any) -> str:
     """Validate a correctness sample line; returns its prompt_version."""
     _require(loc, raw, _CORRECTNESS_KEYS)
-    version = raw.get("prompt_version") or DEFAULT_PROMPT_VERSION
-    if version not in PROMPT_TEMPLATES:
-        raise InputError(f"{loc}: unknown prompt_version {version!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
+    version = checked_version(loc, raw)
     if raw["finish_reason"] not in FINISH_REASONS:
         raise InputError(f"{loc}: 'finish_reason' must be one of {FINISH_REASONS}, got {raw['finish_reason']!r}")
     return version
@@ -366,10 +371,21 @@ def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: D
     return counts
 
 
+def remove_leftovers(save_dir: Path) -> None:
+    """Temp files and buckets a killed run left; safe to remove as this run holds the folder."""
+    for path in list(save_dir.rglob(".*")):
+        if path.is_dir() and path.name.startswith(".pairs-buckets-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
+@holds("save_dir")
 def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
     """Every dataset below data_dir -> pair files; returns (and writes) the per-dataset summary."""
     datasets = find_datasets(config.data_dir)
     config.save_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(config.save_dir)
     summary: dict[str, dict[str, Any]] = {}
     dedup = Dedup()
     with ExitStack() as stack:
@@ -388,40 +404,3 @@ def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
             summary[f"{stage}/{dataset}"] = dict(sorted(counts.items()))
     atomic_write_bytes(config.save_dir / "pairs_summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     return summary
-
-
-def _pairs_main(args: argparse.Namespace) -> int:
-    config = PairsConfig(
-        data_dir=Path(args.data_dir),
-        save_dir=Path(args.save_dir),
-        num_pairs_per_key=args.num_pairs_per_key,
-        max_lines=args.max_lines,
-        answer_fix=args.answer_fix,
-        seed=args.seed,
-        on_error=args.on_error,
-        judge=JudgeConfig(modes=tuple(args.mode) if args.mode else None, workers=args.workers, timeout=args.timeout),
-    )
-    summary = build_pairs(config)
-    for name, counts in summary.items():
-        made = {k: v for k, v in counts.items() if k.startswith("pairs_")}
-        print(f"{name}: {counts.get('lines', 0)} lines -> {made}", file=sys.stderr)
-    print(f"summary: {config.save_dir / 'pairs_summary.json'}", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub) -> None:
-    from mpo_data.judge import MODES
-
-    p = sub.add_parser("pairs", help="turn sample shards into MMPR preference pairs (correctness and DropoutNTP)")
-    p.add_argument("--data-dir", required=True, help="<out>/samples, a stage folder, or one dataset folder")
-    p.add_argument("--save-dir", required=True, help="where pair files and pairs_summary.json go")
-    p.add_argument("--num-pairs-per-key", type=int, default=15, help="at most this many pairs per item and rule")
-    p.add_argument("--max-lines", type=int, default=1_200_000, help="lines read per dataset at most")
-    p.add_argument("--answer-fix", action="store_true", help="rewrite the chosen's final answer to the ground truth")
-    p.add_argument("--seed", type=int, default=0, help="seed of pair sampling")
-    p.add_argument("--on-error", default="fail", choices=ON_ERROR,
-                   help="bad sample lines: fail naming FILE:LINE, or skip to <save-dir>/quarantine/ with counts")
-    p.add_argument("--mode", action="append", choices=MODES, help="judge mode (repeatable); default: by dataset name")
-    p.add_argument("--workers", type=int, default=0, help="judge processes (0: one per core)")
-    p.add_argument("--timeout", type=float, default=JudgeConfig.timeout, help="seconds per answer comparison")
-    p.set_defaults(func=_pairs_main)

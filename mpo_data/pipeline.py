@@ -8,21 +8,21 @@ is the stages' own dataclasses, so a key the stages do not know is an error nami
 from __future__ import annotations
 
 import hashlib
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 
-from mpo_data.config import apply_overrides, build, load_yaml
+from mpo_data.config import apply_overrides, build, load_yaml, merge
 from mpo_data.errors import InputError
 from mpo_data.formats import write_meta
 from mpo_data.jsonl import atomic_write_bytes
-from mpo_data.judge import JudgeConfig
 from mpo_data.meta import MetaConfig, build_meta, count_pairs
 from mpo_data.pairs import PairsConfig, build_pairs
-from mpo_data.stages import CorrectnessConfig, DropoutNTPConfig, connect_ray, run_stage
+from mpo_data.runlock import holds
+from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
+from mpo_data.stages import connect_ray, run_stage
 
 STAGES = {"correctness": CorrectnessConfig, "dropout-ntp": DropoutNTPConfig}
 
@@ -34,51 +34,50 @@ class DatasetSpec:
     name: str = field(metadata={"help": "Dataset name: sample folder, pair file prefix, meta entry prefix."})
     stage: Literal["correctness", "dropout-ntp"] = field(metadata={"help": "Which sampling stage builds its pairs."})
     settings: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "Stage settings (fields of CorrectnessConfig/DropoutNTPConfig), over `defaults`."}
+        default_factory=dict,
+        metadata={"help": "Stage settings (fields of CorrectnessConfig/DropoutNTPConfig, engine: and sampling: "
+                  "sections included), merged over `defaults` section by section."},
     )
     weight: float = field(default=1.0, metadata={"help": "Relative share in the mixture when meta.target_total is set."})
-
-
-@dataclass
-class PairsSection:
-    num_pairs_per_key: int = field(default=15, metadata={"help": "At most this many pairs per item and rule."})
-    max_lines: int = field(default=1_200_000, metadata={"help": "Lines read per dataset at most."})
-    answer_fix: bool = field(default=False, metadata={"help": "Rewrite the chosen's final answer to the ground truth."})
-    seed: int = field(default=0, metadata={"help": "Seed of pair sampling."})
-    on_error: Literal["fail", "skip"] = field(
-        default="fail", metadata={"help": "Bad sample lines: fail naming FILE:LINE, or skip to pairs/quarantine/."}
-    )
-    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "Matching modes, workers, timeout."})
-
-
-@dataclass
-class MetaSection:
-    out: str = field(metadata={"help": "meta.json to write (e.g. meta/NAME.json)."})
-    target_total: int | None = field(default=None, metadata={"help": "Active rows of the whole mixture (None: every row once)."})
-    base: str | None = field(default=None, metadata={"help": "Existing meta.json (e.g. MMPR's) the new entries join."})
-    max_dynamic_patch: int = field(default=12, metadata={"help": "InternVL's max tiles per image."})
 
 
 @dataclass
 class PipelineConfig:
     out_dir: str = field(metadata={"help": "Run folder: samples/, pairs/, quarantine/, pipeline.json."})
     datasets: list[DatasetSpec] = field(metadata={"help": "Prompt sets, sampled in this order."})
-    meta: MetaSection = field(metadata={"help": "Where meta.json goes and its target size."})
-    defaults: dict[str, Any] = field(default_factory=dict, metadata={"help": "Stage settings shared by every dataset (checkpoint, tp, ...)."})
-    pairs: PairsSection = field(default_factory=PairsSection, metadata={"help": "Pair building settings."})
+    meta: MetaConfig = field(metadata={"help": "The meta.json mixture (`mpo-data meta` settings; pairs_dir and image_root are the run's)."})
+    pairs: PairsConfig = field(metadata={"help": "Pair building (`mpo-data pairs` settings; data_dir and save_dir are the run's)."})
+    defaults: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Stage settings shared by every dataset (engine: {model: ..., tensor_parallel_size: 4}, ...)."}
+    )
     address: str | None = field(default=None, metadata={"help": "Ray cluster to join; None: a local Ray on 127.0.0.1."})
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[PipelineConfig, list]:
+def _set_by_pipeline(data: dict[str, Any], section: str, values: dict[str, Any], source: str) -> None:
+    """Fill the keys of `section` that the run folder decides; a YAML that sets one is refused."""
+    given = data.setdefault(section, {})
+    if not isinstance(given, dict):
+        raise InputError(f"{source}: {section}: expected a mapping, got {type(given).__name__}")
+    clash = sorted(set(given) & set(values))
+    if clash:
+        raise InputError(f"{source}: {section}: '{clash[0]}' is set by the pipeline (from out_dir), not in the YAML")
+    given.update(values)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[PipelineConfig, list[StageConfig]]:
     """The pipeline and each dataset's stage config, all checked before anything runs."""
     source = str(path)
-    config = build(PipelineConfig, apply_overrides(load_yaml(path), list(overrides)), source)
+    data = apply_overrides(load_yaml(path), list(overrides))
+    out = Path(str(data.get("out_dir", "")))
+    _set_by_pipeline(data, "pairs", {"data_dir": str(out / "samples"), "save_dir": str(out / "pairs")}, source)
+    _set_by_pipeline(data, "meta", {"pairs_dir": str(out / "pairs"), "image_root": "."}, source)
+    config = build(PipelineConfig, data, source)
     names = [d.name for d in config.datasets]
     if len(set(names)) != len(names):
         raise InputError(f"{source}: datasets: names must be unique, got {names}")
     stages = []
     for i, spec in enumerate(config.datasets):
-        given = {**config.defaults, **spec.settings}
+        given = merge(config.defaults, spec.settings)
         fixed = {"out_dir": config.out_dir, "dataset": spec.name, "address": config.address}
         clash = sorted(set(given) & set(fixed))
         if clash:
@@ -101,6 +100,7 @@ def owner(pair_name: str, stages: list):
     return max((s for s in stages if pair_name.startswith(f"{s.dataset}_")), key=lambda s: len(s.dataset))
 
 
+@holds("out_dir")
 def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     """Stages, pairs, meta in order; returns what pipeline.json records."""
     out = Path(config.out_dir)
@@ -109,14 +109,9 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     connect_ray(config.address)
     summaries = {f"{s.stage}/{s.dataset}": run_stage(s) for s in stages}
 
-    section = config.pairs
-    fingerprint = _fingerprint(out / "samples", section)
+    fingerprint = _fingerprint(out / "samples", config.pairs)
     if record.get("pairs_fingerprint") != fingerprint or not (out / "pairs" / "pairs_summary.json").exists():
-        build_pairs(PairsConfig(
-            data_dir=out / "samples", save_dir=out / "pairs", num_pairs_per_key=section.num_pairs_per_key,
-            max_lines=section.max_lines, answer_fix=section.answer_fix, seed=section.seed, on_error=section.on_error,
-            judge=section.judge,
-        ))
+        build_pairs(config.pairs)
         pairs_rebuilt = True
     else:
         pairs_rebuilt = False
@@ -125,19 +120,17 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     files = sorted((out / "pairs").glob("*.jsonl"))
     if not files and not config.meta.base:
         raise InputError(f"{out / 'pairs'}: the samples gave no pairs (see {out / 'pairs' / 'pairs_summary.json'})")
-    entries = build_meta(MetaConfig(
-        pairs_dir=out / "pairs", image_root=".", out=Path(config.meta.out), target_total=config.meta.target_total,
-        # a dataset's weight scales the default share of each of its files (its rows)
-        weights={f.stem: count_pairs(f) * weights[owner(f.stem, stages).dataset] for f in files},
-        base=Path(config.meta.base) if config.meta.base else None, max_dynamic_patch=config.meta.max_dynamic_patch,
-    ))
-    for f in files:
-        stage = owner(f.stem, stages)
-        entries[f.stem].root = str(stage.image_root or Path(stage.prompt_path).parent)
+    # a dataset's weight scales the default share of each of its files (its rows); meta.weights names entries
+    shares = {f.stem: count_pairs(f) * weights[owner(f.stem, stages).dataset] for f in files}
+    entries = build_meta(replace(config.meta, weights={**shares, **config.meta.weights}))
+    for entry in entries.values():  # NAME and its NAME_rest entry share the file, hence the root
+        if Path(entry.annotation) in files:
+            stage = owner(Path(entry.annotation).stem, stages)
+            entry.root = str(stage.image_root or Path(stage.prompt_path).parent)
     write_meta(config.meta.out, entries)
 
     record = {
-        "meta": config.meta.out,
+        "meta": str(config.meta.out),
         "pairs_dir": str(out / "pairs"),
         "pairs_fingerprint": fingerprint,
         "pairs_rebuilt": pairs_rebuilt,
@@ -145,22 +138,3 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     }
     atomic_write_bytes(record_path, orjson.dumps(record, option=orjson.OPT_INDENT_2) + b"\n")
     return record
-
-
-def _main(args) -> int:
-    config, stages = load_pipeline(args.config, args.overrides)
-    if args.address:
-        config.address = args.address
-        for stage in stages:
-            stage.address = args.address
-    record = run_pipeline(config, stages)
-    print(f"pairs: {record['pairs_dir']}\nmeta:  {record['meta']}\nreport: mpo-data report {config.out_dir}", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("run", help="run a pipeline YAML: sampling stages -> pairs -> meta.json (resumable)")
-    p.add_argument("config", help="pipeline YAML, e.g. pipelines/demo.yaml")
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the YAML, e.g. out_dir=out/x")
-    p.add_argument("--address", default=None, help="Ray cluster to join ('auto' or HOST:PORT)")
-    p.set_defaults(func=_main)

@@ -1,35 +1,75 @@
-"""Chain-of-thought prompt templates of the correctness stage, one per `prompt_version`.
+"""Chain-of-thought prompt templates of the correctness stage, one per `prompt_version` (InternVL's names).
 
-The judge enforces the answer format that each template asks for, so the two must change together.
+Each version names the answer format its template asks for, and the judge (mpo_data.judge.extract_answer)
+enforces exactly that format, so a template and its format change together here. The wording is ours;
+the names and formats follow InternVL's reasoning_data_pipeline: en/zh a final-answer line, en_v2/zh_v2 a
+boxed answer, en_r1/zh_r1 a think block then a boxed answer (`r1` is kept as another name for en_r1).
 """
 
 from __future__ import annotations
 
-PROMPT_TEMPLATES: dict[str, str] = {
-    # a last line "Final answer: ..."
-    "en": (
+from dataclasses import dataclass
+from typing import Literal
+
+AnswerFormat = Literal["line", "boxed", "think_boxed"]
+
+
+@dataclass(frozen=True)
+class PromptVersion:
+    """A template with a `{question}` slot, and the answer format the judge requires of its responses."""
+
+    template: str
+    answer_format: AnswerFormat
+    answer_label: str = ""  # for "line": the label that starts the last line ("Final answer: 12")
+
+
+_EN_R1 = PromptVersion(
+    "Answer the question below. First think it through inside one <think> </think> block, then, "
+    "after the block, give your final answer in \\boxed{{}}.\n\nQuestion:\n{question}",
+    "think_boxed",
+)
+
+PROMPT_VERSIONS: dict[str, PromptVersion] = {
+    "en": PromptVersion(
         "Answer the question below. Reason step by step first, then give your answer on the last line "
-        'in the form "Final answer: <answer>".\n\nQuestion:\n{question}'
+        'in the form "Final answer: <answer>".\n\nQuestion:\n{question}',
+        "line",
+        "Final answer",
     ),
-    # the answer in a final \boxed{}
-    "en_v2": (
+    "en_v2": PromptVersion(
         "Answer the question below. Reason step by step first, then put your final answer in "
-        "\\boxed{{}} at the end of your response.\n\nQuestion:\n{question}"
+        "\\boxed{{}} at the end of your response.\n\nQuestion:\n{question}",
+        "boxed",
     ),
-    # one <think>...</think> block, then the boxed answer
-    "r1": (
-        "Answer the question below. First think it through inside one <think> </think> block, then, "
-        "after the block, give your final answer in \\boxed{{}}.\n\nQuestion:\n{question}"
+    "en_r1": _EN_R1,
+    "r1": _EN_R1,
+    "zh": PromptVersion(
+        "请回答下面的问题。先一步一步地推理，然后在最后一行按“答案: <答案>”的格式给出你的答案。\n\n问题:\n{question}",
+        "line",
+        "答案",
+    ),
+    "zh_v2": PromptVersion(
+        "请回答下面的问题。先一步一步地推理，然后把最终答案写在回答末尾的 \\boxed{{}} 中。\n\n问题:\n{question}",
+        "boxed",
+    ),
+    "zh_r1": PromptVersion(
+        "请回答下面的问题。先在一个 <think> </think> 块中完成思考，然后在该块之后把最终答案写在 \\boxed{{}} 中。"
+        "\n\n问题:\n{question}",
+        "think_boxed",
     ),
 }
 
 DEFAULT_PROMPT_VERSION = "en_v2"
 
 
-def render(question: str, prompt_version: str = DEFAULT_PROMPT_VERSION) -> str:
-    """The user turn for `question` under `prompt_version` (a KeyError names the valid versions)."""
+def prompt_version(name: str) -> PromptVersion:
+    """The version called `name`; a ValueError names the valid ones."""
     try:
-        template = PROMPT_TEMPLATES[prompt_version]
+        return PROMPT_VERSIONS[name]
     except KeyError:
-        raise KeyError(f"unknown prompt version {prompt_version!r}; expected one of {sorted(PROMPT_TEMPLATES)}") from None
-    return template.format(question=question)
+        raise ValueError(f"unknown prompt_version {name!r}; expected one of {list(PROMPT_VERSIONS)}") from None
+
+
+def render(question: str, version: str = DEFAULT_PROMPT_VERSION) -> str:
+    """The user turn for `question` under prompt version `version`."""
+    return prompt_version(version).template.format(question=question)

@@ -1,27 +1,30 @@
 """`mpo-data report`: one static HTML page summarising a run, for a person to read.
 
-It reads what the stages already wrote (summary.json files, pair files, the meta.json) and embeds the
-sample images as data URIs, so the page is a single file that can be copied off a cluster.
+It reads what the stages already wrote (summary.json files, pairs_summary.json, pair files, the meta.json),
+puts first one overview table (a row per dataset and stage), then the length histograms, the judge's
+verdicts, sample pairs with their images embedded as data URIs (one file to copy off a cluster), and the raw
+summaries last. The page itself is the Jinja2 template `templates/report.html.j2`.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import random
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from mpo_data import images
 from mpo_data.errors import InputError
 from mpo_data.formats import image_list, iter_pairs, read_meta
-from mpo_data.jsonl import atomic_write_bytes
 
 HIST_BINS = 12
 SAMPLE_PAIRS = 20
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -41,27 +44,47 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
             yield name, value
 
 
-def _summary_table(title: str, source: Path, data: dict[str, Any]) -> str:
-    rows = "".join(
-        f'<tr><td>{html.escape(k)}</td><td class="num" data-key="{html.escape(k)}">{html.escape(_fmt(v))}</td></tr>'
-        for k, v in _flatten(data)
-    )
-    return (
-        f'<section class="summary" data-source="{html.escape(str(source))}"><h3>{html.escape(title)}</h3>'
-        f"<table>{rows}</table></section>"
-    )
+def _by_reason(*counts: dict[str, int]) -> dict[str, int]:
+    merged: dict[str, int] = defaultdict(int)
+    for count in counts:
+        for reason, n in count.items():
+            if n:
+                merged[reason] += n
+    return dict(sorted(merged.items()))
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def overview_row(key: str, stage: dict[str, Any], pairs: dict[str, Any]) -> dict[str, Any]:
+    """One line of the overview: a (stage, dataset)'s counts over all its runs, and what pairs made of it."""
+    totals = stage.get("totals", {})
+    prefixed = lambda prefix: {k.removeprefix(prefix): v for k, v in pairs.items() if k.startswith(prefix)}  # noqa: E731
+    return {
+        "key": key,
+        "dataset": stage.get("dataset", key.split("/")[-1]),
+        "stage": stage.get("stage", key.split("/")[0]),
+        "model": stage.get("model"),
+        "items": totals.get("items", stage.get("items_selected")),
+        "samples": totals.get("samples", stage.get("samples_out")),
+        "correct_rate": pairs.get("correctness_rate") if "samples" in pairs else None,
+        "pairs": prefixed("pairs_"),
+        "dropped": _by_reason(totals.get("dropped", stage.get("dropped", {})), prefixed("filtered_")),
+        "quarantined": _by_reason(stage.get("quarantined", {}).get("reasons", {}), prefixed("quarantined_")),
+        "output_tokens": totals.get("output_tokens", stage.get("output_tokens")),
+        "tokens_per_s": totals.get("output_tokens_per_s", stage.get("output_tokens_per_s")),
+    }
 
 
-def _histogram_svg(chosen: list[int], rejected: list[int]) -> str:
-    """Word-length histograms of chosen and rejected side by side, as inline SVG bars."""
-    if not chosen:
-        return "<p>no pairs</p>"
+def verdict_row(key: str, pairs: dict[str, Any]) -> dict[str, Any]:
+    """Correct / wrong / no answer found / judge error of one correctness dataset's samples."""
+    samples = pairs.get("samples", 0)
+    counts = {"correct": pairs.get("correct", 0), "no answer found": pairs.get("format_failures", 0),
+              "judge error": pairs.get("judge_errors", 0)}
+    counts["wrong"] = samples - sum(counts.values())
+    order = ("correct", "wrong", "no answer found", "judge error")
+    return {"key": key, "samples": samples, "counts": [(name, counts[name], counts[name] / samples if samples else 0) for name in order]}
+
+
+def histogram(chosen: list[int], rejected: list[int]) -> dict[str, Any]:
+    """Word-length bins of chosen and rejected answers, with bar heights scaled to the tallest (0..1)."""
     top = max(chosen + rejected)
     width = max(1, -(-top // HIST_BINS))
     counts = {name: [0] * HIST_BINS for name in ("chosen", "rejected")}
@@ -69,50 +92,51 @@ def _histogram_svg(chosen: list[int], rejected: list[int]) -> str:
         for n in lengths:
             counts[name][min(n // width, HIST_BINS - 1)] += 1
     peak = max(max(c) for c in counts.values())
-    bars = []
-    for i in range(HIST_BINS):
-        for j, (name, colour) in enumerate((("chosen", "#2a7"), ("rejected", "#c44"))):
-            h = 120 * counts[name][i] / peak
-            bars.append(
-                f'<rect x="{i * 44 + j * 18 + 30}" y="{140 - h:.1f}" width="16" height="{h:.1f}" fill="{colour}">'
-                f"<title>{name} {i * width}-{(i + 1) * width - 1} words: {counts[name][i]}</title></rect>"
-            )
-        bars.append(f'<text x="{i * 44 + 30}" y="156" font-size="9">{i * width}</text>')
-    return (
-        f'<svg width="{HIST_BINS * 44 + 40}" height="170" role="img" aria-label="length histogram">{"".join(bars)}'
-        '<text x="30" y="12" font-size="11" fill="#2a7">chosen</text>'
-        '<text x="90" y="12" font-size="11" fill="#c44">rejected</text></svg>'
-    )
+    bins = [{"start": i * width, "end": (i + 1) * width - 1,
+             "bars": [(name, counts[name][i], counts[name][i] / peak) for name in ("chosen", "rejected")]}
+            for i in range(HIST_BINS)]
+    return {"pairs": len(chosen), "bins": bins}
 
 
-def _image_tag(root: str | None, rel: str) -> str:
+def image_data(root: str | None, rel: str) -> dict[str, str | None]:
+    """A thumbnail as a data URI, or why the image could not be shown."""
     try:
         if root is None:
             raise images.ImageError("image missing", "no image root for this pair file")
         image = images.load(root, rel)
     except images.ImageError as e:
-        return f'<span class="missing">{html.escape(str(e))}</span>'
+        return {"rel": rel, "src": None, "error": str(e)}
     image.thumbnail((256, 256))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode()
-    return f'<img alt="{html.escape(rel)}" src="data:image/png;base64,{data}">'
-
-
-def _pair_card(name: str, pair, root: str | None) -> str:
-    pictures = "".join(_image_tag(root, rel) for rel in image_list(pair.image))
-    return (
-        f'<div class="pair"><div class="images">{pictures}</div><div class="texts">'
-        f"<p class=\"ds\">{html.escape(name)}</p><p><b>Q:</b> {html.escape(pair.question)}</p>"
-        f'<p class="chosen"><b>chosen:</b> {html.escape(pair.chosen)}</p>'
-        f'<p class="rejected"><b>rejected:</b> {html.escape(pair.rejected)}</p></div></div>'
-    )
+    return {"rel": rel, "src": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), "error": None}
 
 
 def _roots_by_annotation(meta_path: Path | None) -> dict[Path, str]:
     if meta_path is None:
         return {}
     return {Path(e.annotation).resolve(): e.root for e in read_meta(meta_path).values()}
+
+
+def _pair_files(out: Path, roots: dict[Path, str], seed: int) -> tuple[list[dict], list[dict], int]:
+    """(histogram per pair file, a seeded reservoir of sample pairs with images, pairs seen)."""
+    rng = random.Random(seed)
+    histograms, reservoir, seen = [], [], 0
+    for path in sorted((out / "pairs").glob("*.jsonl")):
+        root = roots.get(path.resolve())
+        chosen, rejected = [], []
+        for pair in iter_pairs(path):
+            chosen.append(len(pair.chosen.split()))
+            rejected.append(len(pair.rejected.split()))
+            seen += 1
+            slot = len(reservoir) if len(reservoir) < SAMPLE_PAIRS else rng.randrange(seen)
+            if slot < SAMPLE_PAIRS:
+                reservoir[slot:slot + 1] = [(path.stem, pair, root)]
+        if chosen:
+            histograms.append({"name": path.stem, **histogram(chosen, rejected)})
+    cards = [{"name": name, "pair": pair, "images": [image_data(root, rel) for rel in image_list(pair.image)]}
+             for name, pair, root in reservoir]
+    return histograms, cards, seen
 
 
 def build_report(out_dir: str | Path, meta_path: str | Path | None = None, seed: int = 0) -> str:
@@ -122,79 +146,22 @@ def build_report(out_dir: str | Path, meta_path: str | Path | None = None, seed:
         raise InputError(f"{out}: no such run folder")
     if meta_path is None and (out / "pipeline.json").exists():
         meta_path = _load_json(out / "pipeline.json").get("meta")
-    roots = _roots_by_annotation(Path(meta_path) if meta_path else None)
-
-    sections = []
-    for path in sorted(out.glob("samples/*/*/summary.json")):
-        stage, dataset = path.parent.parent.name, path.parent.name
-        sections.append(_summary_table(f"{stage} / {dataset}", path, _load_json(path)))
-    pair_summary = out / "pairs" / "pairs_summary.json"
-    if pair_summary.exists():
-        sections.append(_summary_table("pairs and filters", pair_summary, _load_json(pair_summary)))
-
-    rng = random.Random(seed)
-    chosen_len, rejected_len, reservoir, seen = [], [], [], 0
-    for path in sorted((out / "pairs").glob("*.jsonl")):
-        root = roots.get(path.resolve())
-        for pair in iter_pairs(path):
-            chosen_len.append(len(pair.chosen.split()))
-            rejected_len.append(len(pair.rejected.split()))
-            seen += 1
-            slot = len(reservoir) if len(reservoir) < SAMPLE_PAIRS else rng.randrange(seen)
-            if slot < SAMPLE_PAIRS:
-                entry = (path.stem, pair, root)
-                reservoir[slot:slot + 1] = [entry]
-    cards = "".join(_pair_card(*entry) for entry in reservoir)
-    return _PAGE.format(
-        title=html.escape(str(out)),
-        summaries="".join(sections) or "<p>no summaries found</p>",
-        total=seen,
-        histogram=_histogram_svg(chosen_len, rejected_len),
-        cards=cards or "<p>no pairs</p>",
+    stages = {f"{p.parent.parent.name}/{p.parent.name}": (p, _load_json(p)) for p in sorted(out.glob("samples/*/*/summary.json"))}
+    pairs_path = out / "pairs" / "pairs_summary.json"
+    pairs = _load_json(pairs_path) if pairs_path.exists() else {}
+    keys = sorted(set(stages) | set(pairs))
+    histograms, cards, seen = _pair_files(out, _roots_by_annotation(Path(meta_path) if meta_path else None), seed)
+    raw = [(key, str(stages[key][0]), list(_flatten(stages[key][1]))) for key in keys if key in stages]
+    if pairs:
+        raw.append(("pairs and filters", str(pairs_path), list(_flatten(pairs))))
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined)
+    return env.get_template("report.html.j2").render(
+        title=str(out),
+        overview=[overview_row(k, stages.get(k, (None, {}))[1], pairs.get(k, {})) for k in keys],
+        verdicts=[verdict_row(k, pairs[k]) for k in keys if "samples" in pairs.get(k, {})],
+        histograms=histograms,
+        cards=cards,
+        total_pairs=seen,
+        raw=raw,
+        ray_logs=sorted({s.get("ray_logs") for _, s in stages.values() if s.get("ray_logs")}),
     )
-
-
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>mpo-data report: {title}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin-bottom: 1em; }}
-td {{ border: 1px solid #ddd; padding: 2px 8px; }} td.num {{ text-align: right; }}
-.summary {{ display: inline-block; vertical-align: top; margin-right: 2em; }}
-.pair {{ display: flex; gap: 1em; border-top: 1px solid #ddd; padding: .5em 0; }}
-.pair img {{ max-width: 256px; margin-right: .5em; }} .chosen {{ color: #175; }} .rejected {{ color: #a22; }}
-.ds {{ color: #888; font-size: small; }} .missing {{ color: #a22; font-size: small; }}
-</style></head>
-<body data-pairs="{total}">
-<h1>mpo-data run: {title}</h1>
-<h2>Counts per stage and filter</h2>{summaries}
-<h2>Lengths (words) of chosen and rejected, {total} pairs</h2>{histogram}
-<h2>Sample pairs</h2>{cards}
-<script>
-// Marks on <body> how many images decoded, so a broken page is visible to people and to tests.
-window.addEventListener("load", () => {{
-  const imgs = [...document.images];
-  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.imagesLoaded = ok;
-  document.body.dataset.imagesBroken = imgs.length - ok;
-}});
-</script>
-</body></html>
-"""
-
-
-def _main(args) -> int:
-    page = build_report(args.out_dir, args.meta, args.seed)
-    target = Path(args.html or Path(args.out_dir) / "report.html")
-    atomic_write_bytes(target, page.encode())
-    print(f"report: {target}")
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("report", help="one static HTML page: counts, correctness rates, lengths, sample pairs")
-    p.add_argument("out_dir", help="a run folder (the out_dir of a pipeline or stage)")
-    p.add_argument("--html", default=None, help="where to write the page (default OUT_DIR/report.html)")
-    p.add_argument("--meta", default=None, help="meta.json giving image roots (default: the one the pipeline recorded)")
-    p.add_argument("--seed", type=int, default=0, help="which sample pairs are shown")
-    p.set_defaults(func=_main)

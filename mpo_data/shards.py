@@ -7,7 +7,8 @@ Layout under ``<out>/samples/<stage>/<dataset>/``:
                              rerun does not redo them
   run.json                   the settings the samples were drawn with (a rerun must match them), and the
                              engine seed of every run
-  summary.json               counts of the last run, and `totals` over all runs
+  runs.jsonl                 every run's summary, one line per run, appended (the history)
+  summary.json               counts of the last run, and `totals`: the folder's contents and sums over all runs
 
 A part appears whole or not at all (temp file, fsync, rename), so after a crash the folder holds only
 complete lines, and (item_id, sample_index) keys tell a rerun exactly which samples are still missing.
@@ -24,10 +25,11 @@ from typing import Any, Iterator
 import orjson
 
 from mpo_data.errors import InputError
-from mpo_data.jsonl import atomic_write_bytes, read_jsonl, write_jsonl
+from mpo_data.jsonl import atomic_write_bytes, dumps, read_jsonl, write_jsonl
 
 PART_RE = re.compile(r"^part-(\d+)\.jsonl$")
 GROUP_RE = re.compile(r"^g(\d+)$")
+HISTORY = "runs.jsonl"  # every run's summary, appended
 DROPPED = "dropped"  # sub-folder of a shard folder holding the samples a stage dropped, with their reason
 PARTS_PER_FOLDER = 10_000  # parts 0..9,999 in the shard folder itself (the original flat layout), then gNNNN/
 KEYS_RE = re.compile(rb'^\{"item_id":"([^"\\]*)","sample_index":(\d+)[,}]')  # how write_part starts a line
@@ -185,6 +187,29 @@ class ShardStore:
         atomic_write_bytes(self.root / "run.json", orjson.dumps(run, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
-        path = self.root / "summary.json"
+        """Append this run to runs.jsonl (kept for good), then write summary.json: this run, and in
+        `totals` the folder's contents plus the sums over every run (a no-op rerun keeps the tokens)."""
+        path, history = self.root / "summary.json", self.root / HISTORY
+        if not history.exists() and path.exists():  # a folder from before the history: its last run starts it
+            history.write_bytes(dumps({k: v for k, v in orjson.loads(path.read_bytes()).items() if k != "totals"}))
+        with history.open("ab") as handle:  # one write of one line: a crash leaves the history whole
+            handle.write(dumps({k: v for k, v in summary.items() if k != "totals"}))
+        summary["totals"] = {**summary.get("totals", {}), **run_totals([row for _, row in read_jsonl(history)])}
         atomic_write_bytes(path, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
         return path
+
+
+def run_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sums over every run's summary; tokens/s over the runs that generated something (not diluted by no-ops)."""
+    def total(key: str) -> float:
+        return sum(run.get(key) or 0 for run in runs)
+
+    busy = sum(run.get("generation_s") or 0 for run in runs if run.get("output_tokens"))
+    return {
+        "runs": len(runs),
+        "samples_generated": total("samples_out"),
+        "prompt_tokens": total("prompt_tokens"),
+        "output_tokens": total("output_tokens"),
+        "generation_s": round(total("generation_s"), 2),
+        "output_tokens_per_s": round(total("output_tokens") / busy, 2) if busy else None,
+    }

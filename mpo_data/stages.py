@@ -13,149 +13,23 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import orjson
 import pyarrow as pa
 from tqdm import tqdm
 
 from mpo_data import images as image_io
-from mpo_data.engine import (
-    Completion,
-    EngineConfig,
-    EngineFeeder,
-    GenerationRequest,
-    GenerationResult,
-    SamplingConfig,
-    request_seed,
-    start_engine,
-)
+from mpo_data.engine import Completion, EngineFeeder, GenerationRequest, GenerationResult, request_seed, start_engine
 from mpo_data.errors import InputError
 from mpo_data.formats import PromptItem, Sample, image_list
 from mpo_data.inputs import Problem, PromptReader, Quarantine
-from mpo_data.prompts import PROMPT_TEMPLATES, render
+from mpo_data.prompts import render
+from mpo_data.runlock import holds
 from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
-
-
-@dataclass
-class StageConfig:
-    """Settings shared by both sampling stages; flag names and meanings follow InternVL's scripts."""
-
-    stage: ClassVar[str]  # also the prompt line schema it reads (mpo_data.formats.PROMPT_KINDS)
-    own_settings: ClassVar[tuple[str, ...]] = ()  # stage fields that change what a sample is
-
-    checkpoint: str = field(metadata={"help": "Model folder (HF layout) that generates the samples."})
-    prompt_path: str = field(metadata={"help": "Prompt set: JSONL, Parquet or a saved HF dataset folder."})
-    out_dir: str = field(default="out", metadata={"help": "Output root; samples go to OUT/samples/<stage>/<dataset>/."})
-    dataset: str | None = field(default=None, metadata={"help": "Dataset name in paths and item ids (default: prompt file stem)."})
-    image_root: str | None = field(default=None, metadata={"help": "Root of the image paths (default: the prompt file's folder)."})
-    on_error: Literal["fail", "skip"] = field(
-        default="fail", metadata={"help": "Bad prompt line: fail naming FILE:LINE, or skip it into OUT/quarantine/."}
-    )
-    num_return_sequences: int = field(default=1, metadata={"help": "Samples per item (the per-item quota a rerun tops up to)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=50, metadata={"help": "Top-k cut-off; 0 or -1 turns it off."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
-    max_new_tokens: int = field(default=1024, metadata={"help": "Most new tokens per sample."})
-    sample_start_idx: int = field(default=0, metadata={"help": "First prompt row to use (InternVL semantics)."})
-    sample_max_num: int | None = field(
-        default=None, metadata={"help": "Most items; over it, rows are taken at an even stride across the file (as InternVL)."}
-    )
-    max_num: int | None = field(default=None, metadata={"help": "Most image tiles with dynamic resolution (InternVL models)."})
-    dynamic: bool = field(default=False, metadata={"help": "Dynamic-resolution tiling (InternVL models)."})
-    batch_size: int = field(
-        default=8, metadata={"help": "Items per part file (the unit of progress and of loss after a kill); engine concurrency is --max-in-flight."}
-    )
-    max_in_flight: int = field(
-        default=256, metadata={"help": "Most requests inside each engine at once (n samples each); the engine refills as they finish."}
-    )
-    tp: int = field(default=1, metadata={"help": "Tensor-parallel degree of each engine (GPUs per pipeline stage)."})
-    pp: int = field(default=1, metadata={"help": "Pipeline-parallel degree of each engine."})
-    num_engines: int = field(default=1, metadata={"help": "vLLM engine actors running at once (each takes tp x pp GPUs)."})
-    address: str | None = field(
-        default=None, metadata={"help": "Ray cluster to join ('auto' or HOST:PORT); default: start a private local Ray (no dashboard)."}
-    )
-    force: bool = field(default=False, metadata={"help": "Add samples even if OUT already holds samples drawn with other settings."})
-
-    @property
-    def dataset_name(self) -> str:
-        return self.dataset or Path(self.prompt_path).stem
-
-    @property
-    def model_name(self) -> str:
-        return os.path.basename(os.path.normpath(self.checkpoint))
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.checkpoint,
-            tensor_parallel_size=self.tp,
-            pipeline_parallel_size=self.pp,
-            max_num=self.max_num,
-            dynamic=self.dynamic,
-        )
-
-    def sampling_config(self, n: int | None = None) -> SamplingConfig:
-        return SamplingConfig(
-            n=self.num_return_sequences if n is None else n,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-        )
-
-    def stage_settings(self) -> dict[str, Any]:
-        """Settings that change what a sample is (what run.json guards)."""
-        sampling = self.sampling_config().as_dict()
-        del sampling["n"]  # the quota, not how a sample is drawn: raising it tops items up
-        own = {name: getattr(self, name) for name in self.own_settings}
-        return {"model": self.model_name, "max_num": self.max_num, "dynamic": self.dynamic, "sampling": sampling, **own}
-
-    def check(self) -> None:
-        """Refuse nonsense settings up front, before any reading or engine start."""
-        positive = ("num_return_sequences", "max_new_tokens", "batch_size", "max_in_flight", "tp", "pp", "num_engines")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.top_p <= 1 or self.temperature < 0:
-            raise InputError(f"need 0 < --top-p <= 1 and --temperature >= 0 (got {self.top_p}, {self.temperature})")
-        if not Path(self.checkpoint).is_dir():
-            raise InputError(f"{self.checkpoint}: no such model folder (--checkpoint)")
-
-
-@dataclass
-class DropoutNTPConfig(StageConfig):
-    """DropoutNTP: the model continues the first `start_ratio` of `chosen` without the image -> `rejected`."""
-
-    stage: ClassVar[str] = "dropout-ntp"
-    own_settings: ClassVar[tuple[str, ...]] = ("start_ratio", "load_image")
-
-    start_ratio: float = field(default=0.5, metadata={"help": "Share of the words of `chosen` kept as the prefix to continue."})
-    load_image: bool = field(default=False, metadata={"help": "Show the image while continuing (default: without it, as DropoutNTP)."})
-
-    def check(self) -> None:
-        super().check()
-        if not 0 <= self.start_ratio <= 1:
-            raise InputError(f"--start-ratio must be within [0, 1], got {self.start_ratio}")
-
-
-@dataclass
-class CorrectnessConfig(StageConfig):
-    """Correctness sampling: n chain-of-thought answers per item, judged against the ground truth later."""
-
-    stage: ClassVar[str] = "correctness"
-    own_settings: ClassVar[tuple[str, ...]] = ("prompt_version",)
-
-    num_return_sequences: int = field(default=8, metadata={"help": "Samples per item (the per-item quota a rerun tops up to)."})
-    prompt_version: Literal["en", "en_v2", "r1"] = field(
-        default="en_v2", metadata={"help": "Answer-format template of mpo_data.prompts (the judge checks that format)."}
-    )
-
-    def check(self) -> None:
-        super().check()
-        if self.prompt_version not in PROMPT_TEMPLATES:
-            raise InputError(f"--prompt-version must be one of {sorted(PROMPT_TEMPLATES)}, got {self.prompt_version!r}")
+from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
 
 
 # ---- what differs between the stages: requests in, lines out ----
@@ -367,17 +241,17 @@ def actor_resources(config: StageConfig, cluster_gpus: float, groups: PlacementG
     """map_batches resources of one engine actor: tp x pp GPUs (from `groups` when > 1), or one CPU on a CPU-only cluster."""
     if not cluster_gpus:
         return {"num_cpus": 1}
-    if config.tp * config.pp == 1:
+    if config.engine.tensor_parallel_size * config.engine.pipeline_parallel_size == 1:
         return {"num_gpus": 1}
     return {"num_gpus": 0, "ray_remote_args_fn": groups}
 
 
 def check_context(config: StageConfig) -> None:
     """Before any engine starts: max_model_len must hold max_new_tokens and still leave room for a prompt."""
-    max_model_len = config.engine_config().max_model_len
-    if max_model_len is not None and config.max_new_tokens >= max_model_len:
+    max_model_len, max_new_tokens = config.engine.max_model_len, config.sampling.max_new_tokens
+    if max_model_len is not None and max_new_tokens >= max_model_len:
         raise InputError(
-            f"--max-new-tokens {config.max_new_tokens} leaves no room for the prompt in max_model_len {max_model_len}: "
+            f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in max_model_len {max_model_len}: "
             "lower it or raise max_model_len (a sample cut by a full context gets finish_reason 'context')"
         )
 
@@ -451,7 +325,8 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
     tally = Tally()
     started_ray = connect_ray(config.address)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    groups = PlacementGroups(config.tp * config.pp, config.pp > 1)
+    pipeline = config.engine.pipeline_parallel_size
+    groups = PlacementGroups(config.engine.tensor_parallel_size * pipeline, pipeline > 1)
     engine_seed = int.from_bytes(os.urandom(4), "little") >> 1
     store.record_engine_seed(engine_seed)
     try:
@@ -512,7 +387,8 @@ def _write_batch(batch: dict[str, Any], store: ShardStore, tally: Tally, quarant
 def _resolved(config: StageConfig) -> StageConfig:
     """Absolute model and image paths: Ray workers need not share the driver's working directory."""
     image_root = config.image_root or str(Path(config.prompt_path).parent)
-    return replace(config, checkpoint=os.path.abspath(config.checkpoint), image_root=os.path.abspath(image_root))
+    engine = replace(config.engine, model=os.path.abspath(config.engine.model))
+    return replace(config, engine=engine, image_root=os.path.abspath(image_root))
 
 
 def read_items(config: StageConfig, reader: PromptReader) -> tuple[list[PromptItem], int]:
@@ -540,6 +416,8 @@ def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int) ->
     return work
 
 
+
+@holds("out_dir")
 def run_stage(config: StageConfig) -> dict[str, Any]:
     """Sample one prompt set into `<out>/samples/<stage>/<dataset>/`, resuming; returns the summary."""
     began = time.monotonic()
@@ -553,7 +431,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine, verify_images=False)
     items, repeats = read_items(config, reader)
     done = store.done()
-    work = plan_work(items, done, config.num_return_sequences)
+    work = plan_work(items, done, config.sampling.n)
     generated_from = time.monotonic()
     try:
         tally = generate(config, work, store, reader.quarantine) if work else Tally()
@@ -568,7 +446,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "rows_read": reader.read,
         "items_selected": len(items),
         "repeated_items_skipped": repeats,
-        "quota_per_item": config.num_return_sequences,
+        "quota_per_item": config.sampling.n,
         "samples_already_done": sum(len(done.get(i.item_id, ())) for i in items),
         "items_sampled": len(tally.items),
         "samples_requested": sum(len(w["indices"]) for w in work),
@@ -590,32 +468,3 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     }
     summary["summary_file"] = str(store.write_summary(summary))
     return summary
-
-
-# ---- command line ----
-
-
-def _main(args: Any) -> int:
-    cls = args.config_class
-    summary = run_stage(cls(**{f.name: getattr(args, f.name) for f in fields(cls)}))
-    dropped = ", ".join(f"{n} {reason}" for reason, n in summary["dropped"].items()) or "none"
-    print(
-        f"{summary['stage']} {summary['dataset']}: {summary['samples_out']} sample(s) written, dropped: {dropped}, "
-        f"{summary['samples_already_done']} already there, {summary['quarantined']['total']} line(s) quarantined; "
-        f"{summary['output_tokens_per_s']} tok/s; summary: {summary['summary_file']}",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    from transformers import HfArgumentParser  # dataclass fields + help metadata -> flags (InternVL's names)
-
-    helps = {
-        DropoutNTPConfig: "DropoutNTP: continue half of `chosen` without the image -> rejected (resumable, on Ray)",
-        CorrectnessConfig: "correctness sampling: n reasoning answers per item (resumable, on Ray)",
-    }
-    for cls, help_text in helps.items():
-        flags = HfArgumentParser(cls, add_help=False)
-        p = sub.add_parser(cls.stage, parents=[flags], help=help_text, description=cls.__doc__)
-        p.set_defaults(func=_main, config_class=cls)

@@ -9,10 +9,8 @@ with counts, and the run folder (adapter or model, processor, config, data summa
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -214,38 +212,3 @@ def eval_run(run_dir: str | Path) -> Path:
     _, held, _ = prepare_rows(config, processing_class, args.max_length)
     report = evaluate.evaluate(policy, reference, processing_class, held, args.beta, config.eval)
     return evaluate.write(Path(run_dir) / "eval.json", report)
-
-
-def add_train_args(parser) -> None:
-    """Arguments of `mpo-data train` and of training/train_mpo.py (the same recipe)."""
-    parser.add_argument("--config", required=True, help="training YAML, e.g. training/configs/smollm2_lora_cpu.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. dpo.max_steps=2 model.finetune=full")
-
-
-def train_main(args) -> int:
-    config = load(args.config, args.overrides)
-    run = train(config)
-    if not run:
-        return 0
-    out = Path(run["output_dir"])
-    what = "model" if config.model.finetune == "full" else "adapter"
-    print(f"{what}: {out}\nevaluation: {out / 'eval.json'}\ntensorboard: {out / 'runs'}")
-    return 0
-
-
-def _eval_main(args) -> int:
-    path = eval_run(args.run)
-    result = json.loads(path.read_text())
-    for when in ("before", "after"):
-        print(f"{when}: {result.get(when)}")
-    print(f"evaluation: {path}", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("train", help="MPO training (TRL DPOTrainer, sigmoid+bco_pair+sft) on a meta.json mixture")
-    add_train_args(p)
-    p.set_defaults(func=train_main)
-    p = sub.add_parser("eval", help="preference accuracy and answers of a training run, before vs after")
-    p.add_argument("run", help="the run folder (output_dir of `mpo-data train`)")
-    p.set_defaults(func=_eval_main)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo_data.config import apply_overrides, build, load_yaml
-from mpo_data.errors import InputError
+from mpo_data.errors import InputError, OnError
 
 # The MPO paper's loss mix, as the TRL cookbook sets it: preference (sigmoid), quality (bco_pair), generation (sft).
 MPO_DEFAULTS: dict[str, Any] = {
@@ -60,7 +60,7 @@ class DataArgs:
     max_train_pairs: int | None = field(
         default=None, metadata={"help": "Cap on training pairs after the split, for bounded runs (None: all)."}
     )
-    on_error: str = field(
+    on_error: OnError = field(
         default="fail", metadata={"help": "fail: stop at the first bad row (FILE:LINE); skip: quarantine and count it."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of repeat_time sampling and of the split."})
@@ -109,8 +109,6 @@ def check(config: TrainConfig) -> TrainConfig:
         raise InputError(f"{where}: model.finetune: '{config.model.finetune}' is not one of {', '.join(FINETUNE_METHODS)}")
     if (config.data.meta is None) == (config.data.dataset is None):
         raise InputError(f"{where}: data: set exactly one of 'meta' and 'dataset'")
-    if config.data.on_error not in ("fail", "skip"):
-        raise InputError(f"{where}: data.on_error: '{config.data.on_error}' is not fail or skip")
     if not config.data.eval_size > 0:
         raise InputError(f"{where}: data.eval_size: must be > 0 (the evaluation needs held-out pairs)")
     return config

@@ -14,23 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from mpo_data import images
-from mpo_data.errors import InputError
+from mpo_data.errors import ON_ERROR, InputError
 from mpo_data.formats import image_list, read_meta
-from mpo_data.inputs import ON_ERROR, Problem, Quarantine, iter_records, record_problems
+from mpo_data.inputs import Problem, Quarantine, iter_records, record_problems
 from mpo_data.jsonl import Line
 
 
 def repeat_indices(length: int, repeat_time: float, rng: random.Random) -> list[int]:
-    """Row indices for one meta.json entry: exactly ``int(length * repeat_time)`` of them.
+    """Row indices for one meta.json entry, by InternVL's loader rule (`mpo_data.meta.active_rows`).
 
-    InternVL's rule, extended to fractions on both sides of 1: whole copies of every row, then a seeded
-    random subset (without replacement) for the fractional part. 0.5 -> a random half; 2.25 -> every row
-    twice plus a random quarter.
+    Below 1: a seeded random `int(length * r)` rows without replacement; from 1 up: `int(r)` whole
+    copies (1.5 -> one copy, as InternVL reads it; `mpo-data meta` writes such shares as two entries).
     """
-    if length == 0:
-        return []
-    whole, rest = divmod(int(length * repeat_time), length)
-    return list(range(length)) * whole + sorted(rng.sample(range(length), rest))
+    if repeat_time < 1:
+        return sorted(rng.sample(range(length), int(length * repeat_time)))
+    return list(range(length)) * int(repeat_time)
 
 
 def user_turn(question: str, n_images: int) -> list[dict[str, Any]]:
@@ -87,7 +85,7 @@ class PairLoader:
             self.reject([Problem(line.loc, "image row, text-only model", "has images but the model is text-only")], None)
             return None
         try:
-            loaded = [images.load(root, p) if isinstance(p, str) else p.convert("RGB") for p in pics]
+            loaded = [images.load(root, p) if isinstance(p, str) else images.to_rgb(p) for p in pics]
         except images.ImageError as e:
             self.reject([Problem(line.loc, e.category, str(e))], line.value)
             return None

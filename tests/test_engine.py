@@ -5,6 +5,9 @@ Engines are session fixtures (tests/conftest.py): one start per model per run.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from types import SimpleNamespace
 
 import pytest
@@ -17,12 +20,14 @@ from mpo_data.engine import (
     EngineFeeder,
     GenerationRequest,
     SamplingConfig,
-    _batches,
+    batches,
     _engine_kwargs,
     _result,
+    _tiling_kwargs,
     cpu_has_bf16,
     cpu_thread_binding,
     generate_rows,
+    own_compile_cache,
     request_seed,
 )
 from mpo_data.errors import InputError
@@ -59,13 +64,52 @@ def test_cpu_defaults_avoid_known_vllm_cpu_failures():
     assert "mm_processor_kwargs" not in kwargs
 
 
-def test_explicit_settings_win_and_tiling_reaches_the_processor():
-    config = EngineConfig(model="m", gpu_memory_utilization=0.5, enforce_eager=False, dtype="bfloat16", max_num=6, dynamic=True)
+def model_dir(tmp_path, architecture: str) -> str:
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    return str(tmp_path)
+
+
+def test_explicit_settings_win_and_tiling_reaches_the_processor(tmp_path):
+    model = model_dir(tmp_path, "InternVLChatModel")
+    config = EngineConfig(model=model, gpu_memory_utilization=0.5, enforce_eager=False, dtype="bfloat16", max_num=6, dynamic=True)
     kwargs = _engine_kwargs(config)
     assert (kwargs["gpu_memory_utilization"], kwargs["enforce_eager"], kwargs["dtype"]) == (0.5, False, "bfloat16")
-    assert kwargs["mm_processor_kwargs"]["max_dynamic_patch"] == 6  # remote-code InternVL
-    assert kwargs["mm_processor_kwargs"]["max_patches"] == 6  # InternVL-hf (GotOcr2 processor)
-    assert kwargs["mm_processor_kwargs"]["dynamic_image_size"] is True
+    assert kwargs["mm_processor_kwargs"] == {"dynamic_image_size": True, "max_dynamic_patch": 6}
+
+
+def test_tiling_names_follow_the_model_architecture(tmp_path):
+    # Each InternVL processor refuses the other family's names at engine start: only its own may go in.
+    hf = EngineConfig(model=model_dir(tmp_path / "hf", "InternVLForConditionalGeneration"), max_num=12, dynamic=True)
+    assert _tiling_kwargs(hf) == {"crop_to_patches": True, "max_patches": 12}
+    remote = EngineConfig(model=model_dir(tmp_path / "remote", "InternVLChatModel"), dynamic=False)
+    assert _tiling_kwargs(remote) == {"dynamic_image_size": False}
+
+
+def test_tiling_on_a_model_without_it_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match=r"config.json: max_num/dynamic tiling is for InternVL.*Idefics3"):
+        _tiling_kwargs(EngineConfig(model=model_dir(tmp_path, "Idefics3ForConditionalGeneration"), max_num=6))
+    with pytest.raises(InputError, match="cannot read the model's architectures"):
+        _tiling_kwargs(EngineConfig(model=str(tmp_path / "missing"), dynamic=True))
+
+
+def test_each_live_engine_gets_its_own_compile_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CACHE_ROOT", "unset")
+    first = own_compile_cache(tmp_path)
+    first_root = os.environ["VLLM_CACHE_ROOT"]
+    second = own_compile_cache(tmp_path)  # an engine starting while the first one runs
+    second_root = os.environ["VLLM_CACHE_ROOT"]
+    node = tmp_path / socket.gethostname()
+    assert (first_root, second_root) == (str(node / "slot-0"), str(node / "slot-1"))
+    first.close()  # the first engine ended: the next one reuses its compiled graphs
+    own_compile_cache(tmp_path)
+    assert os.environ["VLLM_CACHE_ROOT"] == first_root
+    second.close()
+
+
+def test_engine_kwargs_reach_vllm_untouched_and_win():
+    kwargs = _engine_kwargs(EngineConfig(model="m", max_model_len=8192, engine_kwargs={"max_num_seqs": 7, "max_model_len": 4096}))
+    assert kwargs["max_num_seqs"] == 7 and kwargs["max_model_len"] == 4096
 
 
 def test_cpu_thread_binding_gives_each_engine_and_worker_its_own_cores():
@@ -183,7 +227,7 @@ def test_generate_rows_over_a_prompt_file(vlm_engine, demo_dir, tmp_path):
     source.write_text("".join((demo_dir / "easy_vqa.jsonl").read_text().splitlines(keepends=True)[:3]))
     reader = PromptReader(source, "correctness", "vqa", image_root=demo_dir / "images")
     sampling = SamplingConfig(n=2, max_new_tokens=4)
-    rows = list(generate_rows(_batches(reader, 2), reader.image_root, vlm_engine, sampling))
+    rows = list(generate_rows(batches(reader, 2), reader.image_root, vlm_engine, sampling))
     assert len(rows) == 3
     expected = [value for _, value in read_jsonl(source)]
     for row, line in zip(rows, expected):
@@ -193,14 +237,14 @@ def test_generate_rows_over_a_prompt_file(vlm_engine, demo_dir, tmp_path):
     assert len({row["item_id"] for row in rows}) == 3
 
 
-# ---- `mpo-data generate` on bad input: fails or quarantines before any engine starts ----
+# ---- `mpo-data sample` on bad input: fails or quarantines before any engine starts ----
 
 
 def test_generate_cli_names_the_bad_line(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"question": "ok?", "answer": "1"}\n{"question": 5}\n')
     out = tmp_path / "out.jsonl"
-    rc = cli.main(["generate", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--batch-size", "8"])
+    rc = cli.main(["sample", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--batch-size", "8"])
     assert rc == 1
     assert f"{prompts}:2:" in capsys.readouterr().err
     assert not out.exists()
@@ -210,7 +254,7 @@ def test_generate_cli_skip_quarantines_and_counts(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"question": 5}\nnot json\n')
     out = tmp_path / "out.jsonl"
-    rc = cli.main(["generate", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--on-error", "skip"])
+    rc = cli.main(["sample", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--on-error", "skip"])
     assert rc == 0 and out.read_text() == ""
     quarantined = [value["loc"] for _, value in read_jsonl(tmp_path / "out.jsonl.quarantine.jsonl")]
     assert quarantined == [f"{prompts}:1", f"{prompts}:2"]

@@ -190,3 +190,15 @@ def test_cli_validate_prints_three_problems_and_exits_1(tmp_path, root):
     assert "Traceback" not in result.stderr
     ok = subprocess.run(cmd[:4] + [str(tmp_path / "good.jsonl")] + cmd[5:], capture_output=True, text=True)
     assert ok.returncode == 1 and "no such file" in ok.stderr and "Traceback" not in ok.stderr
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_file_gets_the_mode_open_would_give(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_jsonl(tmp_path / "a.jsonl", [{"a": 1}])
+        with open(tmp_path / "b.jsonl", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == mode == (tmp_path / "b.jsonl").stat().st_mode & 0o777

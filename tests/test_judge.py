@@ -9,6 +9,7 @@ import pytest
 
 from mpo_data.cli import main
 from mpo_data.judge import DEFAULT_MODES, Judge, JudgeConfig, answers_match, extract_answer, modes_for_dataset, question_options
+from mpo_data.prompts import PROMPT_VERSIONS, render
 
 OPTIONS_Q = "Which shape is shown?\nA. triangle\nB. rectangle\nC. circle"
 
@@ -28,6 +29,11 @@ OPTIONS_Q = "Which shape is shown?\nA. triangle\nB. rectangle\nC. circle"
         ("<think>so \\boxed{4}</think> done", "r1", None, False),  # boxed only inside <think>
         ("<think>a</think><think>b</think>\\boxed{4}", "r1", None, False),  # two blocks
         ("count\\boxed{4}", "r1", None, False),  # no block
+        ("<think>count</think> so \\boxed{4}", "en_r1", "4", True),  # r1 is another name for en_r1
+        ("<think>数一数</think> 所以 \\boxed{4}", "zh_r1", "4", True),
+        ("先数一数。\n答案：4", "zh", "4", True),  # zh: a last line "答案: ...", full-width colon too
+        ("先数一数。\nFinal answer: 4", "zh", None, False),
+        ("先数一数，所以 \\boxed{4}", "zh_v2", "4", True),
     ],
 )
 def test_extraction_per_prompt_version(response, version, answer, ok):
@@ -120,6 +126,15 @@ def test_pool_verdicts_in_order_with_errors_reported(judge):
     assert verdicts[1].judge_error is None and verdicts[5].format_ok is False
 
 
+def test_long_document_answers_get_a_verdict_not_a_timeout(judge):
+    """ANLS over answers near MAX_COMPARE_CHARS: a pure-Python edit distance took ~9 s at 2000 chars here."""
+    gt = "lorem ipsum dolor " * 110  # 1980 characters
+    rows = [(0, f"reading it\nFinal answer: {gt[:-1]}x", gt, None, "en", ("anls",)),
+            (1, f"reading it\n答案: {gt[::-1]}", gt, None, "zh", ("anls",))]
+    verdicts = [v for _, v in judge.judge_many(rows)]
+    assert [(v.is_correct, v.judge_error) for v in verdicts] == [(True, None), (False, None)]
+
+
 def _write(path, rows):
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
 
@@ -155,3 +170,15 @@ def test_cli_bad_input_names_file_and_line(tmp_path, capsys, line, message):
     err = capsys.readouterr().err
     assert f"{src}:2: " in err and message in err
     assert not (tmp_path / "out.jsonl").exists()  # no half-written output
+
+
+@pytest.mark.parametrize("name", list(PROMPT_VERSIONS))
+def test_every_prompt_version_asks_for_the_format_the_judge_checks(name):
+    version = PROMPT_VERSIONS[name]
+    prompt = render("How many sides has a square?", name)
+    assert "How many sides has a square?" in prompt and "{" not in prompt.replace("\\boxed{}", "")
+    response = {"line": "Count them.\n{label}: 4", "boxed": "Count them: \\boxed{{4}}",
+                "think_boxed": "<think>count</think> \\boxed{{4}}"}[version.answer_format].format(label=version.answer_label)
+    assert extract_answer(response, name).answer == "4"
+    if version.answer_format == "line":
+        assert version.answer_label in prompt

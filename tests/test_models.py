@@ -54,9 +54,10 @@ def test_build_all_keeps_complete_models(models_dir):
     assert weights.stat().st_mtime_ns == before
 
 
-def test_qwen_builder_needs_torchvision_and_says_so(models_dir, tmp_path, capsys):
+@pytest.mark.parametrize("name", [models.TINY_QWEN, models.TINY_INTERNVL])
+def test_gpu_model_builders_need_torchvision_and_say_so(models_dir, name, capsys):
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed here (GPU machine): the builder runs instead")
-    assert main(["models", "--out", str(models_dir), "--model", models.TINY_QWEN]) == 1
+    assert main(["models", "--out", str(models_dir), "--model", name]) == 1
     assert "needs torchvision" in capsys.readouterr().err
-    assert not (models_dir / models.TINY_QWEN).exists()
+    assert not (models_dir / name).exists()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mpo_data.errors import InputError
-from mpo_data.formats import read_meta
+from mpo_data.formats import REST_SUFFIX, read_meta
 from mpo_data.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,13 +26,13 @@ def write(tmp_path, config) -> Path:
 def base_config(tmp_path, demo_dir) -> dict:
     return {
         "out_dir": str(tmp_path / "out"),
-        "defaults": {"checkpoint": str(ROOT / "models" / "smollm2-135m-instruct"), "image_root": str(demo_dir / "images")},
+        "defaults": {"engine": {"model": str(ROOT / "models" / "smollm2-135m-instruct")}, "image_root": str(demo_dir / "images")},
         "datasets": [
             {"name": "arith", "stage": "correctness",
              "settings": {"prompt_path": str(demo_dir / "arithmetic.jsonl"), "sample_max_num": 3,
-                          "num_return_sequences": 3, "max_new_tokens": 48}},
+                          "sampling": {"n": 3, "max_new_tokens": 48}}},
             {"name": "describe", "stage": "dropout-ntp", "weight": 2.0,
-             "settings": {"prompt_path": str(demo_dir / "easy_vqa_describe.jsonl"), "sample_max_num": 3, "max_new_tokens": 128}},
+             "settings": {"prompt_path": str(demo_dir / "easy_vqa_describe.jsonl"), "sample_max_num": 3, "sampling": {"max_new_tokens": 128}}},
         ],
         "meta": {"out": str(tmp_path / "meta.json")},
     }
@@ -43,7 +43,11 @@ def test_shipped_pipelines_parse():
         config, stages = load_pipeline(ROOT / "pipelines" / f"{name}.yaml")
         assert stages and all(s.out_dir == config.out_dir for s in stages)
     config, stages = load_pipeline(ROOT / "pipelines" / "mmpr.yaml")
-    assert stages[0].tp == 4 and stages[0].num_return_sequences == 32 and config.meta.target_total == 400000
+    geoqa, caption = stages[0], stages[2]
+    assert geoqa.engine.tensor_parallel_size == 4 and geoqa.engine.max_model_len == 16384 and config.meta.target_total == 400000
+    # a section given in part keeps the rest: the defaults' temperature, the stage's own sample count
+    assert (geoqa.sampling.n, geoqa.sampling.max_new_tokens, geoqa.sampling.temperature) == (32, 2048, 1.0)
+    assert caption.sampling.n == 1 and caption.engine.model == geoqa.engine.model and caption.engine.dynamic is True
 
 
 
@@ -51,9 +55,10 @@ def test_example_mixture_reads_and_names_the_demo_pair_files():
     example = read_meta(ROOT / "meta" / "example.json")
     config, _ = load_pipeline(ROOT / "pipelines" / "demo.yaml")
     for name, entry in example.items():
-        assert entry.annotation == f"{config.out_dir}/pairs/{name}.jsonl"
+        assert entry.annotation == f"{config.out_dir}/pairs/{name.removesuffix(REST_SUFFIX)}.jsonl"
         assert any(name.startswith(f"{d.name}_") for d in config.datasets)
-    assert sorted(e.repeat_time for e in example.values()) == [0.5, 1.5, 2]
+    # 1.5 x the describe pairs as InternVL reads it: one whole copy plus a second entry taking half
+    assert sorted(e.repeat_time for e in example.values()) == [0.5, 0.5, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -61,6 +66,9 @@ def test_example_mixture_reads_and_names_the_demo_pair_files():
     [
         (lambda c: c.update(colour=1), "pipe.yaml: unknown key 'colour'"),
         (lambda c: c["datasets"][0]["settings"].update(tempreature=1), "datasets[0].settings: unknown key 'tempreature'"),
+        (lambda c: c["datasets"][0]["settings"]["sampling"].update(temprature=1), "datasets[0].settings.sampling: unknown key 'temprature'"),
+        (lambda c: c["defaults"]["engine"].update(max_model_len="long"), "datasets[0].settings.engine.max_model_len: expected int"),
+        (lambda c: c.update(pairs={"save_dir": "x"}), "pairs: 'save_dir' is set by the pipeline"),
         (lambda c: c["datasets"][1].update(stage="dpo"), "datasets[1].stage: expected one of"),
         (lambda c: c["datasets"][0]["settings"].update(prompt_version="zz"), "datasets[0].settings.prompt_version"),
         (lambda c: c["datasets"][0]["settings"].update(out_dir="x"), "datasets[0]: 'out_dir' is set by the pipeline"),
@@ -89,7 +97,11 @@ def test_tiny_pipeline_runs_and_rerun_does_no_work(tmp_path, demo_dir):
     arith = orjson.loads((out / "samples" / "correctness" / "arith" / "summary.json").read_bytes())
     assert arith["samples_out"] == 9
     meta = read_meta(tmp_path / "meta.json")
-    assert meta, "meta.json has entries"
+    # one entry per pair file the run wrote, each row once (no target_total), as many rows as pairs were made
+    assert set(meta) == {f.stem for f in (out / "pairs").glob("*.jsonl")}
+    assert all(entry.repeat_time == 1 for entry in meta.values())
+    made = orjson.loads((out / "pairs" / "pairs_summary.json").read_bytes())
+    assert sum(e.length for e in meta.values()) == sum(v for c in made.values() for k, v in c.items() if k.startswith("pairs_"))
     for name, entry in meta.items():
         assert entry.length == sum(1 for _ in open(entry.annotation))
         assert entry.root in (str(demo_dir / "images"),)

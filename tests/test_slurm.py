@@ -40,13 +40,13 @@ def test_data_sbatch_brings_up_two_nodes_and_runs_pipeline(tmp_path, demo_dir):
     prompts.write_text("".join((demo_dir / "arithmetic.jsonl").read_text().splitlines(True)[:2]))
     config = {
         "out_dir": str(tmp_path / "out"),
-        "defaults": {"checkpoint": str(ROOT / "models" / "smollm2-135m-instruct"), "max_new_tokens": 16,
-                     "num_return_sequences": 2},
+        "defaults": {"engine": {"model": str(ROOT / "models" / "smollm2-135m-instruct")},
+                     "sampling": {"n": 2, "max_new_tokens": 16}},
         "datasets": [
             {"name": "arith", "stage": "correctness", "settings": {"prompt_path": str(prompts)}},
             {"name": "describe", "stage": "dropout-ntp",
              "settings": {"prompt_path": str(demo_dir / "easy_vqa_describe.jsonl"), "image_root": str(demo_dir / "images"),
-                          "sample_max_num": 2, "num_return_sequences": 1, "max_new_tokens": 128}},
+                          "sample_max_num": 2, "sampling": {"n": 1, "max_new_tokens": 128}}},
         ],
         "meta": {"out": str(tmp_path / "meta.json")},
     }

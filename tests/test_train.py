@@ -32,29 +32,30 @@ def meta_with(tmp_path: Path, repeat_time: float) -> Path:
     return path
 
 
-@pytest.mark.parametrize("repeat_time", [0.5, 1, 1.5, 2.25])
-def test_meta_sampling_takes_exactly_int_length_times_repeat(pairs, repeat_time):
-    rows = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3)
-    assert len(rows.rows) == int(8 * repeat_time)
-    per_line = Counter(rows.sources)
-    whole = int(repeat_time)
-    assert set(per_line.values()) <= {whole, whole + 1}  # whole copies, the fraction without replacement
-    assert rows.counts["mix"] == {"lines": 8, "valid": 8, "sampled": int(8 * repeat_time)}
-    again = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3)
-    assert again.sources == rows.sources  # seeded
-    if repeat_time in (0.5, 2.25):
-        other = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=4)
-        assert other.sources != rows.sources or len(set(rows.sources)) == 8
+@pytest.mark.parametrize("repeat_time, rows", [(0.5, 4), (1, 8), (1.5, 8), (2.25, 16)])
+def test_meta_sampling_follows_internvls_row_rule(pairs, repeat_time, rows):
+    picked = PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3)
+    assert len(picked.rows) == rows and picked.counts["mix"] == {"lines": 8, "valid": 8, "sampled": rows}
+    per_line = Counter(picked.sources)
+    if repeat_time < 1:  # a random subset without replacement, drawn again by the same seed only
+        assert len(per_line) == rows and set(per_line.values()) == {1}
+        assert PairLoader().read_meta(meta_with(pairs, repeat_time), seed=3).sources == picked.sources
+        draws = {tuple(PairLoader().read_meta(meta_with(pairs, repeat_time), seed=s).sources) for s in range(6)}
+        assert len(draws) > 1
+    else:  # int(r) whole copies of every line: 1.5 is one copy, 2.25 two, as InternVL reads them
+        assert len(per_line) == 8 and set(per_line.values()) == {int(repeat_time)}
 
 
 def test_repeat_indices_on_awkward_lengths():
     import random
 
+    from mpo_data.meta import active_rows
+
     for length in (1, 3, 7, 13, 100):
         for r in (0.1, 0.5, 0.99, 1, 1.5, 2.25, 3.7):
             picked = repeat_indices(length, r, random.Random(0))
-            assert len(picked) == int(length * r)
-            assert max(Counter(picked).values(), default=0) <= int(r) + 1
+            assert len(picked) == active_rows(length, r)
+            assert set(Counter(picked).values()) <= ({1} if r < 1 else {int(r)})
 
 
 def test_rows_are_trl_vision_preference_rows(pairs):

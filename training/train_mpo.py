@@ -10,12 +10,12 @@ import argparse
 import sys
 
 from mpo_data.errors import InputError
-from mpo_data.train import add_train_args, train_main
+from mpo_data.commands.train import add_arguments, main as train_main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_args(parser)
+    add_arguments(parser)
     try:
         return train_main(parser.parse_args(argv))
     except InputError as e:

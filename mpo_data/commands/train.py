@@ -1,0 +1,25 @@
+"""`mpo-data train --config YAML [KEY=VALUE ...]`: MPO training (TRL DPOTrainer, sigmoid+bco_pair+sft) on a
+meta.json mixture; also the body of training/train_mpo.py, for launchers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="training YAML, e.g. training/configs/smollm2_lora_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. dpo.max_steps=2 model.finetune=full")
+
+
+def main(args) -> int:
+    from mpo_data.train import train
+    from mpo_data.train_config import load
+
+    config = load(args.config, args.overrides)
+    run = train(config)
+    if not run:
+        return 0
+    out = Path(run["output_dir"])
+    what = "model" if config.model.finetune == "full" else "adapter"
+    print(f"{what}: {out}\nevaluation: {out / 'eval.json'}\ntensorboard: {out / 'runs'}")
+    return 0
