@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--large-parts", type=int, default=100_000, help="parts present for the second write timing")
     p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"))
     p.add_argument("--stage-prompts", type=int, default=64, help="prompts in the stage vs raw vLLM runs")
+    p.add_argument("--stage-tokens", type=int, default=192, help="most new tokens a sample in the stage vs raw vLLM runs")
     p.add_argument("--skip-stage", action="store_true", help="driver-side figures only (no engine, no Ray)")
     p.add_argument("--out", default=str(ROOT / "out" / "bench" / "scale.json"))
     p.add_argument("--step", choices=["plan", "resume"], help=argparse.SUPPRESS)
@@ -177,7 +178,7 @@ def main() -> None:
         figures["part_write_ms"] = {"at_100": part_write_ms(tmp / "p100", 100), "at_100000": part_write_ms(tmp / "p100k", args.large_parts)}
         print("part writes (ms):", figures["part_write_ms"], flush=True)
         if not args.skip_stage:
-            cases = [stage_vs_raw(args.model, args.stage_prompts, n, tokens, tmp) for n, tokens in ((4, 192), (1, 192))]
+            cases = [stage_vs_raw(args.model, args.stage_prompts, n, tokens, tmp) for n, tokens in ((4, args.stage_tokens), (1, args.stage_tokens))]
             figures["stage_vs_raw"] = {**cases[0], "n1": cases[1]}
             for name, case in (("n=4", cases[0]), ("n=1", cases[1])):
                 print(f"stage vs raw vLLM ({name}): {case['stage_tok_s']} / {case['raw_tok_s']} tok/s = {case['stage_tok_s'] / case['raw_tok_s']:.2f}x")

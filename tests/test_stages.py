@@ -379,7 +379,7 @@ def test_tp2_on_fake_gpus_two_datasets_finish_and_release_their_placement_groups
     assert run.returncode == 0, run.stderr[-3000:]
     result = orjson.loads(run.stdout.strip().splitlines()[-1])
     assert result["samples"] == [3, 3]
-    assert len(result["groups"]) == 2  # one group per engine actor, one engine per dataset
+    assert len(result["groups"]) >= 2  # one per engine actor Ray Data starts (it may ask for spares), per dataset
     for group in result["groups"]:
         assert group["bundles"] == [{"GPU": 1.0, "CPU": 1.0}] * 2 and group["strategy"] == "STRICT_PACK"
         assert group["state"] == "REMOVED"
