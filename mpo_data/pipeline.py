@@ -89,7 +89,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
 def _fingerprint(folder: Path, settings: Any) -> str:
     """Changes whenever a sample part or the pair settings change, so unchanged pairs are not rebuilt."""
     digest = hashlib.sha1(repr(settings).encode())
-    for part in sorted(folder.glob("*/*/part-*.jsonl")):
+    for part in sorted([*folder.glob("*/*/part-*.jsonl"), *folder.glob("*/*/g[0-9]*/part-*.jsonl")]):
         stat = part.stat()
         digest.update(f"{part}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()

@@ -1,14 +1,18 @@
 """Sample shards of one (stage, dataset): atomic part files, the run's settings, and what is already done.
 
 Layout under ``<out>/samples/<stage>/<dataset>/``:
-  part-NNNNN.jsonl           kept sample lines, one file per finished batch, each written atomically
-  dropped/part-NNNNN.jsonl   samples generated but dropped (with the reason), so a rerun does not redo them
-  run.json                   the settings the samples were drawn with; a rerun must match them
+  part-NNNNN.jsonl           kept sample lines, one file per finished chunk of items, each written atomically
+  gNNNN/part-NNNNNNN.jsonl   parts from number 10,000 on, 10,000 to a folder (no folder grows past that)
+  dropped/...                the same layout for samples generated but dropped (with the reason), so a
+                             rerun does not redo them
+  run.json                   the settings the samples were drawn with (a rerun must match them), and the
+                             engine seed of every run
   runs.jsonl                 every run's summary, one line per run, appended (the history)
   summary.json               counts of the last run, and `totals`: the folder's contents and sums over all runs
 
 A part appears whole or not at all (temp file, fsync, rename), so after a crash the folder holds only
 complete lines, and (item_id, sample_index) keys tell a rerun exactly which samples are still missing.
+Lines start with those two keys, so resume planning reads them without parsing the rest of the line.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
@@ -24,13 +28,22 @@ from mpo_data.errors import InputError
 from mpo_data.jsonl import atomic_write_bytes, dumps, read_jsonl, write_jsonl
 
 PART_RE = re.compile(r"^part-(\d+)\.jsonl$")
+GROUP_RE = re.compile(r"^g(\d+)$")
 HISTORY = "runs.jsonl"  # every run's summary, appended
 DROPPED = "dropped"  # sub-folder of a shard folder holding the samples a stage dropped, with their reason
+PARTS_PER_FOLDER = 10_000  # parts 0..9,999 in the shard folder itself (the original flat layout), then gNNNN/
+KEYS_RE = re.compile(rb'^\{"item_id":"([^"\\]*)","sample_index":(\d+)[,}]')  # how write_part starts a line
+RUN_KEYS = ("engine_seeds",)  # run.json entries that record runs, not settings: reruns may differ in them
 
 
 def stage_dir(out_dir: str | Path, stage: str, dataset: str) -> Path:
     """Where the sample shards of `dataset` for `stage` live."""
     return Path(out_dir) / "samples" / stage / dataset
+
+
+def shard_folder(part: Path) -> Path:
+    """The (stage, dataset) folder a part file belongs to, whether it lies in it or in one of its gNNNN/ groups."""
+    return part.parent.parent if GROUP_RE.match(part.parent.name) else part.parent
 
 
 def quarantine_path(out_dir: str | Path, stage: str, dataset: str) -> Path:
@@ -56,6 +69,22 @@ def missing_indices(done: set[int], quota: int) -> list[int]:
     return [i for i in range(quota) if i not in done]
 
 
+def _keys_first(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with item_id and sample_index as its first keys: the light resume read needs it."""
+    return {"item_id": row["item_id"], "sample_index": row["sample_index"], **row}
+
+
+def _sample_key(loc: str, raw: bytes) -> tuple[str, int]:
+    """(item_id, sample_index) of a line not written by write_part (older runs, hand-made parts)."""
+    try:
+        row = orjson.loads(raw)
+        return str(row["item_id"]), int(row["sample_index"])
+    except orjson.JSONDecodeError as e:
+        raise InputError(f"{loc}: invalid JSON: {e}") from None
+    except (TypeError, KeyError, ValueError):
+        raise InputError(f"{loc}: not a sample line (needs item_id and sample_index)") from None
+
+
 def settings_diff(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """`key: recorded -> wanted` for every setting that differs between two runs."""
     keys = sorted(set(recorded) | set(wanted))
@@ -68,62 +97,94 @@ class ShardStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+        self._next: int | None = None  # the next part number, found by one listing at the first write
+
     def _parts(self, folder: Path) -> list[tuple[int, Path]]:
+        """(number, path) of every part in `folder` and its gNNNN/ groups, in number order."""
         if not folder.is_dir():
             return []
-        found = ((PART_RE.match(p.name), p) for p in folder.iterdir())
-        return sorted((int(m.group(1)), p) for m, p in found if m)
+        found = []
+        for entry in folder.iterdir():
+            if PART_RE.match(entry.name):
+                found.append((int(PART_RE.match(entry.name).group(1)), entry))
+            elif GROUP_RE.match(entry.name) and entry.is_dir():
+                found += [(int(m.group(1)), p) for p in entry.iterdir() if (m := PART_RE.match(p.name))]
+        return sorted(found)
 
-    def part_paths(self) -> list[Path]:
-        """Kept-sample parts in write order (temp files of a crashed write are not parts)."""
-        return [p for _, p in self._parts(self.root)]
+    def part_paths(self, dropped: bool = False) -> list[Path]:
+        """Kept-sample parts (or the dropped ones) in write order; temp files of a crashed write are not parts."""
+        return [p for _, p in self._parts(self.root / DROPPED if dropped else self.root)]
+
+    def _keys(self, dropped: bool) -> Iterator[tuple[str, int]]:
+        """(item_id, sample_index) of every sample line, kept or dropped ones."""
+        for path in self.part_paths(dropped):
+            with path.open("rb") as handle:
+                for number, raw in enumerate(handle, 1):
+                    match = KEYS_RE.match(raw)
+                    if match:  # our own lines: no JSON parse
+                        yield match.group(1).decode(), int(match.group(2))
+                    elif raw.strip():  # lines written some other way: parse them
+                        yield _sample_key(f"{path}:{number}", raw)
 
     def done(self) -> dict[str, set[int]]:
         """Sample indices already generated per item_id, kept or dropped."""
         done: dict[str, set[int]] = defaultdict(set)
-        for folder in (self.root, self.root / DROPPED):
-            for _, path in self._parts(folder):
-                for loc, row in read_jsonl(path):
-                    try:
-                        done[row["item_id"]].add(int(row["sample_index"]))
-                    except (TypeError, KeyError, ValueError):
-                        raise InputError(f"{loc}: not a sample line (needs item_id and sample_index)") from None
+        for dropped in (False, True):
+            for item_id, index in self._keys(dropped):
+                done[item_id].add(index)
         return done
 
     def totals(self) -> dict[str, Any]:
         """Everything in the folder, over all runs: kept samples, dropped ones by reason, items touched."""
         samples, items = 0, set()
-        for path in self.part_paths():
-            for _, row in read_jsonl(path):
-                samples += 1
-                items.add(row["item_id"])
-        dropped = Counter(row.get("reason") for _, path in self._parts(self.root / DROPPED) for _, row in read_jsonl(path))
+        for item_id, _ in self._keys(dropped=False):
+            samples += 1
+            items.add(item_id)
+        dropped = Counter(row.get("reason") for path in self.part_paths(dropped=True) for _, row in read_jsonl(path))
         return {"samples": samples, "dropped": dict(dropped), "items": len(items)}
 
+    def _next_name(self) -> str:
+        """Relative path of the next part: one listing per store, then a counter (O(1) per write)."""
+        if self._next is None:
+            numbers = [n for folder in (self.root, self.root / DROPPED) for n, _ in self._parts(folder)]
+            self._next = max(numbers, default=-1) + 1
+        number, self._next = self._next, self._next + 1
+        if number < PARTS_PER_FOLDER:
+            return f"part-{number:05d}.jsonl"
+        return f"g{number // PARTS_PER_FOLDER:04d}/part-{number:07d}.jsonl"
+
     def write_part(self, kept: list[dict[str, Any]], dropped: list[dict[str, Any]]) -> Path:
-        """Add one batch as the next part; drops first, so a crash in between only costs a redo of kept ones."""
-        numbers = [n for folder in (self.root, self.root / DROPPED) for n, _ in self._parts(folder)]
-        name = f"part-{max(numbers, default=-1) + 1:05d}.jsonl"
+        """Add one chunk as the next part; drops first, so a crash in between only costs a redo of kept ones."""
+        name = self._next_name()
         if dropped:
-            write_jsonl(self.root / DROPPED / name, dropped)
+            write_jsonl(self.root / DROPPED / name, map(_keys_first, dropped))
         path = self.root / name
         if kept:
-            write_jsonl(path, kept)
+            write_jsonl(path, map(_keys_first, kept))
         return path
 
     def check_settings(self, settings: dict[str, Any], force: bool = False) -> None:
         """Record the run's settings; refuse a rerun with other ones (mixed samples) unless `force`."""
         path = self.root / "run.json"
         if path.exists() and not force:
-            recorded = orjson.loads(path.read_bytes())
+            recorded = {k: v for k, v in orjson.loads(path.read_bytes()).items() if k not in RUN_KEYS}
             diff = settings_diff(recorded, settings)
             if diff:
                 raise InputError(
                     f"{path}: the samples here were drawn with other settings ({'; '.join(diff)}). "
                     "Use another --out-dir or --dataset, or --force to add samples with the new settings."
                 )
+        runs = {k: v for k, v in orjson.loads(path.read_bytes()).items() if k in RUN_KEYS} if path.exists() else {}
+        self._write_run({**settings, **runs})
+
+    def record_engine_seed(self, seed: int) -> None:
+        """Add this run's engine seed to run.json: each run samples from its own random stream."""
+        run = orjson.loads((self.root / "run.json").read_bytes())
+        self._write_run({**run, "engine_seeds": [*run.get("engine_seeds", []), seed]})
+
+    def _write_run(self, run: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, orjson.dumps(settings, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+        atomic_write_bytes(self.root / "run.json", orjson.dumps(run, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """Append this run to runs.jsonl (kept for good), then write summary.json: this run, and in

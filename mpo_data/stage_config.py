@@ -111,8 +111,11 @@ class StageConfig:
     )
     batch_size: int = field(
         default=8,
-        metadata={"help": "Items per engine call; each finished batch becomes one part file. InternVL's guide passes 1 "
-                  "(one lmdeploy call per item per GPU rank); here larger batches keep vLLM busy: 64+ on GPUs."},
+        metadata={"help": "Items per part file (the unit of progress and of loss after a kill). Engine concurrency is "
+                  "--max-in-flight, not this: the engine refills across parts. InternVL's guide passes 1."},
+    )
+    max_in_flight: int = field(
+        default=256, metadata={"help": "Most requests inside each engine at once (n samples each); it refills as they finish."}
     )
     num_engines: int = field(default=1, metadata={"help": "vLLM engine actors running at once (each takes tp x pp GPUs)."})
     address: str | None = field(
@@ -146,7 +149,7 @@ class StageConfig:
         """Refuse nonsense settings up front, before any reading or engine start."""
         positive = {
             "--num-return-sequences": self.sampling.n, "--max-new-tokens": self.sampling.max_new_tokens,
-            "--batch-size": self.batch_size, "--tp": self.engine.tensor_parallel_size,
+            "--batch-size": self.batch_size, "--max-in-flight": self.max_in_flight, "--tp": self.engine.tensor_parallel_size,
             "--pp": self.engine.pipeline_parallel_size, "--num-engines": self.num_engines,
         }
         for flag, value in positive.items():

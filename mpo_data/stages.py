@@ -7,26 +7,27 @@ item becomes a `GenerationRequest`, and how a completion becomes an output line 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import sys
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from functools import partial
-from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
+import pyarrow as pa
 from tqdm import tqdm
 
 from mpo_data import images as image_io
 from mpo_data import ray_logs
-from mpo_data.engine import Completion, Engine, GenerationRequest
-from mpo_data.errors import ClusterError
+from mpo_data.engine import Completion, EngineFeeder, GenerationRequest, GenerationResult, request_seed, start_engine
+from mpo_data.errors import ClusterError, InputError
 from mpo_data.formats import PromptItem, Sample, image_list, strip_placeholders
-from mpo_data.inputs import PromptReader
+from mpo_data.inputs import Problem, PromptReader, Quarantine
 from mpo_data.prompts import user_prompt
 from mpo_data.runlock import holds
 from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
@@ -61,7 +62,7 @@ def drop_reason(completion: Completion, rest: str) -> str | None:
     """Why a DropoutNTP continuation makes no usable `rejected`, or None if it does."""
     if not completion.text.strip():
         return "empty"
-    if completion.finish_reason == "length":
+    if completion.finish_reason in ("length", "context"):  # cut at max_new_tokens or by a full context
         return "max_tokens"
     if normalize(completion.text) == normalize(rest):
         return "same_as_chosen"
@@ -143,63 +144,133 @@ def make_stage(config: StageConfig) -> DropoutNTPStage | CorrectnessStage:
 
 # ---- the shared machinery: engine actors on Ray Data ----
 
-OUTPUT_COLUMNS = ("record", "dropped", "output_tokens", "prompt_tokens")
+# One work row per item that lacks samples. The prompt line stays JSON text: its extra keys are arbitrary.
+WORK_SCHEMA = pa.schema([("item_id", pa.string()), ("loc", pa.string()), ("indices", pa.list_(pa.int64())), ("item", pa.string())])
+WORK_COLUMNS = tuple(WORK_SCHEMA.names)
+# One output row per sample, or one per item that could not be sampled (`problem` says why; `loc` is its FILE:LINE).
+OUTPUT_COLUMNS = ("record", "dropped", "problem", "loc", "output_tokens", "prompt_tokens", "engine_ready", "peak_in_flight")
 
 
 class GenerateBatch:
-    """Ray Data callable class: one vLLM engine per actor; work rows in, one row per sample out.
+    """Ray Data async callable class: one vLLM engine per actor, fed continuously across calls.
 
-    Work and records travel as JSON strings: prompt lines carry arbitrary extra keys that Arrow could not
-    give one schema. Images travel as paths and are decoded here, not shipped through the object store.
+    Ray Data runs several calls at once on each actor (`calls_per_actor`); every call hands its items'
+    requests to the engine's feeder and returns when they are done, so one call is one part file while
+    the engine keeps up to `max_in_flight` requests running. Images travel as paths and are decoded here.
     """
 
-    def __init__(self, config: StageConfig):
+    def __init__(self, config: StageConfig, engine_seed: int, cpu_shares: Any = None):
+        import ray
+
         self.config = config
         self.stage = make_stage(config)
-        self.engine = Engine(config.engine_config())
+        share = ray.get(cpu_shares.claim.remote()) if cpu_shares is not None else (0, 1)
+        self.engine = start_engine(replace(config.engine_config(), seed=engine_seed), cpu_share=share)
+        self.feeder = EngineFeeder(self.engine, config.max_in_flight)
+        self.ready = time.time()  # wall clock: the driver times sampling from the first engine ready
 
-    def _images(self, item: dict[str, Any]) -> list:
-        if not self.stage.wants_images:
-            return []
-        return [image_io.load(self.config.image_root, rel) for rel in image_list(item.get("image"))]
+    def _submit(self, work: dict[str, Any]) -> Future:
+        """The future result of one work row's request; an image that fails to decode resolves it as refused."""
+        try:
+            paths = image_list(work["item"].get("image")) if self.stage.wants_images else []
+            images = [image_io.load(self.config.image_root, rel) for rel in paths]
+        except image_io.ImageError as e:
+            future: Future = Future()
+            future.set_result(GenerationResult(0, [], refused=f"{e.category}: {e}"))
+            return future
+        request = self.stage.request(work["item"], images)
+        seed = request_seed(work["item_id"], work["indices"][0])
+        return self.feeder.submit(request, self.config.sampling_config(len(work["indices"])), seed)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+    async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        works = [{**dict(zip(WORK_COLUMNS, row)), "item": orjson.loads(row[3])} for row in zip(*(batch[c] for c in WORK_COLUMNS))]
+        results = await asyncio.gather(*(asyncio.wrap_future(self._submit(work)) for work in works))
         out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
-        works = sorted((orjson.loads(w) for w in batch["work"]), key=lambda w: len(w["indices"]))
-        for n, group in groupby(works, key=lambda w: len(w["indices"])):  # one engine call per quota gap
-            group = list(group)
-            requests = [self.stage.request(w["item"], self._images(w["item"])) for w in group]
-            results = self.engine.generate(requests, self.config.sampling_config(n))
-            for work, result in zip(group, results):
-                for position, (index, completion) in enumerate(zip(work["indices"], result.completions)):
-                    key = {"item_id": work["item_id"], "sample_index": index}
-                    record, reason = self.stage.outcome(work["item"], key, completion, result.prompt_tokens)
-                    out["record"].append(orjson.dumps(record).decode())
-                    out["dropped"].append(reason or "")
-                    out["output_tokens"].append(completion.output_tokens)
-                    out["prompt_tokens"].append(result.prompt_tokens if position == 0 else 0)  # once per request
+        for work, result in zip(works, results):
+            ready, peak = self.ready, self.feeder.peak_in_flight
+            if result.refused:
+                _add_row(out, orjson.dumps(work["item"]).decode(), "", result.refused, work["loc"], 0, 0, ready, peak)
+            for position, (index, completion) in enumerate(zip(work["indices"], result.completions)):
+                key = {"item_id": work["item_id"], "sample_index": int(index)}
+                record, reason = self.stage.outcome(work["item"], key, completion, result.prompt_tokens)
+                prompt_tokens = result.prompt_tokens if position == 0 else 0  # once per request
+                row = (orjson.dumps(record).decode(), reason or "", "", work["loc"], completion.output_tokens, prompt_tokens, ready, peak)
+                _add_row(out, *row)
         return out
 
 
-def _placement_group(devices: int, pipeline: bool) -> dict[str, Any]:
-    """One bundle per GPU for an engine's vLLM workers (Ray's recipe for tp x pp > 1 under Ray Data)."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    # tensor parallel wants one node; pipeline stages may span nodes
-    group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * devices, strategy="PACK" if pipeline else "STRICT_PACK")
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+def _add_row(out: dict[str, list], *values: Any) -> None:
+    for name, value in zip(OUTPUT_COLUMNS, values):
+        out[name].append(value)
 
 
-def actor_resources(config: StageConfig, cluster_gpus: float) -> dict[str, Any]:
-    """map_batches resources of one engine actor: tp x pp GPUs, or one CPU on a CPU-only cluster."""
-    pipeline = config.engine.pipeline_parallel_size
-    devices = config.engine.tensor_parallel_size * pipeline
+class CpuShares:
+    """Hands each engine actor on a CPU-only cluster its own share of the cores (index, count)."""
+
+    def __init__(self, count: int):
+        self.count, self.next = count, 0
+
+    def claim(self) -> tuple[int, int]:
+        share, self.next = self.next % self.count, self.next + 1
+        return share, self.count
+
+
+class PlacementGroups:
+    """One placement group per engine actor (tp x pp > 1), made as Ray Data starts the actor; all removed at the end.
+
+    Ray Data removes none of them (ray-project/ray#64035): without `release`, the next stage in the same
+    driver would wait forever for GPUs the finished one still holds.
+    """
+
+    _made: ClassVar[dict[str, list]] = {}  # token -> groups: Ray Data may copy the callable it is given
+
+    def __init__(self, devices: int, pipeline: bool):
+        self.devices, self.pipeline = devices, pipeline
+        self.token = os.urandom(8).hex()
+
+    @property
+    def groups(self) -> list:
+        return self._made.setdefault(self.token, [])
+
+    def __call__(self) -> dict[str, Any]:
+        """Ray Data's ray_remote_args_fn: one bundle per GPU for the engine's vLLM workers."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        # tensor parallel wants one node; pipeline stages may span nodes
+        group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * self.devices, strategy="PACK" if self.pipeline else "STRICT_PACK")
+        self.groups.append(group)
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+
+    def release(self) -> None:
+        import ray
+
+        for group in self._made.pop(self.token, []):
+            ray.util.remove_placement_group(group)
+
+
+def actor_resources(config: StageConfig, cluster_gpus: float, groups: PlacementGroups | None = None) -> dict[str, Any]:
+    """map_batches resources of one engine actor: tp x pp GPUs (from `groups` when > 1), or one CPU on a CPU-only cluster."""
     if not cluster_gpus:
         return {"num_cpus": 1}
-    if devices == 1:
+    if config.engine.tensor_parallel_size * config.engine.pipeline_parallel_size == 1:
         return {"num_gpus": 1}
-    return {"num_gpus": 0, "ray_remote_args_fn": partial(_placement_group, devices, pipeline > 1)}
+    return {"num_gpus": 0, "ray_remote_args_fn": groups}
+
+
+def check_context(config: StageConfig) -> None:
+    """Before any engine starts: max_model_len must hold max_new_tokens and still leave room for a prompt."""
+    max_model_len, max_new_tokens = config.engine.max_model_len, config.sampling.max_new_tokens
+    if max_model_len is not None and max_new_tokens >= max_model_len:
+        raise InputError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in max_model_len {max_model_len}: "
+            "lower it or raise max_model_len (a sample cut by a full context gets finish_reason 'context')"
+        )
+
+
+def calls_per_actor(config: StageConfig) -> int:
+    """Concurrent calls per engine actor: enough parts to fill max_in_flight, and one more waiting to enter."""
+    return -(-config.max_in_flight // config.batch_size) + 1
 
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -237,6 +308,14 @@ class Tally:
     first_part_s: float | None = None  # engine start + first batch: the fixed cost of a run
     first_part_tokens: int = 0
     last_part_s: float = 0.0
+    peak_in_flight: int = 0  # most requests one engine held at once
+    engine_ready: float | None = None  # wall clock when the first engine was ready
+    last_part_at: float = 0.0  # wall clock of the last part
+
+    def engine_tokens_per_s(self) -> float | None:
+        """Output tokens/s from the first engine ready to the last part: sampling without engine start-up."""
+        span = self.last_part_at - (self.engine_ready or self.last_part_at)
+        return round(self.output_tokens / span, 2) if span > 0 else None
 
     def steady_tokens_per_s(self) -> float | None:
         """Output tokens/s after the first part (sampling without engine start-up); None until 1 s of it."""
@@ -244,32 +323,47 @@ class Tally:
         return round((self.output_tokens - self.first_part_tokens) / span, 2) if span >= 1.0 else None
 
 
-def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore) -> Tally:
-    """Run `work` through engine actors, writing one atomic part per finished batch as it arrives."""
+def work_dataset(work: list[dict[str, Any]], batch_size: int) -> Any:
+    """The work rows as a Ray dataset of `batch_size`-row blocks: one block per Ray Data call, one call per part."""
+    import pyarrow as pa
+    import ray
+
+    table = pa.Table.from_pylist([{**w, "item": orjson.dumps(w["item"]).decode()} for w in work], schema=WORK_SCHEMA)
+    return ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(table), batch_size)])
+
+
+def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore, quarantine: Quarantine) -> Tally:
+    """Run `work` through engine actors, writing one atomic part per finished chunk of items as it arrives."""
     import ray
 
     tally = Tally()
     started_ray = connect_ray(config.address)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    pipeline = config.engine.pipeline_parallel_size
+    groups = PlacementGroups(config.engine.tensor_parallel_size * pipeline, pipeline > 1)
+    engine_seed = int.from_bytes(os.urandom(4), "little") >> 1
+    store.record_engine_seed(engine_seed)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the tqdm bar below
-        ds = ray.data.from_items([{"work": orjson.dumps(w).decode()} for w in work])
-        ds = ds.map_batches(
+        shares = None if cluster_gpus or config.num_engines == 1 else ray.remote(CpuShares).remote(config.num_engines)
+        calls = calls_per_actor(config)
+        ds = work_dataset(work, config.batch_size).map_batches(
             GenerateBatch,
-            fn_constructor_kwargs={"config": config},
+            fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares},
             batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.num_engines),
+            compute=ray.data.ActorPoolStrategy(size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls),
             max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
-            **actor_resources(config, ray.cluster_resources().get("GPU", 0)),  # a restart that may never place
+            **actor_resources(config, cluster_gpus, groups),  # a restart that may never place
         )
         total = sum(len(w["indices"]) for w in work)
         with tqdm(total=total, unit="sample", desc=f"{config.stage} {config.dataset_name}", file=sys.stderr) as bar:
             began = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="default"):
-                _write_batch(batch, store, tally)
+                _write_batch(batch, store, tally, quarantine, config.on_error)
                 tally.last_part_s = time.monotonic() - began
                 if tally.first_part_s is None:
                     tally.first_part_s, tally.first_part_tokens = tally.last_part_s, tally.output_tokens
-                bar.update(len(batch["record"]))
+                bar.update(sum(1 for problem in batch["problem"] if not problem))
                 bar.set_postfix(items=len(tally.items), kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=tally.steady_tokens_per_s() or "-")
     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
         raise ClusterError(
@@ -277,14 +371,21 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore)
             f"{str(e).splitlines()[0][:300]}); the {tally.parts} part(s) written are kept: rerun to resume"
         ) from None
     finally:
+        groups.release()
         if started_ray:
             ray.shutdown()
     return tally
 
 
-def _write_batch(batch: dict[str, Any], store: ShardStore, tally: Tally) -> None:
+def _write_batch(batch: dict[str, Any], store: ShardStore, tally: Tally, quarantine: Quarantine, on_error: str) -> None:
+    """One part from one finished call; items that could not be sampled fail the run or go to quarantine."""
     kept, dropped = [], []
-    for record, reason in zip(batch["record"], batch["dropped"]):
+    for record, reason, problem, loc in zip(batch["record"], batch["dropped"], batch["problem"], batch["loc"]):
+        if problem:
+            if on_error == "fail":
+                raise InputError(f"{loc}: {problem}\n(use --on-error skip to quarantine such lines)")
+            quarantine.add([Problem(loc, problem.split(":")[0], problem)], orjson.loads(record))
+            continue
         row = orjson.loads(record)
         (dropped if reason else kept).append(row)
         tally.items.add(row["item_id"])
@@ -295,6 +396,9 @@ def _write_batch(batch: dict[str, Any], store: ShardStore, tally: Tally) -> None
     tally.kept += len(kept)
     tally.output_tokens += int(sum(batch["output_tokens"]))
     tally.prompt_tokens += int(sum(batch["prompt_tokens"]))
+    tally.engine_ready = min(float(min(batch["engine_ready"])), tally.engine_ready or float("inf"))
+    tally.last_part_at = time.time()
+    tally.peak_in_flight = max(tally.peak_in_flight, int(max(batch["peak_in_flight"])))
 
 
 # ---- the stage run: read, select, resume, generate, summarise ----
@@ -310,23 +414,25 @@ def _resolved(config: StageConfig) -> StageConfig:
 def read_items(config: StageConfig, reader: PromptReader) -> tuple[list[PromptItem], int]:
     """The selected valid items, first occurrence of each item_id, and how many repeats were skipped."""
     rows = [(reader.read - 1, item) for item in reader]  # reader.read counts the row just yielded
-    wanted = set(select_range(reader.read, config.sample_start_idx, config.sample_max_num))
+    wanted = select_range(reader.read, config.sample_start_idx, config.sample_max_num)  # a range: O(1) membership
     items: dict[str, PromptItem] = {}
     repeats = 0
     for position, item in rows:
         if position in wanted:
-            repeats += item.item_id in items
-            items.setdefault(item.item_id, item)
+            item_id = item.item_id  # a hash of the line: computed once
+            repeats += item_id in items
+            items.setdefault(item_id, item)
     return list(items.values()), repeats
 
 
 def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int) -> list[dict[str, Any]]:
     """One work row per item that lacks samples, naming exactly the missing sample indices."""
-    work = []
+    work, nothing_done = [], set()
     for item in items:
-        indices = missing_indices(done.get(item.item_id, set()), quota)
+        item_id = item.item_id
+        indices = missing_indices(done.get(item_id, nothing_done), quota)
         if indices:
-            work.append({"item_id": item.item_id, "item": item.to_dict(), "indices": indices})
+            work.append({"item_id": item_id, "loc": item.source, "item": item.to_dict(), "indices": indices})
     return work
 
 
@@ -336,7 +442,9 @@ def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[P
     dataset = config.dataset_name
     quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
     images_dir = Path(config.out_dir) / "images" / dataset
-    reader = PromptReader(config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine, images_dir)
+    reader = PromptReader(
+        config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine, images_dir, verify_images=False
+    )
     items, repeats = read_items(config, reader)
     return replace(config, image_root=str(reader.image_root)), reader, items, repeats
 
@@ -346,6 +454,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     """Sample one prompt set into `<out>/samples/<stage>/<dataset>/`, resuming; returns the summary."""
     began = time.monotonic()
     config.check()
+    check_context(config)
     config = _resolved(config)
     dataset = config.dataset_name
     store = ShardStore(stage_dir(config.out_dir, config.stage, dataset))
@@ -354,7 +463,10 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     done = store.done()
     work = plan_work(items, done, config.sampling.n)
     generated_from = time.monotonic()
-    tally = generate(config, work, store) if work else Tally()
+    try:
+        tally = generate(config, work, store, reader.quarantine) if work else Tally()
+    finally:
+        reader.quarantine.close()
     generation_s = time.monotonic() - generated_from
     summary = {
         "stage": config.stage,
@@ -374,12 +486,14 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "quarantined": {"total": reader.quarantine.total, "reasons": dict(reader.quarantine.counts),
                         "file": str(reader.quarantine.path) if reader.quarantine.path else None},
         "parts_written": tally.parts,
+        "peak_requests_in_flight": tally.peak_in_flight,
         "prompt_tokens": tally.prompt_tokens,
         "output_tokens": tally.output_tokens,
         "generation_s": round(generation_s, 2),
         "output_tokens_per_s": round(tally.output_tokens / generation_s, 2) if tally.output_tokens else 0.0,
         "first_part_s": round(tally.first_part_s, 2) if tally.first_part_s is not None else None,
         "steady_output_tokens_per_s": tally.steady_tokens_per_s(),
+        "engine_output_tokens_per_s": tally.engine_tokens_per_s(),
         "wall_s": round(time.monotonic() - began, 2),
         "totals": store.totals(),
         "settings": config.stage_settings(),

