@@ -260,7 +260,7 @@ def actor_resources(config: StageConfig, cluster_gpus: float, groups: PlacementG
 
 def check_context(config: StageConfig) -> None:
     """Before any engine starts: max_model_len must hold max_new_tokens and still leave room for a prompt."""
-    max_model_len, max_new_tokens = config.engine.max_model_len, config.sampling.max_new_tokens
+    max_model_len, max_new_tokens = config.engine.context_length(), config.sampling.max_new_tokens
     if max_model_len is not None and max_new_tokens >= max_model_len:
         raise InputError(
             f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in max_model_len {max_model_len}: "
@@ -341,8 +341,7 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     pipeline = config.engine.pipeline_parallel_size
     groups = PlacementGroups(config.engine.tensor_parallel_size * pipeline, pipeline > 1)
-    engine_seed = int.from_bytes(os.urandom(4), "little") >> 1
-    store.record_engine_seed(engine_seed)
+    engine_seed = store.next_engine_seed(config.engine.seed)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the tqdm bar below
         shares = None if cluster_gpus or config.num_engines == 1 else ray.remote(CpuShares).remote(config.num_engines)
