@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -346,14 +347,16 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the tqdm bar below
         shares = None if cluster_gpus or config.num_engines == 1 else ray.remote(CpuShares).remote(config.num_engines)
         calls = calls_per_actor(config)
-        ds = work_dataset(work, config.batch_size).map_batches(
-            GenerateBatch,
-            fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares},
-            batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls),
-            max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
-            **actor_resources(config, cluster_gpus, groups),  # a restart that may never place
-        )
+        with warnings.catch_warnings():  # Ray 2.60 deprecates these kwargs but names no parameter for them yet
+            warnings.filterwarnings("ignore", message="`ray_remote_args", category=DeprecationWarning)
+            ds = work_dataset(work, config.batch_size).map_batches(
+                GenerateBatch,
+                fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares},
+                batch_size=config.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls),
+                max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
+                **actor_resources(config, cluster_gpus, groups),  # a restart that may never place
+            )
         total = sum(len(w["indices"]) for w in work)
         with tqdm(total=total, unit="sample", desc=f"{config.stage} {config.dataset_name}", file=sys.stderr) as bar:
             began = time.monotonic()
