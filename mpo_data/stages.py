@@ -367,7 +367,8 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
                     tally.first_part_s, tally.first_part_tokens = tally.last_part_s, tally.output_tokens
                 bar.update(sum(1 for problem in batch["problem"] if not problem))
                 bar.set_postfix(items=len(tally.items), kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=tally.steady_tokens_per_s() or "-")
-    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+            ray.exceptions.OutOfMemoryError) as e:  # OOM: Ray's memory monitor killed the engine's workers
         raise ClusterError(
             f"{config.stage} {config.dataset_name}: an engine or node was lost ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:300]}); the {tally.parts} part(s) written are kept: rerun to resume"
