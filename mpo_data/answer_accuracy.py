@@ -15,28 +15,14 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
 from mpo_data.errors import InputError
+from mpo_data.train_config import AnswerEvalArgs
 
 Z95 = NormalDist().inv_cdf(0.975)
-
-
-@dataclass
-class AnswerEvalArgs:
-    """The `eval.answers` section of a training YAML; also what `mpo-data evaluate RUN` reads and overrides."""
-
-    questions: str | None = field(
-        default=None,
-        metadata={"help": "Held-out prompt file (correctness format, never sampled for pairs); None: no answer evaluation."},
-    )
-    prompt_version: str = field(default="en", metadata={"help": "Prompt template and answer format the judge expects."})
-    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of the answers; 0 is greedy."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer; a cut answer has no final answer and counts as wrong."})
-    max_questions: int | None = field(default=None, metadata={"help": "Use only the first N questions (None: all)."})
 
 
 # ------------------------------------------------------------------------------------------ statistics

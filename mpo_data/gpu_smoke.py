@@ -20,6 +20,7 @@ import orjson
 from PIL import Image
 
 from mpo_data.models import TINY_INTERNVL, TINY_QWEN
+from mpo_data.shards import samples_root, stage_dir
 
 MODELS = (TINY_QWEN, TINY_INTERNVL)
 STAGES = ("correctness", "dropout-ntp")
@@ -58,7 +59,7 @@ def plan(out: Path, models_dir: Path, gpus: int) -> tuple[list[Step], list[str]]
         for tp in tps:
             for stage in STAGES:
                 steps.append(stage_step(out, models_dir / model, stage, tp))
-    samples, pairs, meta = out / "samples", out / "pairs", out / "meta.json"
+    samples, pairs, meta = samples_root(out), out / "pairs", out / "meta.json"
     steps.append(Step("pairs", ["pairs", "--data-dir", str(samples), "--save-dir", str(pairs)], summary=pairs / "pairs_summary.json"))
     steps.append(Step("meta", ["meta", "--pairs-dir", str(pairs), "--image-root", str(out / "prompts"), "--out", str(meta)]))
     train_out = out / "train"
@@ -75,7 +76,7 @@ def stage_step(out: Path, model: Path, stage: str, tp: int) -> Step:
             "--out-dir", str(out), "--dataset", dataset, "--tp", str(tp), *SAMPLING]
     if model.name == TINY_INTERNVL:
         argv += ["--max-num", "6", "--dynamic"]  # InternVL tiling under the HF processor's names
-    return Step(stage, argv, model.name, tp, out / "samples" / stage / dataset / "summary.json")
+    return Step(stage, argv, model.name, tp, stage_dir(out, stage, dataset) / "summary.json")
 
 
 def write_prompts(folder: Path, pairs_dir: Path) -> None:

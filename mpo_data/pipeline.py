@@ -21,6 +21,7 @@ from mpo_data.jsonl import atomic_write_bytes
 from mpo_data.meta import MetaConfig, build_meta, count_pairs
 from mpo_data.pairs import PairsConfig, build_pairs
 from mpo_data.runlock import holds
+from mpo_data.shards import ShardStore, samples_root, shard_folders
 from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
 from mpo_data.stages import connect_ray, run_stage
 
@@ -69,7 +70,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
     source = str(path)
     data = apply_overrides(load_yaml(path), list(overrides))
     out = Path(str(data.get("out_dir", "")))
-    _set_by_pipeline(data, "pairs", {"data_dir": str(out / "samples"), "save_dir": str(out / "pairs")}, source)
+    _set_by_pipeline(data, "pairs", {"data_dir": str(samples_root(out)), "save_dir": str(out / "pairs")}, source)
     _set_by_pipeline(data, "meta", {"pairs_dir": str(out / "pairs"), "image_root": "."}, source)
     config = build(PipelineConfig, data, source)
     names = [d.name for d in config.datasets]
@@ -86,10 +87,10 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
     return config, stages
 
 
-def _fingerprint(folder: Path, settings: Any) -> str:
+def _fingerprint(out: Path, settings: Any) -> str:
     """Changes whenever a sample part or the pair settings change, so unchanged pairs are not rebuilt."""
     digest = hashlib.sha1(repr(settings).encode())
-    for part in sorted([*folder.glob("*/*/part-*.jsonl"), *folder.glob("*/*/g[0-9]*/part-*.jsonl")]):
+    for part in (p for _, _, folder in shard_folders(out) for p in ShardStore(folder).part_paths()):
         stat = part.stat()
         digest.update(f"{part}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
@@ -109,7 +110,7 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     connect_ray(config.address)
     summaries = {f"{s.stage}/{s.dataset}": run_stage(s) for s in stages}
 
-    fingerprint = _fingerprint(out / "samples", config.pairs)
+    fingerprint = _fingerprint(out, config.pairs)
     if record.get("pairs_fingerprint") != fingerprint or not (out / "pairs" / "pairs_summary.json").exists():
         build_pairs(config.pairs)
         pairs_rebuilt = True

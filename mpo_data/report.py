@@ -21,6 +21,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from mpo_data import images
 from mpo_data.errors import InputError
 from mpo_data.formats import image_list, iter_pairs, read_meta
+from mpo_data.shards import shard_folders
 
 HIST_BINS = 12
 SAMPLE_PAIRS = 20
@@ -146,7 +147,8 @@ def build_report(out_dir: str | Path, meta_path: str | Path | None = None, seed:
         raise InputError(f"{out}: no such run folder")
     if meta_path is None and (out / "pipeline.json").exists():
         meta_path = _load_json(out / "pipeline.json").get("meta")
-    stages = {f"{p.parent.parent.name}/{p.parent.name}": (p, _load_json(p)) for p in sorted(out.glob("samples/*/*/summary.json"))}
+    summaries = [(f"{stage}/{dataset}", folder / "summary.json") for stage, dataset, folder in shard_folders(out)]
+    stages = {key: (path, _load_json(path)) for key, path in summaries if path.exists()}
     pairs_path = out / "pairs" / "pairs_summary.json"
     pairs = _load_json(pairs_path) if pairs_path.exists() else {}
     keys = sorted(set(stages) | set(pairs))

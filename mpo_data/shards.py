@@ -18,6 +18,7 @@ Lines start with those two keys, so resume planning reads them without parsing t
 from __future__ import annotations
 
 import re
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,9 +37,19 @@ KEYS_RE = re.compile(rb'^\{"item_id":"([^"\\]*)","sample_index":(\d+)[,}]')  # h
 RUN_KEYS = ("engine_seeds",)  # run.json entries that record runs, not settings: reruns may differ in them
 
 
+def samples_root(out_dir: str | Path) -> Path:
+    """The folder holding every stage's shard folders, `<out>/samples/`."""
+    return Path(out_dir) / "samples"
+
+
 def stage_dir(out_dir: str | Path, stage: str, dataset: str) -> Path:
     """Where the sample shards of `dataset` for `stage` live."""
-    return Path(out_dir) / "samples" / stage / dataset
+    return samples_root(out_dir) / stage / dataset
+
+
+def shard_folders(out_dir: str | Path) -> list[tuple[str, str, Path]]:
+    """(stage, dataset, folder) of every shard folder of a run, in name order."""
+    return [(f.parent.name, f.name, f) for f in sorted(samples_root(out_dir).glob("*/*")) if f.is_dir()]
 
 
 def shard_folder(part: Path) -> Path:
@@ -177,10 +188,15 @@ class ShardStore:
         runs = {k: v for k, v in orjson.loads(path.read_bytes()).items() if k in RUN_KEYS} if path.exists() else {}
         self._write_run({**settings, **runs})
 
-    def record_engine_seed(self, seed: int) -> None:
-        """Add this run's engine seed to run.json: each run samples from its own random stream."""
+    def next_engine_seed(self, base: int) -> int:
+        """This run's engine seed, recorded in run.json: derived from `base` (--seed) and the run's number, so
+        each run samples from its own stream (a top-up never repeats a sample) and a rerun of the same history
+        draws the same samples."""
         run = orjson.loads((self.root / "run.json").read_bytes())
-        self._write_run({**run, "engine_seeds": [*run.get("engine_seeds", []), seed]})
+        seeds = run.get("engine_seeds", [])
+        seed = zlib.crc32(f"{base}:{len(seeds)}".encode()) & 0x7FFFFFFF
+        self._write_run({**run, "engine_seeds": [*seeds, seed]})
+        return seed
 
     def _write_run(self, run: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

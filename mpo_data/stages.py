@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -260,7 +261,7 @@ def actor_resources(config: StageConfig, cluster_gpus: float, groups: PlacementG
 
 def check_context(config: StageConfig) -> None:
     """Before any engine starts: max_model_len must hold max_new_tokens and still leave room for a prompt."""
-    max_model_len, max_new_tokens = config.engine.max_model_len, config.sampling.max_new_tokens
+    max_model_len, max_new_tokens = config.engine.context_length(), config.sampling.max_new_tokens
     if max_model_len is not None and max_new_tokens >= max_model_len:
         raise InputError(
             f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in max_model_len {max_model_len}: "
@@ -341,20 +342,21 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     pipeline = config.engine.pipeline_parallel_size
     groups = PlacementGroups(config.engine.tensor_parallel_size * pipeline, pipeline > 1)
-    engine_seed = int.from_bytes(os.urandom(4), "little") >> 1
-    store.record_engine_seed(engine_seed)
+    engine_seed = store.next_engine_seed(config.engine.seed)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the tqdm bar below
         shares = None if cluster_gpus or config.num_engines == 1 else ray.remote(CpuShares).remote(config.num_engines)
         calls = calls_per_actor(config)
-        ds = work_dataset(work, config.batch_size).map_batches(
-            GenerateBatch,
-            fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares},
-            batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls),
-            max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
-            **actor_resources(config, cluster_gpus, groups),  # a restart that may never place
-        )
+        with warnings.catch_warnings():  # Ray 2.60 deprecates these kwargs but names no parameter for them yet
+            warnings.filterwarnings("ignore", message="`ray_remote_args", category=DeprecationWarning)
+            ds = work_dataset(work, config.batch_size).map_batches(
+                GenerateBatch,
+                fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares},
+                batch_size=config.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls),
+                max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
+                **actor_resources(config, cluster_gpus, groups),  # a restart that may never place
+            )
         total = sum(len(w["indices"]) for w in work)
         with tqdm(total=total, unit="sample", desc=f"{config.stage} {config.dataset_name}", file=sys.stderr) as bar:
             began = time.monotonic()
@@ -365,7 +367,8 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
                     tally.first_part_s, tally.first_part_tokens = tally.last_part_s, tally.output_tokens
                 bar.update(sum(1 for problem in batch["problem"] if not problem))
                 bar.set_postfix(items=len(tally.items), kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=tally.steady_tokens_per_s() or "-")
-    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+            ray.exceptions.OutOfMemoryError) as e:  # OOM: Ray's memory monitor killed the engine's workers
         raise ClusterError(
             f"{config.stage} {config.dataset_name}: an engine or node was lost ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:300]}); the {tally.parts} part(s) written are kept: rerun to resume"

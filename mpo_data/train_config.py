@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpo_data.answer_accuracy import AnswerEvalArgs
 from mpo_data.config import apply_overrides, build, load_yaml
 from mpo_data.errors import InputError, OnError
 from mpo_data.prompts import PROMPT_VERSIONS
@@ -26,6 +25,20 @@ MPO_DEFAULTS: dict[str, Any] = {
 }
 FINETUNE_METHODS = ("full", "lora", "qlora")
 COOKBOOK_TARGETS = ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"]
+
+
+@dataclass
+class AnswerEvalArgs:
+    """The `eval.answers` section of a training YAML; also what `mpo-data evaluate RUN` reads and overrides."""
+
+    questions: str | None = field(
+        default=None,
+        metadata={"help": "Held-out prompt file (correctness format, never sampled for pairs); None: no answer evaluation."},
+    )
+    prompt_version: str = field(default="en", metadata={"help": "Prompt template and answer format the judge expects."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of the answers; 0 is greedy."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer; a cut answer has no final answer and counts as wrong."})
+    max_questions: int | None = field(default=None, metadata={"help": "Use only the first N questions (None: all)."})
 
 
 @dataclass

@@ -23,7 +23,6 @@ from mpo_data.engine import (
     batches,
     _engine_kwargs,
     _result,
-    tiling_kwargs,
     cpu_has_bf16,
     cpu_thread_binding,
     generate_rows,
@@ -81,16 +80,16 @@ def test_explicit_settings_win_and_tiling_reaches_the_processor(tmp_path):
 def test_tiling_names_follow_the_model_architecture(tmp_path):
     # Each InternVL processor refuses the other family's names at engine start: only its own may go in.
     hf = EngineConfig(model=model_dir(tmp_path / "hf", "InternVLForConditionalGeneration"), max_num=12, dynamic=True)
-    assert tiling_kwargs(hf) == {"crop_to_patches": True, "max_patches": 12}
+    assert hf.tiling_kwargs() == {"crop_to_patches": True, "max_patches": 12}
     remote = EngineConfig(model=model_dir(tmp_path / "remote", "InternVLChatModel"), dynamic=False)
-    assert tiling_kwargs(remote) == {"dynamic_image_size": False}
+    assert remote.tiling_kwargs() == {"dynamic_image_size": False}
 
 
 def test_tiling_on_a_model_without_it_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match=r"config.json: max_num/dynamic tiling is for InternVL.*Idefics3"):
-        tiling_kwargs(EngineConfig(model=model_dir(tmp_path, "Idefics3ForConditionalGeneration"), max_num=6))
+        EngineConfig(model=model_dir(tmp_path, "Idefics3ForConditionalGeneration"), max_num=6).tiling_kwargs()
     with pytest.raises(InputError, match="cannot read the model's architectures"):
-        tiling_kwargs(EngineConfig(model=str(tmp_path / "missing"), dynamic=True))
+        EngineConfig(model=str(tmp_path / "missing"), dynamic=True).tiling_kwargs()
 
 
 def test_each_live_engine_gets_its_own_compile_cache(tmp_path, monkeypatch):

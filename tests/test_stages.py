@@ -3,6 +3,7 @@ engine actors under a real local Ray, including a SIGKILL part-way and a rerun t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -33,6 +34,7 @@ from mpo_data.stages import (
     PlacementGroups,
     actor_resources,
     calls_per_actor,
+    check_context,
     cut_prefix,
     drop_reason,
     join_continuation,
@@ -115,6 +117,16 @@ def test_engine_concurrency_and_part_size_are_separate_settings():
     # 256 requests in flight with 8 items a part: 33 calls per actor keep the engine full and one part waiting
     assert calls_per_actor(CorrectnessConfig("p", EngineConfig("m"), batch_size=8, max_in_flight=256)) == 33
     assert calls_per_actor(CorrectnessConfig("p", EngineConfig("m"), batch_size=64, max_in_flight=4)) == 2
+
+
+def test_context_room_is_checked_before_any_engine_starts(tmp_path):
+    # without max_model_len the model's own context (config.json, also a VLM's text_config) is the limit
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 512}}))
+    config = CorrectnessConfig("p.jsonl", EngineConfig(model=str(tmp_path)), SamplingConfig(max_new_tokens=600))
+    with pytest.raises(InputError, match="--max-new-tokens 600 leaves no room for the prompt in max_model_len 512"):
+        check_context(config)
+    check_context(replace(config, engine=EngineConfig(model=str(tmp_path), max_model_len=2048)))
+    check_context(replace(config, sampling=SamplingConfig(max_new_tokens=256)))
 
 
 def test_resume_bookkeeping(tmp_path):
