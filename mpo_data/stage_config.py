@@ -158,6 +158,9 @@ class StageConfig:
         default=256, metadata={"help": "Most requests inside each engine at once (n samples each); it refills as they finish."}
     )
     num_engines: int = field(default=1, metadata={"help": "vLLM engine actors running at once (each takes tp x pp GPUs)."})
+    placement_timeout_s: float = field(
+        default=600.0, metadata={"help": "Seconds to wait for the engines' GPUs (tp x pp each) before failing with what the cluster has."}
+    )
     address: str | None = field(
         default=None, metadata={"help": "Ray cluster to join ('auto' or HOST:PORT); default: start a private local Ray (no dashboard)."}
     )

@@ -217,36 +217,52 @@ class CpuShares:
 
 
 class PlacementGroups:
-    """One placement group per engine actor (tp x pp > 1), made as Ray Data starts the actor; all removed at the end.
+    """The engines' placement groups (tp x pp GPUs each): made and placed before any actor starts, all removed at the end.
 
-    Ray Data removes none of them (ray-project/ray#64035): without `release`, the next stage in the same
-    driver would wait forever for GPUs the finished one still holds.
+    Ray Data calls `ray_remote_args_fn` for every actor it starts, but also where it only reads the args
+    (its memory issue detector, at start and then periodically): a function that made a group per call
+    left stray groups holding GPUs, and an engine actor could wait behind them forever. So the groups are
+    a fixed pool, one per engine, handed out in turn; they are placed (or the run fails saying what the
+    cluster lacks) before Ray Data starts, and `release` removes them: Ray Data removes none
+    (ray-project/ray#64035), and the next stage in the same driver needs the GPUs.
     """
 
-    _made: ClassVar[dict[str, list]] = {}  # token -> groups: Ray Data may copy the callable it is given
+    _pools: ClassVar[dict[str, list]] = {}  # token -> groups: Ray Data may copy the callable it is given
 
-    def __init__(self, devices: int, pipeline: bool):
-        self.devices, self.pipeline = devices, pipeline
+    def __init__(self, engines: int, devices: int, pipeline: bool):
+        self.engines, self.devices, self.pipeline = engines, devices, pipeline
         self.token = os.urandom(8).hex()
+        self.handed = 0
 
     @property
     def groups(self) -> list:
-        return self._made.setdefault(self.token, [])
+        return self._pools.get(self.token, [])
 
-    def __call__(self) -> dict[str, Any]:
-        """Ray Data's ray_remote_args_fn: one bundle per GPU for the engine's vLLM workers."""
+    def place(self, timeout_s: float) -> bool:
+        """Make one group per engine and wait until all are placed; False if the cluster cannot within `timeout_s`."""
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         # tensor parallel wants one node; pipeline stages may span nodes
-        group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * self.devices, strategy="PACK" if self.pipeline else "STRICT_PACK")
-        self.groups.append(group)
+        strategy = "PACK" if self.pipeline else "STRICT_PACK"
+        bundles = [{"GPU": 1, "CPU": 1}] * self.devices
+        self._pools[self.token] = [ray.util.placement_group(bundles, strategy=strategy) for _ in range(self.engines)]
+        try:
+            ray.get([group.ready() for group in self.groups], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            return False
+        return True
+
+    def __call__(self) -> dict[str, Any]:
+        """Ray Data's ray_remote_args_fn: the next group of the pool, whose bundles vLLM's workers take."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group, self.handed = self.groups[self.handed % len(self.groups)], self.handed + 1
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
 
     def release(self) -> None:
         import ray
 
-        for group in self._made.pop(self.token, []):
+        for group in self._pools.pop(self.token, []):
             ray.util.remove_placement_group(group)
 
 
@@ -257,6 +273,19 @@ def actor_resources(config: StageConfig, cluster_gpus: float, groups: PlacementG
     if config.engine.tensor_parallel_size * config.engine.pipeline_parallel_size == 1:
         return {"num_gpus": 1}
     return {"num_gpus": 0, "ray_remote_args_fn": groups}
+
+
+def place_groups(config: StageConfig, groups: PlacementGroups) -> None:
+    """Place every engine's group before Ray Data starts, or fail saying what the cluster has (never wait forever)."""
+    import ray
+
+    total, free = ray.cluster_resources().get("GPU", 0), ray.available_resources().get("GPU", 0)
+    if not groups.place(config.placement_timeout_s):
+        raise ClusterError(
+            f"{config.stage} {config.dataset_name}: {groups.engines} engine(s) x {groups.devices} GPUs "
+            f"(tp x pp) not placed within {config.placement_timeout_s:g} s; the cluster has {total:g} GPUs, "
+            f"{free:g} free: lower --num-engines or tp, or add nodes"
+        )
 
 
 def check_context(config: StageConfig) -> None:
@@ -341,9 +370,12 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
     started_ray = connect_ray(config.address)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     pipeline = config.engine.pipeline_parallel_size
-    groups = PlacementGroups(config.engine.tensor_parallel_size * pipeline, pipeline > 1)
+    groups = PlacementGroups(config.num_engines, config.engine.tensor_parallel_size * pipeline, pipeline > 1)
     engine_seed = store.next_engine_seed(config.engine.seed)
     try:
+        resources = actor_resources(config, cluster_gpus, groups)
+        if "ray_remote_args_fn" in resources:
+            place_groups(config, groups)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the tqdm bar below
         shares = None if cluster_gpus or config.num_engines == 1 else ray.remote(CpuShares).remote(config.num_engines)
         calls = calls_per_actor(config)
@@ -355,7 +387,7 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
                 batch_size=config.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls),
                 max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
-                **actor_resources(config, cluster_gpus, groups),  # a restart that may never place
+                **resources,  # a restart that may never place
             )
         total = sum(len(w["indices"]) for w in work)
         with tqdm(total=total, unit="sample", desc=f"{config.stage} {config.dataset_name}", file=sys.stderr) as bar:
