@@ -7,6 +7,7 @@ samples and pairs unchanged (docs/design.md, input formats).
 from __future__ import annotations
 
 import hashlib
+from functools import cached_property
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -212,7 +213,7 @@ class PromptItem:
     def images(self) -> list[str]:
         return image_list(self.image)
 
-    @property
+    @cached_property  # planning asks for it more than once per item; the fields are not changed after reading
     def item_id(self) -> str:
         return make_item_id(self.dataset, self.image, self.question, self.answer if self.chosen is None else self.chosen)
 

@@ -11,8 +11,9 @@ import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
 
@@ -122,10 +123,21 @@ def extract_images(image: Any, folder: Path) -> str | list[str]:
     return names if isinstance(image, list) else names[0]
 
 
-def record_problems(line: Line, kind: str, image_root: str | Path | None, verify_images: bool = True) -> list[Problem]:
+def image_error(root: str | Path, rel: str, verify: bool = True) -> images.ImageError | None:
+    """Why the image `rel` under `root` cannot be used, or None."""
+    try:
+        images.check(root, rel, verify=verify)
+    except images.ImageError as e:
+        return e
+    return None
+
+
+def record_problems(line: Line, kind: str, image_root: str | Path | None, verify_images: bool = True,
+                    check_image: Callable[..., images.ImageError | None] = image_error) -> list[Problem]:
     """Every problem of one row: JSON, schema, then each image (only if the schema is sound).
 
     verify_images=False checks image headers only (path, format, size), not the compressed data.
+    `check_image` may remember files it has seen (PromptReader's does).
     """
     if line.error:
         return [Problem(line.loc, "invalid JSON", line.error)]
@@ -135,10 +147,9 @@ def record_problems(line: Line, kind: str, image_root: str | Path | None, verify
     problems = []
     if image_root is not None:
         for rel in image_list(line.value.get("image")):
-            try:
-                images.check(image_root, rel, verify=verify_images)
-            except images.ImageError as e:
-                problems.append(Problem(line.loc, e.category, str(e)))
+            error = check_image(image_root, rel, verify_images)
+            if error is not None:
+                problems.append(Problem(line.loc, error.category, str(error)))
     return problems
 
 
@@ -210,6 +221,8 @@ class PromptReader:
         self.quarantine = Quarantine(Path(quarantine) if quarantine else None)
         self.read = 0
         self.verify_images = verify_images
+        # a million prompts often share a few thousand images: each file is checked once per reader
+        self.check_image = lru_cache(maxsize=1 << 16)(image_error)
 
     def checked(self) -> Iterator[tuple[Line, list[Problem]]]:
         """Every row with its problems; embedded images (a `datasets` Image column) are written out to
@@ -219,7 +232,7 @@ class PromptReader:
             if line.error is None and isinstance(line.value, dict) and is_embedded(line.value.get("image")):
                 line = Line(line.loc, {**line.value, "image": extract_images(line.value["image"], self.images_dir)})
                 self.image_root, self.extracted = self.images_dir, True
-            yield line, record_problems(line, self.kind, self.image_root, self.verify_images)
+            yield line, record_problems(line, self.kind, self.image_root, self.verify_images, self.check_image)
 
     def __iter__(self) -> Iterator[PromptItem]:
         try:

@@ -118,6 +118,16 @@ def test_reader_skip_quarantines_with_reasons_and_counts(tmp_path, root):
     assert "not found" in lines[1]["reasons"][0] and lines[1]["line"]["image"] == "gone.png"
 
 
+def test_reader_checks_each_image_file_once_and_names_every_line_that_uses_a_bad_one(tmp_path, root, monkeypatch):
+    checked, real = [], images.check
+    monkeypatch.setattr(images, "check", lambda root, rel, **kw: checked.append(rel) or real(root, rel, **kw))
+    lines = [f'{{"image": "{name}", "question": "q{i}", "answer": "1"}}' for i, name in enumerate(["ok.png", "broken.png"] * 3)]
+    reader = PromptReader(write_lines(tmp_path / "p.jsonl", lines), "correctness", "ds", root, on_error="skip")
+    assert [i.question for i in reader] == ["q0", "q2", "q4"]
+    assert sorted(checked) == ["broken.png", "ok.png"]
+    assert dict(reader.quarantine.counts) == {"image unreadable": 3}  # each line that names it, not once
+
+
 def test_parquet_and_hf_dataset_sources(tmp_path, root):
     import datasets
     import pyarrow as pa
