@@ -4,7 +4,8 @@ It builds a tiny random Qwen2.5-VL and a tiny HF-format InternVL offline, runs b
 items each at tp=1 (and tp=2 with 2+ GPUs), then pairs, meta and 2 training steps, each as the `mpo-data`
 command a user would type, in its own process so one failure does not hide the others. It prints one
 pass/fail row per step with tokens/s. The models are noise by design: this checks the plumbing (CUDA vLLM,
-both InternVL tiling names, tensor parallel, TRL on GPU), not answer quality.
+both InternVL tiling names, tensor parallel, TRL on GPU), not answer quality. `--skip-stages` leaves out the
+sampling stages and pairs (no vLLM needed): meta and training then run on the hand-made pairs alone.
 """
 
 from __future__ import annotations
@@ -49,18 +50,20 @@ class Outcome:
     note: str  # why it failed (the last line the command printed), or a count
 
 
-def plan(out: Path, models_dir: Path, gpus: int) -> tuple[list[Step], list[str]]:
-    """The steps for a machine with `gpus` GPUs, and the notes on what is skipped there."""
+def plan(out: Path, models_dir: Path, gpus: int, skip_stages: bool = False) -> tuple[list[Step], list[str]]:
+    """The steps for a machine with `gpus` GPUs, and the notes on what is skipped there. `skip_stages` (a
+    machine without vLLM) lists the stage rows and pairs as skipped: meta reads write_prompts' pairs alone."""
     tps = [1, 2] if gpus >= 2 else [1]
-    skipped = [] if gpus >= 2 else [f"tp=2 skipped: {gpus} GPU(s) visible, it needs 2"]
+    skipped = [] if gpus >= 2 or skip_stages else [f"tp=2 skipped: {gpus} GPU(s) visible, it needs 2"]
     build = [f"--model={name}" for name in MODELS]
     steps = [Step("models", ["models", "--out", str(models_dir), *build])]
-    for model in MODELS:
-        for tp in tps:
-            for stage in STAGES:
-                steps.append(stage_step(out, models_dir / model, stage, tp))
+    stages = [stage_step(out, models_dir / model, stage, tp) for model in MODELS for tp in tps for stage in STAGES]
     samples, pairs, meta = samples_root(out), out / "pairs", out / "meta.json"
-    steps.append(Step("pairs", ["pairs", "--data-dir", str(samples), "--save-dir", str(pairs)], summary=pairs / "pairs_summary.json"))
+    pairs_step = Step("pairs", ["pairs", "--data-dir", str(samples), "--save-dir", str(pairs)], summary=pairs / "pairs_summary.json")
+    if skip_stages:
+        skipped += [f"{s.name} {s.model} tp={s.tp} skipped: --skip-stages" for s in stages] + ["pairs skipped: --skip-stages, no samples"]
+    else:
+        steps += [*stages, pairs_step]
     steps.append(Step("meta", ["meta", "--pairs-dir", str(pairs), "--image-root", str(out / "prompts"), "--out", str(meta)]))
     train_out = out / "train"
     overrides = [f"model.path={models_dir / TINY_QWEN}", f"data.meta={meta}", f"output_dir={train_out}", "dpo.max_steps=2",
@@ -145,7 +148,7 @@ def gpu_problem() -> str | None:
     return None
 
 
-def run(out: Path, models_dir: Path, timeout: float) -> int:
+def run(out: Path, models_dir: Path, timeout: float, skip_stages: bool = False) -> int:
     problem = gpu_problem()
     if problem:
         print(f"gpu-smoke: {problem}", file=sys.stderr)
@@ -153,7 +156,7 @@ def run(out: Path, models_dir: Path, timeout: float) -> int:
     import torch
 
     write_prompts(out / "prompts", out / "pairs")
-    steps, skipped = plan(out, models_dir, torch.cuda.device_count())
+    steps, skipped = plan(out, models_dir, torch.cuda.device_count(), skip_stages)
     outcomes = []
     for step in steps:
         outcomes.append(run_step(step, timeout))

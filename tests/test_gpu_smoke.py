@@ -31,6 +31,16 @@ def test_two_gpus_add_tp2_runs(tmp_path):
     assert skipped == []
 
 
+def test_skip_stages_keeps_models_meta_and_train_and_lists_the_stage_rows_as_skipped(tmp_path):
+    steps, skipped = gpu_smoke.plan(tmp_path / "out", tmp_path / "models", gpus=1, skip_stages=True)
+    assert [s.name for s in steps] == ["models", "meta", "train"]
+    assert skipped == [f"{stage} {model} tp=1 skipped: --skip-stages" for model in (TINY_QWEN, TINY_INTERNVL) for stage in gpu_smoke.STAGES] + [
+        "pairs skipped: --skip-stages, no samples"]
+    meta = cli.build_parser("meta").parse_args(steps[1].argv)
+    assert meta.pairs_dir == str(tmp_path / "out" / "pairs")  # where write_prompts puts the hand-made pairs
+    assert len(gpu_smoke.plan(tmp_path / "out", tmp_path / "models", gpus=2, skip_stages=True)[1]) == 9
+
+
 def test_every_planned_command_is_valid_for_our_cli(tmp_path):
     steps, _ = gpu_smoke.plan(tmp_path / "out", tmp_path / "models", gpus=2)
     parsed = {(s.name, s.model, s.tp): cli.build_parser(s.argv[0]).parse_args(s.argv) for s in steps}
