@@ -259,11 +259,17 @@ class PlacementGroups:
         group, self.handed = self.groups[self.handed % len(self.groups)], self.handed + 1
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
 
-    def release(self) -> None:
+    def release(self, wait_s: float = 30.0) -> None:
+        """Remove every group and wait (up to `wait_s`) until Ray has freed them: removal is asynchronous, and
+        the next stage should see the GPUs free."""
         import ray
 
-        for group in self._pools.pop(self.token, []):
+        groups = self._pools.pop(self.token, [])
+        for group in groups:
             ray.util.remove_placement_group(group)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(ray.util.placement_group_table(g)["state"] != "REMOVED" for g in groups):
+            time.sleep(0.1)
 
 
 def actor_resources(config: StageConfig, cluster_gpus: float, groups: PlacementGroups | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -459,7 +460,8 @@ def test_tp2_on_fake_gpus_two_datasets_finish_and_release_their_placement_groups
     result = orjson.loads(run.stdout.strip().splitlines()[-1])
     assert result["samples"] == [3, 3]
     assert len(result["groups"]) == 4  # one per engine: a, b, and c's two that could not be placed
-    assert "2 engine(s) x 2 GPUs (tp x pp) not placed within 3 s; the cluster has 2 GPUs, 2 free" in result["error"]
+    # (free: what Ray's resource view said as c began; b's freed GPUs may not show there yet)
+    assert re.search(r"2 engine\(s\) x 2 GPUs \(tp x pp\) not placed within 3 s; the cluster has 2 GPUs, [02] free", result["error"])
     for group in result["groups"]:
         assert group["bundles"] == [{"GPU": 1.0, "CPU": 1.0}] * 2 and group["strategy"] == "STRICT_PACK"
         assert group["state"] == "REMOVED"
