@@ -315,9 +315,11 @@ AUTH_MODE = "RAY_AUTH_MODE"
 
 def connect_ray(address: str | None) -> bool:
     """Join `address`, or start a private local Ray without dashboard, on loopback; True if we started one."""
-    if not address:
+    if not address and "ray" not in sys.modules:
+        # Both are read when ray is imported (a caller that imported vLLM or ray first keeps Ray's defaults:
+        # setting the auth mode after import would start a GCS that wants a token this driver never sends).
         # With this switch off, Ray takes 127.0.0.1 as the node address instead of the host's routable
-        # one, so a private instance never listens on or talks to a network address. Read at import.
+        # one, so a private instance never listens on or talks to a network address.
         os.environ.setdefault(LOOPBACK_ONLY, "0")
         os.environ.setdefault(AUTH_MODE, "token")  # token auth on by our choice: Ray warns when it is left unset
     import ray

@@ -424,6 +424,17 @@ def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, r
     assert summary_file["totals"]["samples"] == 16 and summary_file["totals"]["items"] == 8
 
 
+@pytest.mark.ray
+def test_private_ray_starts_when_the_caller_imported_ray_first():
+    # Ray reads its auth mode at import: setting it afterwards started a GCS that refused this driver
+    # (seen in bench-scale, whose raw-vLLM run imports ray before the stage starts)
+    code = "import ray\nfrom mpo_data.stages import connect_ray\nassert connect_ray(None)\nprint(ray.cluster_resources()['CPU'])\nray.shutdown()"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.strip().splitlines()[-1]) > 0
+
+
 _TWO_DATASETS_ON_FAKE_GPUS = """
 import json, sys, ray
 from dataclasses import replace
