@@ -18,9 +18,11 @@ from pathlib import Path
 
 from mpo_data.jsonl import write_jsonl
 
-# SmolLM2-135M-Instruct, "en" template, T=0.3, 20 items x 8 samples each: one-digit sums and differences 15%
-# right, sums and differences within 10 31%, one-digit sums alone 33% (and two-digit operands, products,
-# quotients and word problems lower still). Hence numbers within 10, + and -, plain wordings, T=0.3.
+# SmolLM2-135M-Instruct, "en" template, T=0.3, 20-24 items x 8 samples each, share of samples right with the
+# earlier template / with the one that asks for one last "Final answer:" line: one-digit sums and differences
+# 15% / 17%; operands up to 5 31% / 42%; these sets (within 10, four wordings) 21% / 30% (20% at T=0.5, and
+# 37.5% over all 48 sampled items). One-digit sums alone 33%, "plus"/"minus" in words 19%. Hence numbers
+# within 10, + and -, symbols, T=0.3.
 OPERATIONS = {"+": lambda a, b: (a, b, a + b), "-": lambda a, b: (a + b, b, a)}  # (left, right, answer)
 WORDINGS = ("What is {left} {op} {right}?", "{left} {op} {right} = ?", "Calculate {left} {op} {right}.",
             "How much is {left} {op} {right}?")
