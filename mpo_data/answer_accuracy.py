@@ -184,17 +184,14 @@ def trained_model(run_dir: str | Path, base: str) -> Path:
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """`mpo-data evaluate RUN`: base vs trained model of a training run; adds `answer_accuracy` to RUN/eval.json."""
+    """Base vs trained model of a training run (`mpo-data train` and `eval`); adds `answer_accuracy` to RUN/eval.json."""
     import json
 
     from mpo_data.jsonl import atomic_write_bytes
-    from mpo_data.train import RUN_CONFIG
-    from mpo_data.train_config import load
+    from mpo_data.train import load_run_config
 
     run_dir = Path(run_dir)
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise InputError(f"{run_dir}: not a training run folder (no {RUN_CONFIG})")
-    config = load(run_dir / RUN_CONFIG, list(overrides))
+    config = load_run_config(run_dir, overrides)
     accuracy = evaluate(config.model.path, trained_model(run_dir, config.model.path), config.eval.answers, run_dir)
     path = run_dir / "eval.json"
     report = json.loads(path.read_text()) if path.is_file() else {}

@@ -18,12 +18,15 @@ from pathlib import Path
 
 from mpo_data.jsonl import write_jsonl
 
-# SmolLM2-135M-Instruct, "en" template, on 8-40 items each (greedy / T=0.3 / T=0.7): "What is a + b?" with one
-# digit 38% / 25% / 7-19%; "a + b = ?" 38% / 19% / 12%; word problems 12% / 12% / 0-5%; two-digit operands
-# lower still; x and / below 6% at T=0.7. Hence single digits, + and -, plain wording, T=0.3 in the demo.
+# SmolLM2-135M-Instruct, "en" template, T=0.3, 20-24 items x 8 samples each, share of samples right with the
+# earlier template / with the one that asks for one last "Final answer:" line: one-digit sums and differences
+# 15% / 17%; operands up to 5 31% / 42%; these sets (within 10, four wordings) 21% / 30% (20% at T=0.5, and
+# 37.5% over all 48 sampled items). One-digit sums alone 33%, "plus"/"minus" in words 19%. Hence numbers
+# within 10, + and -, symbols, T=0.3.
 OPERATIONS = {"+": lambda a, b: (a, b, a + b), "-": lambda a, b: (a + b, b, a)}  # (left, right, answer)
-WORDINGS = ("What is {left} {op} {right}?", "{left} {op} {right} = ?")
-DIGITS = range(1, 10)
+WORDINGS = ("What is {left} {op} {right}?", "{left} {op} {right} = ?", "Calculate {left} {op} {right}.",
+            "How much is {left} {op} {right}?")
+MAX_NUMBER = 10  # no sum above it, no difference from above it
 
 
 def _questions(facts: list[tuple[str, int, int]], rng: random.Random) -> list[dict]:
@@ -38,16 +41,25 @@ def _questions(facts: list[tuple[str, int, int]], rng: random.Random) -> list[di
     return rows
 
 
+def _interleave(first: list, second: list) -> list:
+    """first[0], second[0], first[1], second[1], ..., then the rest of the longer list."""
+    merged = [x for pair in zip(first, second) for x in pair]
+    return merged + first[len(second):] + second[len(first):]
+
+
 def arithmetic_problems(count: int, seed: int, held_out: int = 0) -> tuple[list[dict], list[dict]]:
-    """(prompts for pairs, held-out questions): one-digit sums and differences, exact integer answers.
+    """(prompts for pairs, held-out questions): sums and differences within 10, exact integer answers.
 
     The two sets share no arithmetic fact (operation and operands, in either order for a sum), so a
     held-out question is never a rewording of one the model was trained on. Numbers stay small so that a
     135M-parameter model answers some right and some wrong: correctness sampling needs both.
     """
-    facts = [("+", a, b) for a in DIGITS for b in DIGITS if a <= b] + [("-", a, b) for a in DIGITS for b in DIGITS]
+    pairs = [(a, b) for a in range(1, MAX_NUMBER) for b in range(1, MAX_NUMBER) if a + b <= MAX_NUMBER]
+    sums, differences = [("+", a, b) for a, b in pairs if a <= b], [("-", a, b) for a, b in pairs]
     rng = random.Random(seed)
-    rng.shuffle(facts)
+    rng.shuffle(sums)
+    rng.shuffle(differences)
+    facts = _interleave(sums, differences)  # both operations in the sampled set, whatever the seed
     for split in range(len(facts) + 1):  # the fewest facts that give `count` questions
         if len(_questions(facts[:split], random.Random(0))) >= count:
             break

@@ -32,9 +32,9 @@ _EN_R1 = PromptVersion(
 )
 
 PROMPT_VERSIONS: dict[str, PromptVersion] = {
-    "en": PromptVersion(
-        "Answer the question below. Reason step by step first, then give your answer on the last line "
-        'in the form "Final answer: <answer>".\n\nQuestion:\n{question}',
+    "en": PromptVersion(  # "End your response with one last line" lifts SmolLM2-135M's format rate from 53% to 69%
+        "Answer the question below. Reason step by step first. End your response with one last line that reads "
+        '"Final answer: " followed by your answer.\n\nQuestion:\n{question}',
         "line",
         "Final answer",
     ),

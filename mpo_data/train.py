@@ -184,15 +184,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return run
 
 
-def load_run(run_dir: str | Path):
+def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """The config a run folder was trained with, `key.sub=value` overrides applied."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise InputError(f"{run_dir}: not a training run folder (no {RUN_CONFIG})")
+    return load(run_dir / RUN_CONFIG, list(overrides))
+
+
+def load_run(run_dir: str | Path, overrides: list[str] = ()):
     """(config, policy, reference, processing_class) of a finished run folder."""
     import torch
     from trl.trainer.utils import create_model_from_path
 
     run_dir = Path(run_dir)
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise InputError(f"{run_dir}: not a training run folder (no {RUN_CONFIG})")
-    config = load(run_dir / RUN_CONFIG)
+    config = load_run_config(run_dir, overrides)
     dtype = torch.bfloat16 if cuda_available() else torch.float32
     processing_class = load_processing_class(str(run_dir))
     if (run_dir / "adapter_config.json").is_file():
@@ -205,13 +211,27 @@ def load_run(run_dir: str | Path):
     return config, policy, reference, processing_class
 
 
-def eval_run(run_dir: str | Path) -> Path:
-    """`mpo-data eval`: rebuild the same held-out split and evaluate the saved run again."""
+def preference_eval(run_dir: str | Path, overrides: list[str] = ()) -> Path:
+    """Rebuild the same held-out split and score the saved run's pairs again; returns RUN/eval.json."""
     from mpo_data import evaluate  # torch/TRL: imported only when training or evaluating
-    config, policy, reference, processing_class = load_run(run_dir)
+    config, policy, reference, processing_class = load_run(run_dir, overrides)
     args = dpo_config(config, cuda_available())
     _, held, _ = prepare_rows(config, processing_class, args.max_length)
     report = evaluate.evaluate(policy, reference, processing_class, held, args.beta, config.eval)
     path = Path(run_dir) / "eval.json"
     kept = {k: v for k, v in json.loads(path.read_text()).items() if k in ("run", "answer_accuracy")} if path.is_file() else {}
     return evaluate.write(path, {**report, **kept})  # the run summary and answer accuracy stay
+
+
+def eval_run(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """`mpo-data eval`: preference accuracy on the held-out pairs, then (with eval.answers.questions set)
+    answer accuracy on held-out questions; returns RUN/eval.json's content.
+
+    The answers come second, once the pair scorer's models are freed, so that vLLM gets their memory.
+    """
+    path = preference_eval(run_dir, overrides)
+    if load_run_config(run_dir, overrides).eval.answers.questions:
+        from mpo_data.answer_accuracy import evaluate_run
+
+        evaluate_run(run_dir, overrides)
+    return json.loads(path.read_text())

@@ -29,7 +29,7 @@ COOKBOOK_TARGETS = ["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_
 
 @dataclass
 class AnswerEvalArgs:
-    """The `eval.answers` section of a training YAML; also what `mpo-data evaluate RUN` reads and overrides."""
+    """The `eval.answers` section of a training YAML; also what `mpo-data eval RUN` reads and overrides."""
 
     questions: str | None = field(
         default=None,

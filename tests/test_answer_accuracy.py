@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from pathlib import Path
 
@@ -83,11 +84,12 @@ def test_held_out_questions_share_no_fact_with_the_sampled_ones():
 
     train, held = demo.arithmetic_problems(48, seed=0, held_out=256)
     assert (len(train), len(held)) == (48, 256)
-    fact = lambda row: (row["op"], *sorted(int(n) for n in row["question"].replace("?", " ").split() if n.isdigit()))  # noqa: E731
+    terms = lambda row: re.search(r"(\d+) ([+-]) (\d+)", row["question"]).groups()  # noqa: E731
+    fact = lambda row: (row["op"], *sorted(int(n) for n in terms(row)[::2]))  # noqa: E731
     assert not {fact(r) for r in train} & {fact(r) for r in held}
     for row in train + held:  # exact answers
-        left, op, right = row["question"].removeprefix("What is ").rstrip("?= ").split()
-        assert int(row["answer"]) == (int(left) + int(right) if op == "+" else int(left) - int(right))
+        left, op, right = terms(row)
+        assert op == row["op"] and int(row["answer"]) == (int(left) + int(right) if op == "+" else int(left) - int(right))
     assert demo.arithmetic_problems(48, seed=0, held_out=256) == (train, held)  # the same sets every time
     assert len({r["question"] for r in held}) == 256
     with pytest.raises(ValueError, match="disjoint"):

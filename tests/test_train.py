@@ -203,7 +203,8 @@ def test_batched_logps_match_hand_computation_and_metrics(pairs):
 @pytest.mark.train
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_two_mpo_steps_on_tiny_vlm(pairs, tmp_path, finetune):
-    from mpo_data.train import eval_run, train
+    from mpo_data import cli
+    from mpo_data.train import train
 
     out = tmp_path / f"run_{finetune}"
     config = load(CONFIG, [f"data.meta={pairs / 'meta.json'}", f"output_dir={out}", f"model.finetune={finetune}",
@@ -219,7 +220,9 @@ def test_two_mpo_steps_on_tiny_vlm(pairs, tmp_path, finetune):
     assert result["pairs"] == 2 and len(result["generations"]) == 1
     moved = [p["policy_chosen"] - p["ref_chosen"] for p in result["per_pair"]]
     assert any(abs(d) > 1e-4 for d in moved)  # the policy left the reference: training changed weights
-    again = json.loads(eval_run(out).read_text())  # `mpo-data eval` reloads the run and gets the same numbers
+    assert cli.main(["eval", str(out)]) == 0  # `mpo-data eval` reloads the run and gets the same numbers
+    again = json.loads((out / "eval.json").read_text())
+    assert "answer_accuracy" not in again  # the config sets no held-out questions
     assert again["after"] == pytest.approx(result["after"], abs=1e-3)
     assert again["before"] == pytest.approx(result["before"], abs=1e-3)
 

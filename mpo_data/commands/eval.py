@@ -1,21 +1,27 @@
-"""`mpo-data eval RUN`: preference accuracy and answers of a training run, before vs after, again."""
+"""`mpo-data eval RUN [KEY=VALUE ...]`: a training run's evaluation again, before vs after: preference accuracy
+on the held-out pairs, then, when the run's config sets eval.answers.questions, answer accuracy on held-out
+questions (vLLM answers, our judge, Wilson and paired intervals). Everything goes into RUN/eval.json."""
 
 from __future__ import annotations
 
-import json
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("run", help="the run folder (output_dir of `mpo-data train`)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="the run's config, e.g. eval.pairs=32 or eval.answers.max_questions=50")
 
 
 def main(args) -> int:
+    from mpo_data.answer_accuracy import describe
     from mpo_data.train import eval_run
 
-    path = eval_run(args.run)
-    result = json.loads(path.read_text())
+    report = eval_run(args.run, args.overrides)
     for when in ("before", "after"):
-        print(f"{when}: {result.get(when)}")
-    print(f"evaluation: {path}", file=sys.stderr)
+        print(f"{when}: {report.get(when)}")
+    if "answer_accuracy" in report:
+        print(describe(report["answer_accuracy"]))
+    print(f"evaluation: {Path(args.run) / 'eval.json'}", file=sys.stderr)
     return 0
