@@ -188,7 +188,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, An
     import json
 
     from mpo_data.jsonl import atomic_write_bytes
-    from mpo_data.train import load_run_config
+    from mpo_data.train_config import load_run_config
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir, overrides)

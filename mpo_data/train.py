@@ -19,10 +19,9 @@ from typing import Any
 import yaml
 
 from mpo_data.errors import InputError
-from mpo_data.train_config import TrainConfig, load
+from mpo_data.train_config import RUN_CONFIG, TrainConfig, load_run_config
 from mpo_data.train_data import PairLoader, summary
 
-RUN_CONFIG = "train_config.yaml"
 
 
 def cuda_available() -> bool:
@@ -184,14 +183,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return run
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """The config a run folder was trained with, `key.sub=value` overrides applied."""
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise InputError(f"{run_dir}: not a training run folder (no {RUN_CONFIG})")
-    return load(run_dir / RUN_CONFIG, list(overrides))
-
-
 def load_run(run_dir: str | Path, overrides: list[str] = ()):
     """(config, policy, reference, processing_class) of a finished run folder."""
     import torch
@@ -221,17 +212,3 @@ def preference_eval(run_dir: str | Path, overrides: list[str] = ()) -> Path:
     path = Path(run_dir) / "eval.json"
     kept = {k: v for k, v in json.loads(path.read_text()).items() if k in ("run", "answer_accuracy")} if path.is_file() else {}
     return evaluate.write(path, {**report, **kept})  # the run summary and answer accuracy stay
-
-
-def eval_run(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """`mpo-data eval`: preference accuracy on the held-out pairs, then (with eval.answers.questions set)
-    answer accuracy on held-out questions; returns RUN/eval.json's content.
-
-    The answers come second, once the pair scorer's models are freed, so that vLLM gets their memory.
-    """
-    path = preference_eval(run_dir, overrides)
-    if load_run_config(run_dir, overrides).eval.answers.questions:
-        from mpo_data.answer_accuracy import evaluate_run
-
-        evaluate_run(run_dir, overrides)
-    return json.loads(path.read_text())

@@ -147,3 +147,14 @@ def load(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     config = build(TrainConfig, apply_overrides(load_yaml(path), list(overrides)), str(path))
     config.source = str(path)
     return check(config)
+
+
+RUN_CONFIG = "train_config.yaml"  # the config a run folder was trained with, as `mpo-data train` saved it
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """The config a run folder was trained with, `key.sub=value` overrides applied."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise InputError(f"{run_dir}: not a training run folder (no {RUN_CONFIG})")
+    return load(run_dir / RUN_CONFIG, list(overrides))

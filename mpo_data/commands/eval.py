@@ -4,6 +4,7 @@ questions (vLLM answers, our judge, Wilson and paired intervals). Everything goe
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,10 +16,14 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.answer_accuracy import describe
-    from mpo_data.train import eval_run
+    from mpo_data.answer_accuracy import describe, evaluate_run
+    from mpo_data.train import preference_eval
+    from mpo_data.train_config import load_run_config
 
-    report = eval_run(args.run, args.overrides)
+    path = preference_eval(args.run, args.overrides)  # first: vLLM then gets the memory its models held
+    if load_run_config(args.run, args.overrides).eval.answers.questions:
+        evaluate_run(args.run, args.overrides)
+    report = json.loads(path.read_text())
     for when in ("before", "after"):
         print(f"{when}: {report.get(when)}")
     if "answer_accuracy" in report:
