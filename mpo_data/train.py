@@ -23,7 +23,6 @@ from mpo_data.train_config import RUN_CONFIG, TrainConfig, load_run_config
 from mpo_data.train_data import PairLoader, summary
 
 
-
 def cuda_available() -> bool:
     import torch
 
