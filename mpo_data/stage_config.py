@@ -198,6 +198,8 @@ class StageConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
+        if self.placement_timeout_s <= 0:
+            raise InputError(f"--placement-timeout-s must be > 0, got {self.placement_timeout_s}")
         if not 0 < self.sampling.top_p <= 1 or self.sampling.temperature < 0:
             raise InputError(f"need 0 < --top-p <= 1 and --temperature >= 0 (got {self.sampling.top_p}, {self.sampling.temperature})")
         if not Path(self.engine.model).is_dir():

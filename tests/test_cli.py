@@ -113,3 +113,15 @@ def test_guide_tiling_flags_on_a_model_that_is_not_internvl_are_refused_up_front
     config = config_from_args(CorrectnessConfig, parse(argv))
     with pytest.raises(InputError, match="config.json: max_num/dynamic tiling is for InternVL models"):
         config.check()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-in-flight", "0", "--max-in-flight must be >= 1, got 0"),
+    ("--placement-timeout-s", "0", "--placement-timeout-s must be > 0, got 0.0"),
+])
+def test_nonsense_counts_are_refused_before_anything_starts(flag, value, message):
+    from mpo_data.errors import InputError
+
+    config = config_from_args(CorrectnessConfig, parse(["correctness", "--checkpoint", "M", "--prompt-path", "p", flag, value]))
+    with pytest.raises(InputError, match=message):
+        config.check()

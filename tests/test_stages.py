@@ -356,11 +356,12 @@ def test_dropout_ntp_load_image_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_
     assert all(r["provenance"]["load_image"] is True and r["rejected"].startswith(cut_prefix(r["chosen"], 0.5)[0]) for r in kept)
 
 
-def _cli(out: Path, demo_dir: Path, models_dir: Path, *extra: str) -> list[str]:
+def _cli(out: Path, demo_dir: Path, models_dir: Path) -> list[str]:
+    """One request in the engine at a time, so parts appear one by one and a kill at the first lands mid-run."""
     return [
         str(ROOT / ".venv" / "bin" / "mpo-data"), "correctness", "--checkpoint", str(models_dir / "smollm2-135m-instruct"),
         "--prompt-path", str(demo_dir / "arithmetic.jsonl"), "--out-dir", str(out), "--num-return-sequences", "2",
-        "--max-new-tokens", "24", "--sample-max-num", "8", "--batch-size", "1", *extra,
+        "--max-new-tokens", "24", "--sample-max-num", "8", "--batch-size", "1", "--max-in-flight", "1",
     ]
 
 
@@ -373,6 +374,7 @@ def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float =
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no part file appeared"
             time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)  # freeze the driver (it writes the parts) so the kill lands mid-run
         if while_running:
             while_running(proc)
         proc.send_signal(signal.SIGKILL)
