@@ -20,7 +20,7 @@ from statistics import NormalDist
 from typing import Any
 
 from mpo_data.errors import InputError
-from mpo_data.train_config import AnswerEvalArgs
+from mpo_data.train_config import AnswerEvalArgs, TrainConfig
 
 Z95 = NormalDist().inv_cdf(0.975)
 
@@ -183,15 +183,13 @@ def trained_model(run_dir: str | Path, base: str) -> Path:
     return merged
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, config: TrainConfig) -> dict[str, Any]:
     """Base vs trained model of a training run (`mpo-data train` and `eval`); adds `answer_accuracy` to RUN/eval.json."""
     import json
 
     from mpo_data.jsonl import atomic_write_bytes
-    from mpo_data.train_config import load_run_config
 
     run_dir = Path(run_dir)
-    config = load_run_config(run_dir, overrides)
     accuracy = evaluate(config.model.path, trained_model(run_dir, config.model.path), config.eval.answers, run_dir)
     path = run_dir / "eval.json"
     report = json.loads(path.read_text()) if path.is_file() else {}

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from mpo_data.errors import InputError
-from mpo_data.train_config import RUN_CONFIG, TrainConfig, load_run_config
+from mpo_data.train_config import RUN_CONFIG, TrainConfig
 from mpo_data.train_data import PairLoader, summary
 
 
@@ -182,29 +182,28 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return run
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = ()):
-    """(config, policy, reference, processing_class) of a finished run folder."""
+def load_run(run_dir: str | Path, config: TrainConfig):
+    """(policy, reference, processing_class) of a finished run folder trained with `config`."""
     import torch
     from trl.trainer.utils import create_model_from_path
 
     run_dir = Path(run_dir)
-    config = load_run_config(run_dir, overrides)
     dtype = torch.bfloat16 if cuda_available() else torch.float32
     processing_class = load_processing_class(str(run_dir))
     if (run_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base = create_model_from_path(config.model.path, dtype=dtype)
-        return config, PeftModel.from_pretrained(base, run_dir).eval(), None, processing_class
+        return PeftModel.from_pretrained(base, run_dir).eval(), None, processing_class
     policy = create_model_from_path(str(run_dir), dtype=dtype).eval()
     reference = create_model_from_path(config.model.path, dtype=dtype).eval()
-    return config, policy, reference, processing_class
+    return policy, reference, processing_class
 
 
-def preference_eval(run_dir: str | Path, overrides: list[str] = ()) -> Path:
+def preference_eval(run_dir: str | Path, config: TrainConfig) -> Path:
     """Rebuild the same held-out split and score the saved run's pairs again; returns RUN/eval.json."""
     from mpo_data import evaluate  # torch/TRL: imported only when training or evaluating
-    config, policy, reference, processing_class = load_run(run_dir, overrides)
+    policy, reference, processing_class = load_run(run_dir, config)
     args = dpo_config(config, cuda_available())
     _, held, _ = prepare_rows(config, processing_class, args.max_length)
     report = evaluate.evaluate(policy, reference, processing_class, held, args.beta, config.eval)

@@ -14,6 +14,7 @@ import yaml
 
 from mpo_data import answer_accuracy as aa
 from mpo_data.errors import InputError
+from mpo_data.train_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PIPELINE, DEMO_TRAIN = ROOT / "pipelines" / "demo.yaml", ROOT / "training" / "configs" / "smollm2_lora_cpu.yaml"
@@ -76,7 +77,7 @@ def test_evaluate_without_questions_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="eval.answers.questions"):
         aa.evaluate("base", "trained", aa.AnswerEvalArgs(), tmp_path)
     with pytest.raises(InputError, match="not a training run folder"):
-        aa.evaluate_run(tmp_path)
+        load_run_config(tmp_path)  # what `mpo-data eval` reads first
 
 
 def test_held_out_questions_share_no_fact_with_the_sampled_ones():

@@ -20,9 +20,10 @@ def main(args) -> int:
     from mpo_data.train import preference_eval
     from mpo_data.train_config import load_run_config
 
-    path = preference_eval(args.run, args.overrides)  # first: vLLM then gets the memory its models held
-    if load_run_config(args.run, args.overrides).eval.answers.questions:
-        evaluate_run(args.run, args.overrides)
+    config = load_run_config(args.run, args.overrides)
+    path = preference_eval(args.run, config)  # first: vLLM then gets the memory its models held
+    if config.eval.answers.questions:
+        evaluate_run(args.run, config)
     report = json.loads(path.read_text())
     for when in ("before", "after"):
         print(f"{when}: {report.get(when)}")

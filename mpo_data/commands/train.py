@@ -30,5 +30,5 @@ def main(args) -> int:
     if config.eval.answers.questions:  # after the trainer is gone, so vLLM gets its memory
         from mpo_data.answer_accuracy import describe, evaluate_run
 
-        print(describe(evaluate_run(out)))
+        print(describe(evaluate_run(out, config)))
     return 0
