@@ -38,7 +38,7 @@ train: venv models
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data train --config training/configs/smollm2_lora_cpu.yaml
 
 test: venv models demo-data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Output tokens/s: our engine layer vs raw vllm.LLM.generate vs a transformers generate loop (one run).
 bench-engine: venv models
