@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 
 def add_arguments(parser) -> None:
@@ -29,5 +28,5 @@ def main(args) -> int:
         print(f"{when}: {report.get(when)}")
     if "answer_accuracy" in report:
         print(describe(report["answer_accuracy"]))
-    print(f"evaluation: {Path(args.run) / 'eval.json'}", file=sys.stderr)
+    print(f"evaluation: {path}", file=sys.stderr)
     return 0
