@@ -19,7 +19,7 @@ from mpo_data.jsonl import atomic_write_bytes, read_jsonl
 
 Image = str | list[str] | None  # as in MMPR: one path, a list (multi-image), or absent (text-only)
 
-PROMPT_KINDS = ("correctness", "dropout-ntp")
+PROMPT_KINDS = ("correctness", "correctness-majority", "dropout-ntp")
 # Why a sample ended: its own end (or a stop string), max_new_tokens, or the context (max_model_len) filling up.
 FINISH_REASONS = ("stop", "length", "context")
 
@@ -132,14 +132,18 @@ class Schema:
 TEXT = Key((str,), non_empty=True)
 IMAGE = Key(required=False, check=_check_image)
 ANSWER = Key((str, int, float), non_empty=True)
+OPTIONAL_ANSWER = Key((str, int, float), required=False, non_empty=True)
 OPTIONAL_TEXT = Key((str,), required=False)
 
 PROMPT_SCHEMAS = {  # what a prompt set's lines hold, per stage
     "correctness": Schema({"image": IMAGE, "question": TEXT, "answer": ANSWER}),
+    # correctness with `labels: majority`: `pairs` labels items by their samples' vote, `answer` may be absent
+    "correctness-majority": Schema({"image": IMAGE, "question": TEXT, "answer": OPTIONAL_ANSWER}),
     "dropout-ntp": Schema({"image": IMAGE, "question": TEXT, "chosen": TEXT}),
 }
-# what the stages write: the prompt line plus the keys of `Sample` / DropoutNTPStage.outcome
-SAMPLE_SCHEMA = PROMPT_SCHEMAS["correctness"].extend(
+# what the stages write: the prompt line plus the keys of `Sample` / DropoutNTPStage.outcome (`pairs` requires
+# `answer` where the dataset's labels are the ground truth)
+SAMPLE_SCHEMA = PROMPT_SCHEMAS["correctness-majority"].extend(
     item_id=Key((str,)), sample_index=Key((int,)), prompt=OPTIONAL_TEXT, response=Key((str,)), finish_reason=Key((str,)),
     prompt_tokens=Key((int,), required=False), output_tokens=Key((int,), required=False), prompt_version=OPTIONAL_TEXT,
     model=OPTIONAL_TEXT, sampling=Key((dict,), required=False),

@@ -4,11 +4,16 @@ Memory stays bounded whatever the input size: correctness samples are judged as 
 spilled into hash buckets by item_id (one bucket of ~`bucket_bytes` is in memory at a time), and the
 global dedup keeps only an 8-byte digest per written pair. Judging runs on all cores (`mpo_data.judge`).
 
+Labels: an item's label is its ground truth `answer`, or, for a dataset sampled with `labels: majority`
+(its run.json says so), the majority final answer of its samples, answers voting together where the judge
+finds them equal; an item whose majority holds under --majority-threshold of its samples is dropped.
+
 Outputs in --save-dir, all written atomically:
   <ds>_pairs_vqa_correctness_rules.jsonl   correct (chosen) x incorrect but well-formed (rejected)
   <ds>_pairs_vqa_format_rules.jsonl        correct (chosen) x malformed (rejected)
   <ds>_prefix_pair_sr<ratio>_{wo,with}_image.jsonl   DropoutNTP lines
-  pos_items/<ds>.jsonl   every correct sample, judged;  neg_items/<ds>.jsonl   items never answered right
+  pos_items/<ds>.jsonl   every correct sample, judged (majority labels: with majority_answer, majority_share)
+  neg_items/<ds>.jsonl   items never answered right
   pairs_summary.json     per dataset: counts of every filter, correctness rate, judge errors
   quarantine/<stage>_<ds>.jsonl   with --on-error skip: bad sample lines, each with its reason
 """
@@ -37,7 +42,7 @@ from mpo_data.formats import (
 )
 from mpo_data.inputs import Problem, Quarantine
 from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
-from mpo_data.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_version, modes_for_dataset
+from mpo_data.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_version, extract_answer, modes_for_dataset
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, user_prompt
 from mpo_data.runlock import holds
 from mpo_data.shards import DROPPED, shard_folder
@@ -62,13 +67,37 @@ class PairsConfig:
         metadata={"help": "Lines read per dataset at most. InternVL's script defaults to 1,000,000; its guide passes "
                   "1,200,000, which is ours."},
     )
-    answer_fix: bool = field(default=False, metadata={"help": "Rewrite the chosen's final answer to the ground truth."})
+    answer_fix: bool = field(default=False, metadata={"help": "Rewrite the chosen's final answer to the label."})
+    majority_threshold: float = field(
+        default=0.5,
+        metadata={"help": "Datasets sampled with `labels: majority`: the least share of an item's samples (all of them, "
+                  "malformed ones included) whose final answers must agree for the majority to become its label; "
+                  "items under it, or with two answers tied at the top, are counted and dropped. 0.5 keeps items "
+                  "where at least half of the samples agree."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of pair sampling; same seed, same output."})
     on_error: OnError = field(
         default="fail", metadata={"help": "Bad sample lines: fail naming FILE:LINE, or skip them to SAVE_DIR/quarantine/ with counts."}
     )
     bucket_bytes: int = field(default=32 << 20, metadata={"help": "Input bytes per item_id hash bucket held in memory."})
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "Matching modes, workers, timeout."})
+
+
+LABELS = ("answer", "majority")  # CorrectnessConfig.labels, as run.json records it
+
+
+def dataset_labels(parts: list[Path]) -> str:
+    """Where a correctness dataset's labels come from: its run.json's `labels` (the stage records it), else answer."""
+    run = shard_folder(parts[0]) / "run.json"
+    if not run.exists():
+        return "answer"
+    try:
+        labels = orjson.loads(run.read_bytes()).get("labels", "answer")
+    except (orjson.JSONDecodeError, AttributeError) as e:
+        raise InputError(f"{run}: not a JSON object of run settings ({e})") from None
+    if labels not in LABELS:
+        raise InputError(f"{run}: 'labels' must be one of {LABELS}, got {labels!r}")
+    return labels
 
 
 def find_datasets(data_dir: Path) -> dict[tuple[str, str], list[Path]]:
@@ -126,9 +155,11 @@ def _require(loc: str, raw: Any, schema: Schema) -> None:
         raise InputError(f"{loc}: {problems[0]}")
 
 
-def check_sample(loc: str, raw: Any) -> str:
-    """Validate a correctness sample line; returns its prompt_version."""
+def check_sample(loc: str, raw: Any, labelled: bool = True) -> str:
+    """Validate a correctness sample line (with its `answer` where it is `labelled`); returns its prompt_version."""
     _require(loc, raw, SAMPLE_SCHEMA)
+    if labelled and raw.get("answer") is None:
+        raise InputError(f"{loc}: missing key 'answer' (a prompt set without answers is sampled with labels: majority)")
     version = checked_version(loc, raw)
     if raw["finish_reason"] not in FINISH_REASONS:
         raise InputError(f"{loc}: 'finish_reason' must be one of {FINISH_REASONS}, got {raw['finish_reason']!r}")
@@ -207,14 +238,26 @@ def sampled_prompt(sample: dict) -> str:
     return sample.get("prompt") or user_prompt(sample["question"], len(image_list(sample.get("image"))), version)
 
 
-def _make_pair(pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, ...], answer_fix: bool) -> Pair:
+@dataclass(frozen=True)
+class Label:
+    """An item's label and where it came from."""
+
+    answer: str
+    source: str  # "ground_truth" (the row's answer) or "majority" (its samples' vote)
+    share: float | None = None  # majority: the share of the item's samples that gave it
+
+    def provenance(self) -> dict[str, Any]:
+        return {"label_source": self.source} | ({"majority_share": self.share} if self.share is not None else {})
+
+
+def _make_pair(pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, ...], answer_fix: bool, label: Label) -> Pair:
     return Pair(
         image=pos.get("image"),
         question=sampled_prompt(pos),
         question_orig=pos["question"],
         chosen=chosen,
         rejected=neg["response"],
-        answer_gt=str(pos["answer"]),
+        answer_gt=label.answer,
         chosen_meta=_sample_meta(pos),
         rejected_meta=_sample_meta(neg),
         provenance={
@@ -225,40 +268,95 @@ def _make_pair(pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, .
             "sampling": pos.get("sampling"),
             "judge_modes": list(modes),
             "answer_fix": answer_fix,
+            **label.provenance(),
         },
     )
 
 
 class CorrectnessPairs:
-    """One correctness dataset: judge -> buckets by item_id -> pairs per item."""
+    """One correctness dataset: judge -> buckets by item_id -> label and pairs per item."""
 
     def __init__(self, config: PairsConfig, dataset: str, parts: list[Path], judge: Judge, dedup: Dedup, out: Outputs,
                  quarantine: Quarantine | None):
         self.config, self.dataset, self.parts = config, dataset, parts
         self.judge, self.dedup, self.out, self.quarantine = judge, dedup, out, quarantine
         self.modes = tuple(config.judge.modes) if config.judge.modes else modes_for_dataset(dataset)
+        self.majority = dataset_labels(parts) == "majority"
         self.counts: Counter = Counter()
         save = config.save_dir
         self.paths = {rule: save / f"{dataset}_pairs_vqa_{rule}_rules.jsonl" for rule in ("correctness", "format")}
         self.paths.update(pos=save / "pos_items" / f"{dataset}.jsonl", neg=save / "neg_items" / f"{dataset}.jsonl")
 
-    def _items(self) -> Iterator[JudgeItem]:
-        for raw, version in iter_checked(self.parts, self.config.max_lines, self.counts, check_sample, self.quarantine):
-            yield JudgeItem(raw, raw["response"], str(raw["answer"]), raw["question"], version, self.modes)
+    def _check(self, loc: str, raw: Any) -> str:
+        return check_sample(loc, raw, labelled=not self.majority)
+
+    def _count(self, verdict: Verdict) -> None:
+        self.counts.update(samples=1, correct=verdict.is_correct, format_failures=not verdict.format_ok,
+                           judge_errors=verdict.judge_error is not None)
+
+    def _judged(self) -> Iterator[dict]:
+        """Sample lines, judged against their ground truth; majority-labelled ones are judged per item later."""
+        lines = iter_checked(self.parts, self.config.max_lines, self.counts, self._check, self.quarantine)
+        if self.majority:
+            yield from (raw for raw, _ in lines)
+            return
+        rows = (JudgeItem(raw, raw["response"], str(raw["answer"]), raw["question"], version, self.modes) for raw, version in lines)
+        for raw, verdict in self.judge.judge_many(rows):
+            raw.update(verdict.contract())
+            self._count(verdict)
+            yield raw
 
     def _spill(self, folder: Path) -> list[Path]:
-        """Pass 1: judge every sample and append it to its item_id's bucket file."""
+        """Pass 1: judge every sample (against its ground truth) and append it to its item_id's bucket file."""
         size = sum(p.stat().st_size for p in self.parts)
         buckets = [folder / f"bucket-{i:04d}.jsonl" for i in range(max(1, math.ceil(size / self.config.bucket_bytes)))]
         with ExitStack() as stack:
             handles = [stack.enter_context(b.open("wb")) for b in buckets]
-            verdicts = self.judge.judge_many(self._items())
-            for raw, verdict in tqdm(verdicts, desc=f"judge {self.dataset}", unit=" lines", mininterval=5, disable=None):
-                raw.update(verdict.contract())
-                self.counts.update(samples=1, correct=verdict.is_correct, format_failures=not verdict.format_ok,
-                                   judge_errors=verdict.judge_error is not None)
+            for raw in tqdm(self._judged(), desc=f"judge {self.dataset}", unit=" lines", mininterval=5, disable=None):
                 handles[zlib.crc32(raw["item_id"].encode()) % len(handles)].write(dumps(raw))
         return buckets
+
+    def _votes(self, groups: dict[str, list[dict]]) -> dict[str, dict[str, list[Verdict]]]:
+        """item_id -> candidate answer -> each sample's verdict against it (in sample order).
+
+        The candidates of an item are the distinct final answers of its samples; judging every sample against
+        every candidate lets answers the judge finds equal (0.5, 1/2) vote together.
+        """
+        def version(sample: dict) -> str:
+            return sample.get("prompt_version") or DEFAULT_PROMPT_VERSION
+
+        candidates = {}
+        for item_id, samples in groups.items():
+            answers = (extract_answer(s["response"], version(s)) for s in samples)
+            candidates[item_id] = [a for a, _ in Counter(e.answer for e in answers if e.format_ok).most_common()]
+        rows = (
+            JudgeItem((item_id, answer), s["response"], answer, s["question"], version(s), self.modes)
+            for item_id, samples in groups.items() for answer in candidates[item_id] for s in samples
+        )
+        votes: dict[str, dict[str, list[Verdict]]] = defaultdict(lambda: defaultdict(list))
+        for (item_id, answer), verdict in self.judge.judge_many(rows):
+            votes[item_id][answer].append(verdict)
+        return votes
+
+    def _majority(self, samples: list[dict], votes: dict[str, list[Verdict]]) -> Label | None:
+        """The item's label by vote, its samples judged against it; None (counted) when the vote is too weak."""
+        voters = {answer: frozenset(k for k, v in enumerate(verdicts) if v.is_correct) for answer, verdicts in votes.items()}
+        ranked = sorted(voters, key=lambda a: -len(voters[a]))  # stable: ties keep the most frequent answer first
+        best = ranked[0] if ranked else None
+        for k, sample in enumerate(samples):
+            verdict = votes[best][k] if best is not None else Verdict(None, False, False)
+            sample.update(verdict.contract())
+            self._count(verdict)
+        share = round(len(voters[best]) / len(samples), 6) if best is not None else 0.0
+        if share < self.config.majority_threshold or share == 0:
+            self.counts["items_below_majority_threshold"] += 1
+            return None
+        # a runner-up with as many votes from other samples is another answer, not a spelling of this one
+        if any(len(voters[a]) == len(voters[best]) and voters[a] != voters[best] for a in ranked[1:]):
+            self.counts["items_majority_tied"] += 1
+            return None
+        self.counts["items_majority_labelled"] += 1
+        return Label(best, "majority", share)
 
     def _usable_chosen(self, sample: dict) -> bool:
         """Chosen responses are complete (not cut at max tokens or by a full context) and not looping."""
@@ -270,7 +368,8 @@ class CorrectnessPairs:
             return False
         return True
 
-    def _pairs_for_rule(self, item_id: str, chosen: list[tuple[dict, str]], rejected: list[dict], rule: str) -> None:
+    def _pairs_for_rule(self, item_id: str, chosen: list[tuple[dict, str]], rejected: list[dict], rule: str,
+                        label: Label) -> None:
         candidates = []
         for pos, text in chosen:
             for neg in rejected:
@@ -282,33 +381,45 @@ class CorrectnessPairs:
         picked = rng.sample(candidates, min(self.config.num_pairs_per_key, len(candidates)))
         path = self.paths[rule]
         for pos, text, neg in picked:
-            pair = _make_pair(pos, text, neg, rule, self.modes, self.config.answer_fix)
+            pair = _make_pair(pos, text, neg, rule, self.modes, self.config.answer_fix, label)
             if not self.dedup.first(pair):
                 self.counts["filtered_duplicate"] += 1
                 continue
             self.out.write(path, pair.to_dict())
             self.counts[f"pairs_{rule}"] += 1
 
-    def _item(self, item_id: str, samples: list[dict]) -> None:
-        samples.sort(key=lambda s: s["sample_index"])
+    def _item(self, item_id: str, samples: list[dict], label: Label) -> None:
         judged = [s for s in samples if "judge_error" not in s]
         positives = [s for s in judged if s["is_correct"]]
         self.counts["items"] += 1
         for pos in positives:
-            self.out.write(self.paths["pos"], pos)
+            extra = {"majority_answer": label.answer, "majority_share": label.share} if label.source == "majority" else {}
+            self.out.write(self.paths["pos"], pos | extra)
         if not positives:
             self.counts["items_never_correct"] += 1
             prompt = {k: v for k, v in samples[0].items() if k not in SAMPLE_KEYS}
             self.out.write(self.paths["neg"], prompt)
             return
-        answer = str(samples[0]["answer"])
         chosen = [
-            (s, fix_answer(s["response"], s.get("answer_span"), answer) if self.config.answer_fix else s["response"])
+            (s, fix_answer(s["response"], s.get("answer_span"), label.answer) if self.config.answer_fix else s["response"])
             for s in positives
             if self._usable_chosen(s)
         ]
-        self._pairs_for_rule(item_id, chosen, [s for s in judged if s["format_ok"] and not s["is_correct"]], "correctness")
-        self._pairs_for_rule(item_id, chosen, [s for s in samples if not s["format_ok"]], "format")
+        wrong = [s for s in judged if s["format_ok"] and not s["is_correct"]]
+        self._pairs_for_rule(item_id, chosen, wrong, "correctness", label)
+        self._pairs_for_rule(item_id, chosen, [s for s in samples if not s["format_ok"]], "format", label)
+
+    def _bucket(self, groups: dict[str, list[dict]]) -> None:
+        """Pass 2: label each item of one bucket and pair its samples."""
+        for samples in groups.values():
+            samples.sort(key=lambda s: s["sample_index"])
+        votes = self._votes(groups) if self.majority else {}
+        for item_id in sorted(groups):
+            samples = groups.pop(item_id)
+            if not self.majority:
+                self._item(item_id, samples, Label(str(samples[0]["answer"]), "ground_truth"))
+            elif label := self._majority(samples, votes.pop(item_id, {})):
+                self._item(item_id, samples, label)
 
     def run(self) -> Counter:
         with tempfile.TemporaryDirectory(dir=self.config.save_dir, prefix=".pairs-buckets-") as tmp:
@@ -317,8 +428,7 @@ class CorrectnessPairs:
                 for line in iter_lines(bucket):
                     groups[line.value["item_id"]].append(line.value)
                 bucket.unlink()
-                for item_id in sorted(groups):
-                    self._item(item_id, groups.pop(item_id))
+                self._bucket(groups)
         samples = self.counts["samples"]
         self.counts["correctness_rate"] = round(self.counts["correct"] / samples, 6) if samples else 0.0
         return self.counts
@@ -379,6 +489,8 @@ def remove_leftovers(save_dir: Path) -> None:
 @holds("save_dir")
 def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
     """Every dataset below data_dir -> pair files; returns (and writes) the per-dataset summary."""
+    if not 0 < config.majority_threshold <= 1:
+        raise InputError(f"--majority-threshold must be within (0, 1], got {config.majority_threshold}")
     datasets = find_datasets(config.data_dir)
     config.save_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(config.save_dir)

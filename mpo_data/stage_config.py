@@ -133,7 +133,7 @@ class SamplingConfig:
 class StageConfig:
     """Settings shared by both sampling stages; flag names and meanings follow InternVL's scripts."""
 
-    stage: ClassVar[str]  # also the prompt line schema it reads (mpo_data.formats.PROMPT_KINDS)
+    stage: ClassVar[str]
     own_settings: ClassVar[tuple[str, ...]] = ()  # stage fields that change what a sample is
 
     prompt_path: str = field(metadata={"help": "Prompt set: JSONL, Parquet or a saved HF dataset folder."})
@@ -169,6 +169,11 @@ class StageConfig:
     @property
     def dataset_name(self) -> str:
         return self.dataset or Path(self.prompt_path).stem
+
+    @property
+    def prompt_kind(self) -> str:
+        """The prompt line schema it reads (mpo_data.formats.PROMPT_SCHEMAS)."""
+        return self.stage
 
     @property
     def model_name(self) -> str:
@@ -229,7 +234,7 @@ class CorrectnessConfig(StageConfig):
     """Correctness sampling: n chain-of-thought answers per item, judged against the ground truth later."""
 
     stage: ClassVar[str] = "correctness"
-    own_settings: ClassVar[tuple[str, ...]] = ("prompt_version",)
+    own_settings: ClassVar[tuple[str, ...]] = ("prompt_version", "labels")  # `pairs` reads labels from run.json
 
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(n=8),
@@ -241,6 +246,16 @@ class CorrectnessConfig(StageConfig):
         metadata={"help": "Answer-format template of mpo_data.prompts, InternVL's names (the judge checks that format; "
                   "InternVL requires the flag, we default to en_v2).", "choices": tuple(PROMPT_VERSIONS)},
     )
+    labels: Literal["answer", "majority"] = field(
+        default="answer",
+        metadata={"help": "Where `pairs` takes each item's label: answer: the row's ground truth (rows without one are "
+                  "refused); majority: the majority final answer of its samples (pairs --majority-threshold), for "
+                  "prompt sets without answers: rows need no `answer`, and one given is not used as the label."},
+    )
+
+    @property
+    def prompt_kind(self) -> str:
+        return "correctness-majority" if self.labels == "majority" else "correctness"
 
 
 @dataclass

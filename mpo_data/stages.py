@@ -486,7 +486,7 @@ def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[P
     quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
     images_dir = Path(config.out_dir) / "images" / dataset
     reader = PromptReader(
-        config.prompt_path, config.stage, dataset, config.image_root, config.on_error, quarantine, images_dir, verify_images=False
+        config.prompt_path, config.prompt_kind, dataset, config.image_root, config.on_error, quarantine, images_dir, verify_images=False
     )
     items, repeats = read_items(config, reader)
     return replace(config, image_root=str(reader.image_root)), reader, items, repeats

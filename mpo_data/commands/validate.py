@@ -9,7 +9,7 @@ from mpo_data.inputs import validate_file
 
 def add_arguments(parser) -> None:
     parser.add_argument("file", help="JSONL, Parquet or saved HF dataset folder (or a meta.json with --kind meta)")
-    parser.add_argument("--kind", required=True, choices=["correctness", "dropout-ntp", "pairs", "meta"])
+    parser.add_argument("--kind", required=True, choices=["correctness", "correctness-majority", "dropout-ntp", "pairs", "meta"])
     parser.add_argument("--image-root", default=None, help="root that image paths are relative to (default: the file's folder)")
 
 
