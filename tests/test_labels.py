@@ -117,3 +117,32 @@ def test_prompt_rows_without_answer_are_read_only_where_the_dataset_says_so(tmp_
     with pytest.raises(InputError, match=r"open.jsonl:1: missing key 'answer'"):
         list(PromptReader(prompts, CorrectnessConfig(str(prompts), model).prompt_kind, "open"))
     assert main(["validate", str(prompts), "--kind", "correctness-majority"]) == 0
+
+
+@pytest.mark.engine
+@pytest.mark.ray
+def test_unanswered_prompts_sampled_and_paired_by_majority(tmp_path, models_dir, ray_local):
+    from mpo_data.shards import stage_dir
+    from mpo_data.stage_config import SamplingConfig
+    from mpo_data.stages import run_stage
+
+    prompts = tmp_path / "open.jsonl"
+    _write(prompts, [{"question": f"What is {a} + {b}?"} for a, b in ((2, 3), (4, 4), (1, 6))])
+    config = CorrectnessConfig(
+        str(prompts), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
+        SamplingConfig(n=6, temperature=0.3, max_new_tokens=48), out_dir=str(tmp_path / "out"), prompt_version="en",
+        labels="majority",
+    )
+    assert run_stage(config)["samples_out"] == 18
+    folder = stage_dir(config.out_dir, "correctness", "open")
+    assert orjson.loads((folder / "run.json").read_bytes())["labels"] == "majority"
+    counts = build_pairs(PairsConfig(tmp_path / "out", tmp_path / "pairs", judge=JudgeConfig(workers=1)))["correctness/open"]
+    assert counts["samples"] == 18
+    votes = ("items_majority_labelled", "items_below_majority_threshold", "items_majority_tied")
+    assert sum(counts.get(k, 0) for k in votes) == 3
+    positives = _read(tmp_path / "pairs" / "pos_items" / "open.jsonl")
+    assert len({p["item_id"] for p in positives}) == counts.get("items_majority_labelled", 0)
+    for p in positives:  # each chosen-side sample voted for its item's label, which half the samples gave at least
+        assert p["is_correct"] and p["majority_share"] >= 0.5 and "answer" not in p
+    for path in tmp_path.glob("pairs/open_pairs_vqa_*_rules.jsonl"):
+        assert {p["provenance"]["label_source"] for p in _read(path)} == {"majority"}
