@@ -38,11 +38,11 @@ def _copy(dataset_dir: Path, root: Path, labels: str) -> Path:
 
 
 def _pairs(root: Path, save: Path, threshold: float) -> tuple[list[dict], dict, list[dict]]:
+    """(correctness-rule pairs, the dataset's pairs_summary counts, pos_items) of `pairs` on root's one dataset."""
     summary = build_pairs(PairsConfig(root, save, majority_threshold=threshold, judge=JudgeConfig(workers=2)))
-    [(_, counts)] = summary.items()
-    [name] = {p.name.split("_pairs_vqa_")[0] for p in save.glob("*_pairs_vqa_correctness_rules.jsonl")} or {""}
-    pairs = _lines(save / f"{name}_pairs_vqa_correctness_rules.jsonl")
-    return pairs, counts, [row for path in save.glob("pos_items/*.jsonl") for row in _lines(path)]
+    [(key, counts)] = summary.items()
+    name = key.split("/", 1)[1]
+    return _lines(save / f"{name}_pairs_vqa_correctness_rules.jsonl"), counts, _lines(save / "pos_items" / f"{name}.jsonl")
 
 
 def _share(hits: int, total: int) -> str:
