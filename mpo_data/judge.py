@@ -15,6 +15,7 @@ relative tolerance makes 2013 equal 2012), except under the chart rule (5%, year
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -173,15 +174,17 @@ def question_options(question: str | None) -> tuple[tuple[str, str], ...]:
 # what changes an answer's meaning: signs, inequality directions, bracket kinds, element order of tuples,
 # digits on both sides of a comma that is not a thousands separator (docs/judge.md: the rules and why).
 
+CACHED_STRINGS = 1 << 16  # per-string results (clean, parse_number, ...) kept: answers repeat across samples
 _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|boxed|fbox)\s*\{([^{}]*)\}")
 _FULL_WIDTH = str.maketrans({"。": ".", "，": ",", "、": ",", "；": ";", "．": "."})  # marks NFKC keeps
-_SPACING = re.compile(r"\\[,!;: ]|~|\\q?quad\b|\\left\b|\\right\b|\\displaystyle\b|[\u00a0\u2009\u202f]")
+_SPACING = re.compile(r"(?<!\\)\\[,!;: ]|~|\\q?quad\b|\\left\b|\\right\b|\\displaystyle\b|[\u00a0\u2009\u202f]")
 _ANSWER_IS = re.compile(
     r"^(?:so,?\s+)?(?:the\s+)?(?:final\s+|correct\s+)*answer\s*(?:is\s*)?[:：]?\s*|^(?:最终)?答案\s*(?:是|为)?\s*[:：]?\s*",
     re.IGNORECASE,
 )
 
 
+@functools.lru_cache(maxsize=CACHED_STRINGS)
 def clean(text: str) -> str:
     """An answer without what models wrap around it: full-width forms, `$`, \\text{}/\\boxed{} wrappers,
     spacing commands, "The answer is", `{,}` separators, a trailing period. Case is kept."""
@@ -197,6 +200,7 @@ def clean(text: str) -> str:
     return text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") else text
 
 
+@functools.lru_cache(maxsize=CACHED_STRINGS)
 def normalize(text: str) -> str:
     """Case, spacing, wrappers, full-width forms and a trailing period do not matter."""
     return clean(text).lower()
@@ -253,7 +257,7 @@ _NUMBER_WORD = re.compile(rf"(?:{'|'.join([*_SMALL, *_TENS, 'hundred', *_SCALES,
 
 _DEGREE = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree")
 _NUMBER = re.compile(
-    r"(?P<cur>us\$|\$|rm|€|£|¥|₹|rs\.?)?\s*(?P<sign>[-+−]?)\s*(?P<cur2>\$)?"
+    r"(?P<cur>us\$|usd|\$|rm|€|£|¥|₹|rs\.?)?\s*(?P<sign>[-+−]?)\s*(?P<cur2>\$)?"
     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d{1,3}(?: \d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
     r"(?:e(?P<exp>[-+]?\d+)|\s*(?:\\times|\\cdot|×|\*)\s*10\s*\^\s*\{?(?P<exp10>[-+−]?\d+)\}?)?"
     r"(?:\s*/\s*(?P<den>\d+))?\s*(?P<scale>thousand|million|billion|trillion)?\s*(?P<pct>%|percent|per cent)?"
@@ -286,6 +290,7 @@ def _words_to_digits(text: str) -> str:
     return " ".join([str(current), *words[used:]])
 
 
+@functools.lru_cache(maxsize=CACHED_STRINGS)
 def parse_number(text: str) -> Number | None:
     """A number as people write it: sign, separators (`1,000`, `1 000`, `14{,}916`), decimals, fractions,
     `1.5e3`, `6.02 \\times 10^{23}`, number and scale words, percent, currency, a unit or a counted noun."""
@@ -361,21 +366,24 @@ def anls(pred: str, gt: str) -> float:
 
 # "B", "(b)", "B. triangle", "(B) 40^\circ", "Option B", "选B"; the text after the letter is kept.
 _OPTION_FORMS = [
-    re.compile(r"\(([A-Za-z])\)(?:\s*[.:]?\s+(.*)|[.:]?)", re.DOTALL),
-    re.compile(r"([A-Z])(?:[.:)](?:\s+(.*))?)?", re.DOTALL),
+    re.compile(r"\(([A-Za-z])\)\s*[.:]?\s*(.*)", re.DOTALL),
+    re.compile(r"([A-Z])(?:[.:)]\s*(.*))?", re.DOTALL),
     re.compile(r"([a-z])"),
-    re.compile(r"(?:option|choice|选项|选)\s*\(?([A-Za-z])\)?(?:[.:)]?\s+(.*)|[.:)]?)", re.IGNORECASE | re.DOTALL),
+    re.compile(r"(?:option|choice|选项|选)\s*\(?([A-Za-z])\)?\s*[.:)]?\s*(.*)", re.IGNORECASE | re.DOTALL),
 ]
+_OTHER_OPTION = re.compile(r"\([A-Z]\)")  # "(B) is wrong, so (C)" names more than one
 _SEVERAL_OPTIONS = re.compile(r"\(?[A-Z]\)?(?:\s*(?:,|and|or|&|和|或|与)\s*\(?[A-Z]\)?)+")
 
 
+@functools.lru_cache(maxsize=CACHED_STRINGS)
 def option_parts(text: str) -> tuple[str, str] | None:
     """(letter, text after it) of an answer that names one option ("B. triangle" -> ("B", "triangle"))."""
     text = clean(text)
     for form in _OPTION_FORMS:
         match = form.fullmatch(text)
         if match:
-            return match.group(1).upper(), (match.group(2) or "").strip() if form.groups > 1 else ""
+            rest = (match.group(2) or "").strip() if form.groups > 1 else ""
+            return None if _OTHER_OPTION.search(rest) else (match.group(1).upper(), rest)
     return None
 
 
@@ -438,6 +446,7 @@ _VAR = r"[a-z]"
 _CHAIN = re.compile(rf"(?P<lo>[^<>≤≥=]+?)\s*(?P<op1>{_LE})\s*{_VAR}\s*(?P<op2>{_LE})\s*(?P<hi>[^<>≤≥=]+)")
 _CHAIN_DOWN = re.compile(rf"(?P<hi>[^<>≤≥=]+?)\s*(?P<op1>{_GE})\s*{_VAR}\s*(?P<op2>{_GE})\s*(?P<lo>[^<>≤≥=]+)")
 _ONE_SIDED = re.compile(rf"{_VAR}\s*(?P<op>{_LE}|{_GE})\s*(?P<bound>[^<>≤≥=]+)")
+_ONE_SIDED_REVERSED = re.compile(rf"(?P<bound>[^<>≤≥=]+?)\s*(?P<op>{_LE}|{_GE})\s*{_VAR}")
 _IN_SET = re.compile(rf"{_VAR}\s*(?:\\in|∈)\s*(?P<set>.+)")
 
 
@@ -445,6 +454,7 @@ def _strict(op: str) -> bool:
     return op in ("<", ">", "\\lt", "\\gt")
 
 
+@functools.lru_cache(maxsize=CACHED_STRINGS)
 def as_interval(text: str) -> str:
     """An inequality in one variable as the interval it describes (`-2 \\le x \\le 7` -> `[-2, 7]`,
     `x > 5` -> `(5, \\infty)`, `x \\in [a, b]` -> `[a, b]`); any other text unchanged."""
@@ -458,9 +468,10 @@ def as_interval(text: str) -> str:
         low_strict, high_strict = (match["op1"], match["op2"]) if match.re is _CHAIN else (match["op2"], match["op1"])
         return f"{'(' if _strict(low_strict) else '['}{lo}, {hi}{')' if _strict(high_strict) else ']'}"
     match = _ONE_SIDED.fullmatch(text)
-    if match:
-        bound, op = match["bound"].strip(), match["op"]
-        if re.fullmatch(_LE, op):
+    reversed_match = None if match else _ONE_SIDED_REVERSED.fullmatch(text)
+    if match or reversed_match:
+        bound, op = (match or reversed_match)["bound"].strip(), (match or reversed_match)["op"]
+        if bool(re.fullmatch(_LE, op)) != bool(reversed_match):  # x < b, or b > x
             return f"(-\\infty, {bound}{')' if _strict(op) else ']'}"
         return f"{'(' if _strict(op) else '['}{bound}, \\infty)"
     return text
@@ -471,7 +482,8 @@ _ELLIPSIS = {"\\ldots", "\\cdots", "\\dots", "...", "…"}
 MAX_ELEMENTS = 50
 
 
-def split_list(text: str) -> tuple[str, list[str], str] | None:
+@functools.lru_cache(maxsize=CACHED_STRINGS)
+def split_list(text: str) -> tuple[str, tuple[str, ...], str] | None:
     """(opening bracket, elements, closing bracket) of a list, tuple, set or interval; None for one element.
 
     `\\{1, 2\\}` is a set ("{", "}"); a bare `1, 2` has no brackets; `1,000` is a number, not a list."""
@@ -493,9 +505,11 @@ def split_list(text: str) -> tuple[str, list[str], str] | None:
             elements.append(inner[start:i].strip())
             start = i + 1
     elements.append(inner[start:].strip())
+    if not opener and len(elements) == 1 and re.match(r"\\pm(?![a-z])", elements[0]):  # \pm\sqrt{2}: both roots
+        elements = [elements[0][3:].strip(), "-" + elements[0][3:].strip()]
     if len(elements) < 2 or len(elements) > MAX_ELEMENTS or (not opener and parse_number(text) is not None):
         return None
-    return opener, elements, closer
+    return opener, tuple(elements), closer
 
 
 def _encloses(text: str) -> bool:
@@ -635,6 +649,7 @@ def _init_worker() -> None:
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    import math_verify  # noqa: F401  # imported here, not under the first comparison's alarm (sympy takes seconds)
 
 
 @dataclass
