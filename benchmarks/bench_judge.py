@@ -21,10 +21,11 @@ CASES = Path(__file__).resolve().parent.parent / "tests" / "judge_cases.jsonl"
 
 
 def judge_cases(path: Path, workers: int = 2) -> list[tuple[dict, bool, str | None]]:
-    """(case, is_correct, judge_error) for every case in the file, judged as `mpo-data judge` would."""
+    """(case, is_correct, judge_error) for every case, judged as `mpo-data judge` would (a generous time
+    bound: verdicts are measured here, not speed, and a loaded machine must not turn them into errors)."""
     cases = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     items = (JudgeItem(c, c["response"], c["answer"], c.get("question"), c["prompt_version"], tuple(c["modes"])) for c in cases)
-    with Judge(JudgeConfig(workers=workers)) as judge:
+    with Judge(JudgeConfig(workers=workers, timeout=30.0)) as judge:
         return [(case, v.is_correct, v.judge_error) for case, v in judge.judge_many(items)]
 
 

@@ -10,7 +10,9 @@ parent (a worker stuck in C code is killed). A comparison that times out or rais
 Where we differ from InternVL's `accuracy_reward.py` on purpose: a response without a (balanced) box is
 a format failure, not "the whole response is the answer"; ANLS is 1 - normalised edit distance (their
 code takes the distance itself, so unrelated strings score high); numbers compare exactly (their 1e-3
-relative tolerance makes 2013 equal 2012), except under the chart rule (5%, years exact).
+relative tolerance makes 2013 equal 2012), except under the chart rule (5%, years exact). Each matching
+rule and the verdicts we chose where graders disagree are in docs/judge.md; tests/judge_cases.jsonl holds
+the labelled responses they are measured on (`make bench-judge`).
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def question_options(question: str | None) -> tuple[tuple[str, str], ...]:
 # what changes an answer's meaning: signs, inequality directions, bracket kinds, element order of tuples,
 # digits on both sides of a comma that is not a thousands separator (docs/judge.md: the rules and why).
 
-CACHED_STRINGS = 1 << 16  # per-string results (clean, parse_number, ...) kept: answers repeat across samples
+CACHED_STRINGS = 8192  # per-string results (clean, parse_number, ...) kept per worker: answers repeat across samples
 _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|boxed|fbox)\s*\{([^{}]*)\}")
 _FULL_WIDTH = str.maketrans({"。": ".", "，": ",", "、": ",", "；": ";", "．": "."})  # marks NFKC keeps
 _SPACING = re.compile(r"(?<!\\)\\[,!;: ]|~|\\q?quad\b|\\left\b|\\right\b|\\displaystyle\b|[\u00a0\u2009\u202f]")
@@ -649,7 +651,7 @@ def _init_worker() -> None:
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  # imported here, not under the first comparison's alarm (sympy takes seconds)
+    math_equal("x", "x")  # loads math-verify's parser here, not under the first comparison's alarm (seconds)
 
 
 @dataclass
