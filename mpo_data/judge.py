@@ -181,7 +181,7 @@ _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|boxed|
 _FULL_WIDTH = str.maketrans({"。": ".", "，": ",", "、": ",", "；": ";", "．": "."})  # marks NFKC keeps
 _SPACING = re.compile(r"(?<!\\)\\[,!;: ]|~|\\q?quad\b|\\left\b|\\right\b|\\displaystyle\b|[\u00a0\u2009\u202f]")
 _ANSWER_IS = re.compile(
-    r"^(?:so,?\s+)?(?:the\s+)?(?:final\s+|correct\s+)*answer\s*(?:is\s*)?[:：]?\s*|^(?:最终)?答案\s*(?:是|为)?\s*[:：]?\s*",
+    r"^(?:so,?\s+)?(?:the\s+)?(?:final\s+|correct\s+|right\s+)*(?:answer|option|choice)\s*(?:is\s*)?[:：]?\s*|^(?:最终)?答案\s*(?:是|为)?\s*[:：]?\s*",
     re.IGNORECASE,
 )
 
@@ -255,7 +255,7 @@ _SMALL = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen".split())}
 _TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
-_NUMBER_WORD = re.compile(rf"(?:{'|'.join([*_SMALL, *_TENS, 'hundred', *_SCALES, 'and', 'none'])})\b")
+_NUMBER_WORD = re.compile(rf"(?:{'|'.join([*_SMALL, *_TENS, 'none'])})\b")
 
 _DEGREE = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree")
 _NUMBER = re.compile(
@@ -269,27 +269,28 @@ _FRAC = re.compile(r"(?P<sign>[-+−]?)\\[dt]?frac\{?(?P<num>\d+)\}?\{?(?P<den>\
 
 
 def _words_to_digits(text: str) -> str:
-    """Leading number words as digits: "twenty-one apples" -> "21 apples", "two million" -> "2 million"."""
+    """Leading number words as digits: "twenty-one apples" -> "21 apples", "one hundred and five" -> "105",
+    "two million" -> "2 million". Words that do not form one number stop it ("two three" -> "2 three")."""
     words = text.replace("-", " ").split()
-    current, used = 0, 0
+    value, used, previous = 0, 0, ""
     for word in words:
-        if word in _SMALL:
-            current += _SMALL[word]
-        elif word in _TENS:
-            current += _TENS[word]
-        elif word == "hundred" and used:
-            current *= 100
-        elif word == "and" and used and current:
+        if word in _TENS and previous in ("", "hundred", "and"):
+            value += _TENS[word]
+        elif word in _SMALL and (previous in ("", "hundred", "and") or (previous in _TENS and _SMALL[word] < 10)):
+            value += _SMALL[word]
+        elif word == "hundred" and (previous in _SMALL and previous != "zero"):
+            value *= 100
+        elif word == "and" and previous == "hundred":
             pass
         elif word == "none" and not used:
             used = 1
             break
         else:
             break
-        used += 1
-    if not used:
-        return text
-    return " ".join([str(current), *words[used:]])
+        used, previous = used + 1, word
+    if previous == "and":  # "one hundred and" then no number: the "and" is not part of it
+        used -= 1
+    return " ".join([str(value), *words[used:]]) if used else text
 
 
 @functools.lru_cache(maxsize=CACHED_STRINGS)
@@ -323,7 +324,7 @@ def parse_number(text: str) -> Number | None:
     if match["sign"] in ("-", "−"):
         value = -value
     unit = (match["unit"] or "").replace("{", "").replace("}", "")
-    if unit in _NOT_NOUNS:
+    if unit in _NOT_NOUNS or unit in _SMALL or unit in _TENS or unit == "hundred":
         return None
     if unit:
         unit = _UNITS.get(unit, unit.rstrip("s") if len(unit) >= 3 and unit.isalpha() else None)
@@ -387,12 +388,6 @@ def option_parts(text: str) -> tuple[str, str] | None:
             rest = (match.group(2) or "").strip() if form.groups > 1 else ""
             return None if _OTHER_OPTION.search(rest) else (match.group(1).upper(), rest)
     return None
-
-
-def option_letter(text: str) -> str | None:
-    """The option letter an answer names: "B", "(b)", "B. triangle", "Option B"; else None."""
-    parts = option_parts(text)
-    return parts[0] if parts else None
 
 
 def _options_verdict(pred: str, gt: str, options: tuple[tuple[str, str], ...]) -> tuple[bool | None, str, str]:
