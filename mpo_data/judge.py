@@ -178,7 +178,8 @@ def question_options(question: str | None) -> tuple[tuple[str, str], ...]:
 
 CACHED_STRINGS = 8192  # per-string results (clean, parse_number, ...) kept per worker: answers repeat across samples
 _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|boxed|fbox)\s*\{([^{}]*)\}")
-_FULL_WIDTH = str.maketrans({"。": ".", "，": ",", "、": ",", "；": ";", "．": "."})  # marks NFKC keeps
+# Marks NFKC keeps, and symbols written as characters rather than LaTeX.
+_FULL_WIDTH = str.maketrans({"。": ".", "，": ",", "、": ",", "；": ";", "．": ".", "∞": "\\infty ", "π": "\\pi "})
 _SPACING = re.compile(r"(?<!\\)\\[,!;: ]|~|\\q?quad\b|\\left\b|\\right\b|\\displaystyle\b|[\u00a0\u2009\u202f]")
 _ANSWER_IS = re.compile(
     r"^(?:so,?\s+)?(?:the\s+)?(?:final\s+|correct\s+|right\s+)*(?:answer|option|choice)\s*(?:is\s*)?[:：]?\s*|^(?:最终)?答案\s*(?:是|为)?\s*[:：]?\s*",
@@ -334,10 +335,19 @@ def parse_number(text: str) -> Number | None:
     return Number(value, bool(match["pct"]), _UNITS[currency.rstrip(".")] if currency else unit)
 
 
+# Units of one quantity that convert ("90 min" is "1.5 h"): (dimension, size in its base unit).
+_UNIT_SIZES = {
+    "s": ("time", 1), "min": ("time", 60), "h": ("time", 3600), "day": ("time", 86400), "week": ("time", 604800),
+    "mm": ("length", Fraction(1, 1000)), "cm": ("length", Fraction(1, 100)), "m": ("length", 1), "km": ("length", 1000),
+    "g": ("mass", 1), "kg": ("mass", 1000), "ml": ("volume", 1), "l": ("volume", 1000),
+}
+
+
 def numbers_equal(pred: Number, gt: Number) -> bool:
-    """Same value (50% also equals 0.5 and 50); units may be dropped but must not differ."""
+    """Same value (50% also equals 0.5 and 50); units may be dropped or converted, not changed."""
     if pred.unit and gt.unit and pred.unit != gt.unit:
-        return False
+        p, g = _UNIT_SIZES.get(pred.unit), _UNIT_SIZES.get(gt.unit)
+        return p is not None and g is not None and p[0] == g[0] and pred.value * p[1] == gt.value * g[1]
     if pred.value == gt.value:
         return True
     if gt.percent and not pred.percent:
@@ -416,7 +426,10 @@ def _options_verdict(pred: str, gt: str, options: tuple[tuple[str, str], ...]) -
 
 
 def _text_equal(pred: str, gt: str) -> bool:
+    """An answer against an option's text: also with articles and punctuation dropped ("a circle")."""
     if normalize(pred) == normalize(gt):
+        return True
+    if not (_MATHY.search(pred) or _MATHY.search(gt)) and vqa_normalize(pred) == vqa_normalize(gt):
         return True
     p, g = parse_number(pred), parse_number(gt)
     return p is not None and g is not None and numbers_equal(p, g)
