@@ -182,7 +182,7 @@ _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|boxed|
 _FULL_WIDTH = str.maketrans({"。": ".", "，": ",", "、": ",", "；": ";", "．": ".", "∞": "\\infty ", "π": "\\pi "})
 _SPACING = re.compile(r"(?<!\\)\\[,!;: ]|~|\\q?quad\b|\\left\b|\\right\b|\\displaystyle\b|[\u00a0\u2009\u202f]")
 _ANSWER_IS = re.compile(
-    r"^(?:so,?\s+)?(?:the\s+)?(?:final\s+|correct\s+|right\s+)*(?:answer|option|choice)\s*(?:is\s*)?[:：]?\s*|^(?:最终)?答案\s*(?:是|为)?\s*[:：]?\s*",
+    r"^(?:so,?\s+)?(?:the\s+)?(?:final\s+|correct\s+|right\s+)*(?:answer|option|choice)\b\s*(?:is\b\s*)?[:：]?\s*|^(?:最终)?答案\s*(?:是|为)?\s*[:：]?\s*",
     re.IGNORECASE,
 )
 
