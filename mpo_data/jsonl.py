@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
-from mpo_data.errors import InputError
+from mpo_data.errors import OUTPUT_ERRNOS, InputError, output_error
 
 
 @dataclass
@@ -94,22 +94,64 @@ class AtomicFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path.parent)
 
     def __enter__(self):
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise output_error(e) from None
         os.fchmod(fd, 0o666 & ~current_umask())
         self._handle = os.fdopen(fd, "wb", buffering=1 << 20)
         return self._handle
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Rename the whole file into place; on any error drop the temp file, and a disk that filled or
+        went read-only mid-write (here or in the caller's writes) becomes one InputError naming the file."""
         try:
             if exc_type is None:
                 self._handle.flush()
                 os.fsync(self._handle.fileno())
-            self._handle.close()
-            if exc_type is None:
+                self._handle.close()
                 os.replace(self._tmp, self.path)
+        except OSError as e:
+            raise output_error(_named(e, self.path)) from None
         finally:
+            if not self._handle.closed:
+                try:
+                    self._handle.close()  # after a failed write, flushing fails again: the temp file goes anyway
+                except OSError:
+                    pass
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+            raise output_error(_named(exc, self.path)) from None
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """`e` naming `path` (a write on an open handle names no file)."""
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
+
+
+def make_dir(folder: str | Path) -> Path:
+    """`folder` and its parents, made if missing; a path that cannot be made is one InputError line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(e) from None
+    return folder
+
+
+def writable_problem(folder: str | Path) -> str | None:
+    """Why files cannot be written under `folder` (made if missing), or None: checked before a long run starts."""
+    try:
+        make_dir(folder)
+        with AtomicFile(Path(folder) / ".mpo-data-write-check"):
+            pass
+        os.unlink(Path(folder) / ".mpo-data-write-check")
+    except InputError as e:
+        return str(e)
+    except OSError as e:
+        return str(output_error(e))
+    return None
