@@ -31,6 +31,7 @@ class YamlMap(dict):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.lines: dict[Any, int] = {}
+        self.written: dict[Any, Any] = {}  # field -> the alias the file used for it (`canonical` renamed it)
 
 
 class _Loader(yaml.SafeLoader):
@@ -165,7 +166,7 @@ def canonical(cls: type, data: Any, source: str, key: str = "", classes: tuple[t
     fields = {f.name: (c, f) for c in classes for f in dataclasses.fields(c) if f.init}
     names = {name: field_name for field_name, (_, f) in fields.items() for name in yaml_names(f)}
     out = YamlMap()
-    out.line = getattr(data, "line", None)
+    out.line, out.written = getattr(data, "line", None), dict(getattr(data, "written", {}))
     given_as: dict[str, Any] = {}
     for name, value in data.items():
         field_name = names.get(name, name)
@@ -179,6 +180,8 @@ def canonical(cls: type, data: Any, source: str, key: str = "", classes: tuple[t
             if dataclasses.is_dataclass(hint):
                 value = canonical(hint, value, source, f"{key}.{name}" if key else name)
         out[field_name] = value
+        if name != field_name:
+            out.written[field_name] = name
         if name in getattr(data, "lines", {}):
             out.lines[field_name] = data.lines[name]
     return out
@@ -207,7 +210,8 @@ def build(cls: type[T], data: Any, source: str, key: str = "", base: T | None = 
     if missing:
         raise InputError(f"{where}: missing key '{missing[0]}'")
     for name, value in data.items():
-        path = f"{key}.{name}" if key else name
+        written = getattr(data, "written", {}).get(name, name)  # messages name the key as the file wrote it
+        path = f"{key}.{written}" if key else written
         if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
             nested = values.get(name, _default(fields[name], None))
             values[name] = build(hints[name], value, source, path, None if nested is dataclasses.MISSING else nested, True)
@@ -273,6 +277,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = YamlMap(base)
     merged.line = getattr(over, "line", None) or getattr(base, "line", None)
     merged.lines = {**getattr(base, "lines", {}), **getattr(over, "lines", {})}
+    merged.written = {**getattr(base, "written", {}), **getattr(over, "written", {})}
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             value = merge(merged[key], value)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,22 +24,89 @@ class Line:
     error: str | None = None
 
 
+MAX_LINE_BYTES = 64 << 20  # one JSONL record; a longer "line" is a file without line ends, or not JSONL at all
+BOM = b"\xef\xbb\xbf"
+KEY_END = re.compile(rb'"\s*:')  # every key of a JSON object ends so (strings may too: then a slow check decides)
+
+
+def _raw_lines(handle) -> Iterator[tuple[bytes, bool]]:
+    """(line, whole) pairs; a line over MAX_LINE_BYTES comes back as its start with whole=False, the rest
+    read past in chunks, so one huge line never sits in memory."""
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw, True
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(1 << 20)
+        yield b"", False
+
+
+def _count_keys(value: Any) -> int:
+    if isinstance(value, dict):
+        return len(value) + sum(_count_keys(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_count_keys(v) for v in value)
+    return 0
+
+
+def duplicate_key(raw: bytes, value: Any) -> str | None:
+    """A key given twice in one JSON object of the line (orjson, like json, keeps the last silently), or None.
+
+    Fast: only a line with more key ends than parsed keys is parsed again, by json, to find the key."""
+    if len(KEY_END.findall(raw)) <= _count_keys(value):
+        return None
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        found.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(items)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return found[0] if found else None
+
+
+def _parse(raw: bytes, number: int) -> tuple[Any, str | None]:
+    if number == 1 and raw.startswith(BOM):  # a BOM (Windows editors write one) is not part of the record
+        raw = raw[len(BOM):]
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        reason = f"invalid JSON: {e.args[0] if e.args else e}"
+        if re.search(rb"\bNaN\b|-?\bInfinity\b", raw):
+            reason += " (NaN and Infinity are not JSON: write null or a number)"
+        elif number == 1 and raw.strip() in (b"[", b"{"):
+            reason += " (a JSON document over many lines? JSONL is one object per line: jq -c '.[]' FILE)"
+        return None, reason
+    key = duplicate_key(raw, value)
+    if key is not None:
+        return None, f"duplicate key '{key}' in one object (JSON would keep only the last)"
+    return value, None
+
+
 def iter_lines(path: str | Path) -> Iterator[Line]:
-    """Every non-blank line of a JSONL file, parsed; bad JSON comes back as an error, not an exception."""
+    """Every non-blank line of a JSONL file, parsed; bad JSON comes back as an error, not an exception.
+
+    A leading BOM and CRLF line ends are read as plain JSONL; invalid UTF-8, NUL bytes, NaN, a key given
+    twice and a line over MAX_LINE_BYTES are errors of their line."""
     path = Path(path)
     try:
         handle = path.open("rb")
     except OSError as e:
         raise InputError(f"{path}: cannot open: {e.strerror}") from None
     with handle:
-        for number, raw in enumerate(handle, 1):
+        for number, (raw, whole) in enumerate(_raw_lines(handle), 1):
+            loc = f"{path}:{number}"
+            if not whole:
+                yield Line(loc, error=f"line over {MAX_LINE_BYTES:,} bytes (no line ends? JSONL is one record per line)")
+                continue
             if not raw.strip():
                 continue
-            loc = f"{path}:{number}"
-            try:
-                yield Line(loc, orjson.loads(raw))
-            except orjson.JSONDecodeError as e:
-                yield Line(loc, error=f"invalid JSON: {e.args[0] if e.args else e}")
+            value, error = _parse(raw, number)
+            yield Line(loc, value, error)
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:

@@ -182,7 +182,15 @@ class ShardStore:
             samples += len(keys)
             items.update(item_id for item_id, _ in keys)
         dropped = Counter(row.get("reason") for path in self.part_paths(dropped=True) for _, row in read_jsonl(path))
-        return {"samples": samples, "dropped": dict(dropped), "items": len(items)}
+        return {"samples": samples, "dropped": dict(dropped), "items": len(items), "parts": len(self.part_paths())}
+
+    def missing_parts(self) -> int:
+        """Kept-sample parts the last run's summary counted that are gone now (deleted, lost in a copy)."""
+        path = self.root / "summary.json"
+        if not path.exists():
+            return 0
+        recorded = orjson.loads(path.read_bytes()).get("totals", {}).get("parts")
+        return max(0, recorded - len(self.part_paths())) if isinstance(recorded, int) else 0
 
     def _next_name(self) -> str:
         """Relative path of the next part: one listing per store, then a counter (O(1) per write)."""
