@@ -131,55 +131,51 @@ def _unknown_key(name: Any, paths: dict[str, list[str]], known: list[str]) -> st
     return f"unknown key '{name}' (known: {', '.join(sorted(known))})"
 
 
+def _yaml_keys(classes: tuple[type, ...]) -> dict[str, tuple[str, Any]]:
+    """Every YAML key of `classes` (field names and their aliases) -> (field name, the field's type)."""
+    keys = {}
+    for c in classes:
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            if f.init:
+                keys.update({name: (f.name, hints[f.name]) for name in yaml_names(f)})
+    return keys
+
+
 def unknown_keys(cls: type, data: Any, source: str, key: str = "", classes: tuple[type, ...] = ()) -> list[str]:
     """A line for every key in `data` and its sections that `cls` (or any of `classes`) does not know."""
-    return _unknown_keys(classes or (cls,), data, source, key)
-
-
-def _unknown_keys(classes: tuple[type, ...], data: Any, source: str, key: str) -> list[str]:
+    classes = classes or (cls,)
     if not isinstance(data, dict):
         return []
-    fields = {f.name: (c, f) for c in classes for f in dataclasses.fields(c) if f.init}
-    names = {name: field_name for field_name, (_, f) in fields.items() for name in yaml_names(f)}
+    keys = _yaml_keys(classes)
     paths: dict[str, list[str]] = {}
     for c in classes:
         for name, found in _key_paths(c).items():
             paths.setdefault(name, []).extend(p for p in found if p not in paths.get(name, []))
+    fields = sorted({field_name for field_name, _ in keys.values()})
     problems = []
     for name, value in data.items():
-        if name not in names:
-            problems.append(f"{at(source, data, name)}: {key + ': ' if key else ''}{_unknown_key(name, paths, list(fields))}")
-            continue
-        owner, f = fields[names[name]]
-        hint = typing.get_type_hints(owner)[f.name]
-        if dataclasses.is_dataclass(hint):
-            problems += _unknown_keys((hint,), value, source, f"{key}.{name}" if key else name)
+        if name not in keys:
+            problems.append(f"{at(source, data, name)}: {key + ': ' if key else ''}{_unknown_key(name, paths, fields)}")
+        elif dataclasses.is_dataclass(keys[name][1]):
+            problems += unknown_keys(keys[name][1], value, source, f"{key}.{name}" if key else name)
     return problems
 
 
-def canonical(cls: type, data: Any, source: str, key: str = "", classes: tuple[type, ...] = ()) -> Any:
+def canonical(cls: type, data: Any, source: str, key: str = "") -> Any:
     """`data` with every alias key renamed to its field (`checkpoint` -> `model`), in `cls`'s sections too and
     YAML lines kept, so settings merged over defaults override them whichever name each one used."""
-    classes = classes or (cls,)
     if not isinstance(data, dict):
         return data
-    fields = {f.name: (c, f) for c in classes for f in dataclasses.fields(c) if f.init}
-    names = {name: field_name for field_name, (_, f) in fields.items() for name in yaml_names(f)}
+    keys = _yaml_keys((cls,))
     out = YamlMap()
     out.line, out.written = getattr(data, "line", None), dict(getattr(data, "written", {}))
-    given_as: dict[str, Any] = {}
     for name, value in data.items():
-        field_name = names.get(name, name)
-        if field_name in given_as:
-            raise InputError(f"{at(source, data, name)}: {key + ': ' if key else ''}'{name}' and '{given_as[field_name]}' "
-                             f"set the same setting ({field_name}): keep one")
-        given_as[field_name] = name
-        if field_name in fields:
-            owner, f = fields[field_name]
-            hint = typing.get_type_hints(owner)[f.name]
-            if dataclasses.is_dataclass(hint):
-                value = canonical(hint, value, source, f"{key}.{name}" if key else name)
-        out[field_name] = value
+        field_name, hint = keys.get(name, (name, None))
+        if field_name in out:
+            raise InputError(f"{at(source, data, name)}: {key + ': ' if key else ''}'{name}' and "
+                             f"'{out.written.get(field_name, field_name)}' set the same setting ({field_name}): keep one")
+        out[field_name] = canonical(hint, value, source, f"{key}.{name}" if key else name) if dataclasses.is_dataclass(hint) else value
         if name != field_name:
             out.written[field_name] = name
         if name in getattr(data, "lines", {}):
