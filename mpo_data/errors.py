@@ -33,6 +33,8 @@ def output_error(e: OSError, what: str = "cannot write") -> InputError:
             parent = os.path.dirname(parent)
         if os.path.isfile(parent):
             reason += f": {parent} is a file"
+    elif e.errno == errno.EEXIST and os.path.isfile(path):
+        reason = "a file stands where a folder is wanted"
     elif e.errno in (errno.ENOSPC, errno.EDQUOT):
         reason += ": free space (or quota) and rerun the same command; finished parts are kept"
     return InputError(f"{path}: {what}: {reason}")

@@ -330,7 +330,7 @@ def test_latex_built_to_blow_up_sympy_is_a_judge_error_not_a_hang():
         verdicts = [v for _, v in judge.judge_many(rows)]
     assert time.monotonic() - start < 60
     assert len(verdicts) == len(bombs) and not any(v.is_correct for v in verdicts)
-    assert all(v.judge_error is not None or v.format_ok for v in verdicts)
+    assert all(verdicts[i].judge_error for i in (0, 1, 3))  # counted as judge errors (timeouts), not "incorrect"
 
 
 @pytest.mark.engine
