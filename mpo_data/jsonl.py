@@ -30,8 +30,8 @@ KEY_END = re.compile(rb'"\s*:')  # every key of a JSON object ends so (strings m
 
 
 def _raw_lines(handle) -> Iterator[tuple[bytes, bool]]:
-    """(line, whole) pairs; a line over MAX_LINE_BYTES comes back as its start with whole=False, the rest
-    read past in chunks, so one huge line never sits in memory."""
+    """(line, whole) pairs; a line over MAX_LINE_BYTES comes back as (b"", False), read past in chunks,
+    so one huge line never sits in memory."""
     while True:
         raw = handle.readline(MAX_LINE_BYTES + 1)
         if not raw:
@@ -44,19 +44,30 @@ def _raw_lines(handle) -> Iterator[tuple[bytes, bool]]:
         yield b"", False
 
 
-def _count_keys(value: Any) -> int:
-    if isinstance(value, dict):
-        return len(value) + sum(_count_keys(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(_count_keys(v) for v in value)
-    return 0
+MAX_DEPTH = 254  # orjson reads 1,024 levels of nesting but writes only this many: a deeper line could not be written back
 
 
-def duplicate_key(raw: bytes, value: Any) -> str | None:
+def _shape(value: Any) -> tuple[int, int]:
+    """(keys in every object, nesting depth) of a parsed line; iterative, as orjson nests past Python's recursion."""
+    keys, depth, stack = 0, 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            keys += len(node)
+            stack.extend((v, level + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, level + 1) for v in node)
+        else:
+            continue
+        depth = max(depth, level)
+    return keys, depth
+
+
+def duplicate_key(raw: bytes, value: Any, keys: int) -> str | None:
     """A key given twice in one JSON object of the line (orjson, like json, keeps the last silently), or None.
 
-    Fast: only a line with more key ends than parsed keys is parsed again, by json, to find the key."""
-    if len(KEY_END.findall(raw)) <= _count_keys(value):
+    Fast: only a line with more key ends than its `keys` parsed is parsed again, by json, to find the key."""
+    if len(KEY_END.findall(raw)) <= keys:
         return None
     found: list[str] = []
 
@@ -65,7 +76,10 @@ def duplicate_key(raw: bytes, value: Any) -> str | None:
         found.extend(k for i, k in enumerate(keys) if k in keys[:i])
         return dict(items)
 
-    json.loads(raw, object_pairs_hook=pairs)
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):  # nested deeper than json goes: orjson's reading stands
+        return None
     return found[0] if found else None
 
 
@@ -81,7 +95,10 @@ def _parse(raw: bytes, number: int) -> tuple[Any, str | None]:
         elif number == 1 and raw.strip() in (b"[", b"{"):
             reason += " (a JSON document over many lines? JSONL is one object per line: jq -c '.[]' FILE)"
         return None, reason
-    key = duplicate_key(raw, value)
+    keys, depth = _shape(value)
+    if depth > MAX_DEPTH:
+        return None, f"nested {depth} levels deep, over the {MAX_DEPTH} that can be written back"
+    key = duplicate_key(raw, value, keys)
     if key is not None:
         return None, f"duplicate key '{key}' in one object (JSON would keep only the last)"
     return value, None

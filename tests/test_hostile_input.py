@@ -163,6 +163,10 @@ HOSTILE = [  # (what the file holds, (line, message) of every problem)
      + b'{"question": "x\\":y\\":z", "answer": "1"}\n', [(1, "duplicate key 'answer'"), (2, "duplicate key 'k'")]),
     ("wrong types", b'{"question": 5, "answer": "1"}\n{"question": "q", "answer": [1]}\n"text"\n',
      [(1, "'question' must be str, got int"), (2, "'answer' must be str or int or float, got list"), (3, "expected a JSON object, got str")]),
+    ("deep nesting", b'{"question": "q", "answer": "1", "x": ' + b"[" * 200 + b"]" * 200 + b"}\n"  # fine
+     + b'{"question": "q", "answer": "1", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}\n"  # orjson reads it, cannot write it
+     + b'{"question": "q", "answer": "1", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}\n",  # orjson cannot read it
+     [(2, "nested 1001 levels deep, over the 254 that can be written back"), (3, "invalid JSON: depth limit exceeded")]),
     ("placeholder without image", line({**OK, "question": "<image> What colour?"}), [(1, "has 1 <image> placeholder(s) for 0 image(s)")]),
     ("symlink out of the root", line({**OK, "image": "link.png"}), [(1, "resolves outside the image root")]),
     ("directory named like an image", line({**OK, "image": "folder.png"}), [(1, "image 'folder.png' not found")]),
