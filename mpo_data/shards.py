@@ -21,6 +21,8 @@ says which lines it lost, and their samples are generated again.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
 import zlib
@@ -30,7 +32,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from mpo_data.errors import InputError
+from mpo_data.errors import InputError, output_error
 from mpo_data.jsonl import atomic_write_bytes, dumps, make_dir, read_jsonl, write_jsonl
 
 PART_RE = re.compile(r"^part-(\d+)\.jsonl$")
@@ -246,8 +248,14 @@ class ShardStore:
         path, history = self.root / "summary.json", self.root / HISTORY
         if not history.exists() and path.exists():  # a folder from before the history: its last run starts it
             history.write_bytes(dumps({k: v for k, v in orjson.loads(path.read_bytes()).items() if k != "totals"}))
-        with history.open("ab") as handle:  # one write of one line: a crash leaves the history whole
-            handle.write(dumps({k: v for k, v in summary.items() if k != "totals"}))
+        size = history.stat().st_size if history.exists() else 0
+        try:
+            with history.open("ab") as handle:  # one write of one line: a crash leaves the history whole
+                handle.write(dumps({k: v for k, v in summary.items() if k != "totals"}))
+        except OSError as e:  # a disk that filled mid-line: cut the history back to its whole lines
+            with contextlib.suppress(OSError):
+                os.truncate(history, size)
+            raise output_error(e if e.filename else OSError(e.errno, e.strerror, str(history))) from None
         summary["totals"] = {**summary.get("totals", {}), **run_totals([row for _, row in read_jsonl(history)])}
         atomic_write_bytes(path, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
         return path

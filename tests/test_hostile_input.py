@@ -369,3 +369,18 @@ def test_resume_sets_damaged_parts_aside_and_generates_exactly_their_samples(tmp
     assert sorted(final + dropped) == sorted(set(final + dropped)) and set(final + dropped) >= kept  # each sample once
     assert (folder / "damaged" / f"{cut.name}.damaged").read_bytes() == cut_bytes[: len(cut_bytes) - len(orjson.dumps(cut_rows[-1])) // 2]
     assert run_stage(config)["samples_requested"] == 0  # and then nothing is missing
+
+
+def test_a_full_disk_while_appending_the_run_history_leaves_it_whole(tmp_path):
+    with tmpfs(tmp_path / "full", "size=64k") as full:
+        store = ShardStore(full / "ds")
+        store.root.mkdir()
+        store.write_summary({"stage": "correctness", "note": "first"})
+        with contextlib.suppress(OSError):
+            with open(full / "filler", "wb") as filler:  # fill the disk to its last bytes
+                while True:
+                    filler.write(b"x" * 512)
+                    filler.flush()
+        with pytest.raises(InputError, match=r"runs.jsonl: cannot write: No space left on device"):
+            store.write_summary({"stage": "correctness", "note": "x" * 20_000})
+        assert [row["note"] for _, row in read_jsonl(store.root / "runs.jsonl")] == ["first"]
