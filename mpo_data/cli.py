@@ -8,7 +8,7 @@ import importlib
 import sys
 from types import ModuleType
 
-from mpo_data.errors import InputError
+from mpo_data.errors import OUTPUT_ERRNOS, InputError, output_error
 
 # command -> one-line help, in the order `--help` lists them; the module is mpo_data/commands/<name>.py ('-' -> '_')
 COMMANDS: dict[str, str] = {
@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return command_module(args.command).main(args) or 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        print(f"error: {output_error(e, 'cannot use')}", file=sys.stderr)  # a write our own writers did not name
         return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

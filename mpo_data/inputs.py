@@ -247,8 +247,10 @@ class PromptReader:
             self.quarantine.close()
 
 
-def validate_file(path: str | Path, kind: str, image_root: str | Path | None = None) -> tuple[int, list[str]]:
-    """(rows checked, problem lines `FILE:LINE: reason`) for `mpo-data validate`."""
+def validate_file(path: str | Path, kind: str, image_root: str | Path | None = None, verify_images: bool = True,
+                  images_dir: str | Path | None = None) -> tuple[int, list[str]]:
+    """(rows checked, problem lines `FILE:LINE: reason`) for `mpo-data validate` and a pipeline's check before
+    it starts; verify_images and images_dir as for PromptReader (a stage's reader: False, OUT/images/<dataset>)."""
     path = Path(path)
     if kind == "meta":
         try:
@@ -267,7 +269,7 @@ def validate_file(path: str | Path, kind: str, image_root: str | Path | None = N
                     print(f"warning: {path}: {note}", file=sys.stderr)
         return len(meta) if isinstance(meta, dict) else 0, problems
     if kind != "pairs":  # prompt sets: read as the stages read them (embedded images included)
-        reader = PromptReader(path, kind, path.stem, image_root)
+        reader = PromptReader(path, kind, path.stem, image_root, images_dir=images_dir, verify_images=verify_images)
         problems = [str(p) for _, found in reader.checked() for p in found]
         return reader.read, problems
     root = image_root if image_root is not None else path.parent

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
-from mpo_data.errors import InputError
+from mpo_data.errors import OUTPUT_ERRNOS, InputError, output_error
 
 
 @dataclass
@@ -22,22 +24,106 @@ class Line:
     error: str | None = None
 
 
+MAX_LINE_BYTES = 64 << 20  # one JSONL record; a longer "line" is a file without line ends, or not JSONL at all
+BOM = b"\xef\xbb\xbf"
+KEY_END = re.compile(rb'"\s*:')  # every key of a JSON object ends so (strings may too: then a slow check decides)
+
+
+def _raw_lines(handle) -> Iterator[tuple[bytes, bool]]:
+    """(line, whole) pairs; a line over MAX_LINE_BYTES comes back as (b"", False), read past in chunks,
+    so one huge line never sits in memory."""
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw, True
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(1 << 20)
+        yield b"", False
+
+
+MAX_DEPTH = 254  # orjson reads 1,024 levels of nesting but writes only this many: a deeper line could not be written back
+
+
+def _shape(value: Any) -> tuple[int, int]:
+    """(keys in every object, nesting depth) of a parsed line; iterative, as orjson nests past Python's recursion."""
+    keys, depth, stack = 0, 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            keys += len(node)
+            stack.extend((v, level + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, level + 1) for v in node)
+        else:
+            continue
+        depth = max(depth, level)
+    return keys, depth
+
+
+def duplicate_key(raw: bytes, value: Any, keys: int) -> str | None:
+    """A key given twice in one JSON object of the line (orjson, like json, keeps the last silently), or None.
+
+    Fast: only a line with more key ends than its `keys` parsed is parsed again, by json, to find the key."""
+    if len(KEY_END.findall(raw)) <= keys:
+        return None
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        found.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):  # nested deeper than json goes: orjson's reading stands
+        return None
+    return found[0] if found else None
+
+
+def _parse(raw: bytes, number: int) -> tuple[Any, str | None]:
+    if number == 1 and raw.startswith(BOM):  # a BOM (Windows editors write one) is not part of the record
+        raw = raw[len(BOM):]
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        reason = f"invalid JSON: {e.args[0] if e.args else e}"
+        if re.search(rb"\bNaN\b|-?\bInfinity\b", raw):
+            reason += " (NaN and Infinity are not JSON: write null or a number)"
+        elif number == 1 and raw.strip() in (b"[", b"{"):
+            reason += " (a JSON document over many lines? JSONL is one object per line: jq -c '.[]' FILE)"
+        return None, reason
+    keys, depth = _shape(value)
+    if depth > MAX_DEPTH:
+        return None, f"nested {depth} levels deep, over the {MAX_DEPTH} that can be written back"
+    key = duplicate_key(raw, value, keys)
+    if key is not None:
+        return None, f"duplicate key '{key}' in one object (JSON would keep only the last)"
+    return value, None
+
+
 def iter_lines(path: str | Path) -> Iterator[Line]:
-    """Every non-blank line of a JSONL file, parsed; bad JSON comes back as an error, not an exception."""
+    """Every non-blank line of a JSONL file, parsed; bad JSON comes back as an error, not an exception.
+
+    A leading BOM and CRLF line ends are read as plain JSONL; invalid UTF-8, NUL bytes, NaN, a key given
+    twice and a line over MAX_LINE_BYTES are errors of their line."""
     path = Path(path)
     try:
         handle = path.open("rb")
     except OSError as e:
         raise InputError(f"{path}: cannot open: {e.strerror}") from None
     with handle:
-        for number, raw in enumerate(handle, 1):
+        for number, (raw, whole) in enumerate(_raw_lines(handle), 1):
+            loc = f"{path}:{number}"
+            if not whole:
+                yield Line(loc, error=f"line over {MAX_LINE_BYTES:,} bytes (no line ends? JSONL is one record per line)")
+                continue
             if not raw.strip():
                 continue
-            loc = f"{path}:{number}"
-            try:
-                yield Line(loc, orjson.loads(raw))
-            except orjson.JSONDecodeError as e:
-                yield Line(loc, error=f"invalid JSON: {e.args[0] if e.args else e}")
+            value, error = _parse(raw, number)
+            yield Line(loc, value, error)
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -94,22 +180,64 @@ class AtomicFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path.parent)
 
     def __enter__(self):
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise output_error(e) from None
         os.fchmod(fd, 0o666 & ~current_umask())
         self._handle = os.fdopen(fd, "wb", buffering=1 << 20)
         return self._handle
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Rename the whole file into place; on any error drop the temp file, and a disk that filled or
+        went read-only mid-write (here or in the caller's writes) becomes one InputError naming the file."""
         try:
             if exc_type is None:
                 self._handle.flush()
                 os.fsync(self._handle.fileno())
-            self._handle.close()
-            if exc_type is None:
+                self._handle.close()
                 os.replace(self._tmp, self.path)
+        except OSError as e:
+            raise output_error(_named(e, self.path)) from None
         finally:
+            if not self._handle.closed:
+                try:
+                    self._handle.close()  # after a failed write, flushing fails again: the temp file goes anyway
+                except OSError:
+                    pass
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+            raise output_error(_named(exc, self.path)) from None
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """`e` naming `path` (a write on an open handle names no file)."""
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
+
+
+def make_dir(folder: str | Path) -> Path:
+    """`folder` and its parents, made if missing; a path that cannot be made is one InputError line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(e) from None
+    return folder
+
+
+def writable_problem(folder: str | Path) -> str | None:
+    """Why files cannot be written under `folder` (made if missing), or None: checked before a long run starts."""
+    try:
+        make_dir(folder)
+        with AtomicFile(Path(folder) / ".mpo-data-write-check"):
+            pass
+        os.unlink(Path(folder) / ".mpo-data-write-check")
+    except InputError as e:
+        return str(e)
+    except OSError as e:
+        return str(output_error(e))
+    return None

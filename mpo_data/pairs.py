@@ -24,6 +24,7 @@ import hashlib
 import math
 import random
 import shutil
+import sys
 import tempfile
 import zlib
 from collections import Counter, defaultdict
@@ -45,7 +46,7 @@ from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
 from mpo_data.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_version, extract_answer, modes_for_dataset
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, user_prompt
 from mpo_data.runlock import holds
-from mpo_data.shards import DROPPED, shard_folder
+from mpo_data.shards import DROPPED, ShardStore, shard_folder
 
 STAGES = ("correctness", "dropout-ntp")
 # Keys a judged correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
@@ -509,6 +510,11 @@ def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
             if quarantine is not None:
                 quarantine.close()
                 counts.update({f"quarantined_{reason}": n for reason, n in quarantine.counts.items()})
+            missing = ShardStore(shard_folder(parts[0])).missing_parts()
+            if missing:  # said, and counted: pairs from what is left, a stage rerun generates the rest again
+                print(f"warning: {shard_folder(parts[0])}: {missing} part(s) its last run wrote are gone; pairs are built "
+                      f"from the rest (rerun the {stage} stage to generate their samples again)", file=sys.stderr)
+                counts["parts_missing"] = missing
             summary[f"{stage}/{dataset}"] = dict(sorted(counts.items()))
     atomic_write_bytes(config.save_dir / "pairs_summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     return summary

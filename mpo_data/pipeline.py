@@ -14,16 +14,17 @@ from typing import Any, Literal
 
 import orjson
 
-from mpo_data.config import apply_overrides, build, load_yaml, merge
+from mpo_data.config import apply_overrides, at, build, canonical, load_yaml, merge, unknown_keys
 from mpo_data.errors import InputError
 from mpo_data.formats import write_meta
-from mpo_data.jsonl import atomic_write_bytes
+from mpo_data.inputs import validate_file
+from mpo_data.jsonl import atomic_write_bytes, writable_problem
 from mpo_data.meta import MetaConfig, build_meta, count_pairs
 from mpo_data.pairs import PairsConfig, build_pairs
 from mpo_data.runlock import holds
 from mpo_data.shards import ShardStore, samples_root, shard_folders
 from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
-from mpo_data.stages import connect_ray, run_stage
+from mpo_data.stages import check_context, connect_ray, run_stage
 
 STAGES = {"correctness": CorrectnessConfig, "dropout-ntp": DropoutNTPConfig}
 
@@ -76,15 +77,63 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
     names = [d.name for d in config.datasets]
     if len(set(names)) != len(names):
         raise InputError(f"{source}: datasets: names must be unique, got {names}")
-    stages = []
+    # every unknown key at once: the shared defaults' once, then each dataset's own
+    problems = unknown_keys(StageConfig, config.defaults, source, "defaults", tuple({STAGES[d.stage]: 0 for d in config.datasets}))
     for i, spec in enumerate(config.datasets):
-        given = merge(config.defaults, spec.settings)
-        fixed = {"out_dir": config.out_dir, "dataset": spec.name, "address": config.address}
-        clash = sorted(set(given) & set(fixed))
-        if clash:
-            raise InputError(f"{source}: datasets[{i}]: '{clash[0]}' is set by the pipeline, not per dataset")
-        stages.append(build(STAGES[spec.stage], {**given, **fixed}, source, f"datasets[{i}].settings"))
+        problems += unknown_keys(STAGES[spec.stage], spec.settings, source, f"datasets[{i}].settings")
+    if problems:
+        raise InputError("\n".join(problems))
+    stages = []
+    for i, spec in enumerate(config.datasets):  # every dataset's problems, not only the first one's
+        cls, fixed = STAGES[spec.stage], {"out_dir": config.out_dir, "dataset": spec.name, "address": config.address}
+        try:
+            given = merge(canonical(cls, config.defaults, source, "defaults"), canonical(cls, spec.settings, source, f"datasets[{i}].settings"))
+            clash = sorted(set(given) & set(fixed))
+            if clash:
+                raise InputError(f"{at(source, given, clash[0])}: datasets[{i}]: '{clash[0]}' is set by the pipeline, not per dataset")
+            stages.append(build(cls, merge(given, fixed), source, f"datasets[{i}].settings"))
+        except InputError as e:
+            problems.append(str(e))
+    if problems:
+        raise InputError("\n".join(problems))
     return config, stages
+
+
+MAX_PROBLEMS_PER_FILE = 20  # a prompt file bad throughout is summarised, `mpo-data validate` lists every line
+
+
+def input_problems(config: PipelineConfig, stages: list[StageConfig]) -> list[str]:
+    """Everything a run would stop on, found before its first engine starts: the output folder, each
+    dataset's settings and model folder, its prompt file (every bad line, unless on_error skips them) and
+    images. The same checks the stages and `mpo-data validate` run, only all of them at once."""
+    problems = [f"out_dir: {p}" for p in [writable_problem(config.out_dir)] if p]
+    for i, stage in enumerate(stages):
+        label = f"datasets[{i}] ({stage.dataset})"
+        try:
+            stage.check()
+            check_context(stage)
+        except InputError as e:
+            problems.append(f"{label}: {e}")
+        image_root = stage.image_root or Path(stage.prompt_path).parent
+        if not Path(image_root).is_dir():
+            problems.append(f"{label}: image_root {image_root}: no such folder")
+            continue
+        try:
+            rows, bad = validate_file(stage.prompt_path, stage.stage, image_root, verify_images=False,
+                                      images_dir=Path(config.out_dir) / "images" / stage.dataset_name)
+        except InputError as e:
+            problems.append(f"{label}: {e}")
+            continue
+        if stage.on_error == "fail" and bad:
+            more = len(bad) - MAX_PROBLEMS_PER_FILE
+            problems += bad[:MAX_PROBLEMS_PER_FILE] + ([f"... and {more} more in {stage.prompt_path} "
+                                                        f"(mpo-data validate {stage.prompt_path} --kind {stage.stage})"] if more > 0 else [])
+            problems.append(f"{label}: {len(bad)} bad line(s) in {stage.prompt_path} (on_error: skip quarantines them)")
+        elif rows == len(bad) and rows:
+            problems.append(f"{label}: every one of the {rows} line(s) of {stage.prompt_path} is bad")
+        elif not rows:
+            problems.append(f"{label}: {stage.prompt_path} holds no rows")
+    return problems
 
 
 def _fingerprint(out: Path, settings: Any) -> str:
@@ -107,6 +156,9 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     out = Path(config.out_dir)
     record_path = out / "pipeline.json"
     record = orjson.loads(record_path.read_bytes()) if record_path.exists() else {}
+    problems = input_problems(config, stages)
+    if problems:
+        raise InputError("\n".join(problems) + f"\n{len(problems)} problem(s) found before any engine started; nothing was run")
     connect_ray(config.address)
     summaries = {f"{s.stage}/{s.dataset}": run_stage(s) for s in stages}
 

@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from mpo_data.errors import InputError
+from mpo_data.errors import InputError, output_error
+from mpo_data.jsonl import make_dir
 
 LOCK_NAME = ".mpo-data.lock"
 _held: dict[str, int] = {}  # folders this process holds -> nesting depth (a pipeline's stages nest)
@@ -53,8 +54,11 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
-    Path(key).mkdir(parents=True, exist_ok=True)
-    handle = open(os.path.join(key, LOCK_NAME), "a+")
+    make_dir(key)
+    try:
+        handle = open(os.path.join(key, LOCK_NAME), "a+")
+    except OSError as e:
+        raise output_error(e) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -10,14 +10,21 @@ Layout under ``<out>/samples/<stage>/<dataset>/``:
   runs.jsonl                 every run's summary, one line per run, appended (the history)
   summary.json               counts of the last run, and `totals`: the folder's contents and sums over all runs
 
+  damaged/...                parts a resume found damaged, byte for byte as found (`part-NNNNN.jsonl.damaged`)
+
 A part appears whole or not at all (temp file, fsync, rename), so after a crash the folder holds only
 complete lines, and (item_id, sample_index) keys tell a rerun exactly which samples are still missing.
-Lines start with those two keys, so resume planning reads them without parsing the rest of the line.
+A part damaged anyway (a copy cut short, a disk that filled under another writer, a hand edit) counts only
+its whole lines that parse: resume moves the part as found to damaged/, keeps its good lines in place,
+says which lines it lost, and their samples are generated again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
 import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -25,15 +32,15 @@ from typing import Any, Iterator
 
 import orjson
 
-from mpo_data.errors import InputError
-from mpo_data.jsonl import atomic_write_bytes, dumps, read_jsonl, write_jsonl
+from mpo_data.errors import InputError, output_error
+from mpo_data.jsonl import atomic_write_bytes, dumps, make_dir, read_jsonl, write_jsonl
 
 PART_RE = re.compile(r"^part-(\d+)\.jsonl$")
 GROUP_RE = re.compile(r"^g(\d+)$")
 HISTORY = "runs.jsonl"  # every run's summary, appended
 DROPPED = "dropped"  # sub-folder of a shard folder holding the samples a stage dropped, with their reason
 PARTS_PER_FOLDER = 10_000  # parts 0..9,999 in the shard folder itself (the original flat layout), then gNNNN/
-KEYS_RE = re.compile(rb'^\{"item_id":"([^"\\]*)","sample_index":(\d+)[,}]')  # how write_part starts a line
+DAMAGED = "damaged"  # sub-folder of a shard folder holding the parts a resume found damaged, as found
 RUN_KEYS = ("engine_seeds",)  # run.json entries that record runs, not settings: reruns may differ in them
 
 
@@ -81,19 +88,27 @@ def missing_indices(done: set[int], quota: int) -> list[int]:
 
 
 def _keys_first(row: dict[str, Any]) -> dict[str, Any]:
-    """The row with item_id and sample_index as its first keys: the light resume read needs it."""
+    """The row with item_id and sample_index as its first keys, so a sample is found by its key at a glance."""
     return {"item_id": row["item_id"], "sample_index": row["sample_index"], **row}
 
 
-def _sample_key(loc: str, raw: bytes) -> tuple[str, int]:
-    """(item_id, sample_index) of a line not written by write_part (older runs, hand-made parts)."""
-    try:
-        row = orjson.loads(raw)
-        return str(row["item_id"]), int(row["sample_index"])
-    except orjson.JSONDecodeError as e:
-        raise InputError(f"{loc}: invalid JSON: {e}") from None
-    except (TypeError, KeyError, ValueError):
-        raise InputError(f"{loc}: not a sample line (needs item_id and sample_index)") from None
+def read_part(path: Path) -> tuple[list[tuple[str, int]], dict[int, str]]:
+    """((item_id, sample_index) of each whole sample line, {line number: why it is damaged}) of one part."""
+    keys, damaged = [], {}
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                damaged[number] = "not JSON (corrupt)" if raw.endswith(b"\n") else "cut short (no line end)"
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("item_id"), str) or type(row.get("sample_index")) is not int:
+                damaged[number] = "not a sample line (needs item_id and sample_index)"
+                continue
+            keys.append((row["item_id"], row["sample_index"]))
+    return keys, damaged
 
 
 def settings_diff(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -109,6 +124,7 @@ class ShardStore:
         self.root = Path(root)
 
         self._next: int | None = None  # the next part number, found by one listing at the first write
+        self.damaged: list[dict[str, Any]] = []  # parts `done` found damaged and set aside, for the summary
 
     def _parts(self, folder: Path) -> list[tuple[int, Path]]:
         """(number, path) of every part in `folder` and its gNNNN/ groups, in number order."""
@@ -126,33 +142,57 @@ class ShardStore:
         """Kept-sample parts (or the dropped ones) in write order; temp files of a crashed write are not parts."""
         return [p for _, p in self._parts(self.root / DROPPED if dropped else self.root)]
 
-    def _keys(self, dropped: bool) -> Iterator[tuple[str, int]]:
-        """(item_id, sample_index) of every sample line, kept or dropped ones."""
-        for path in self.part_paths(dropped):
-            with path.open("rb") as handle:
-                for number, raw in enumerate(handle, 1):
-                    match = KEYS_RE.match(raw)
-                    if match:  # our own lines: no JSON parse
-                        yield match.group(1).decode(), int(match.group(2))
-                    elif raw.strip():  # lines written some other way: parse them
-                        yield _sample_key(f"{path}:{number}", raw)
-
     def done(self) -> dict[str, set[int]]:
-        """Sample indices already generated per item_id, kept or dropped."""
+        """Sample indices already generated per item_id, kept or dropped: only whole lines that parse count.
+
+        A part with damaged lines is set aside first (`set_aside`), so the samples it lost are missing here
+        and the rerun generates exactly those again."""
         done: dict[str, set[int]] = defaultdict(set)
-        for dropped in (False, True):
-            for item_id, index in self._keys(dropped):
+        for path in [*self.part_paths(), *self.part_paths(dropped=True)]:
+            keys, damaged = read_part(path)
+            if damaged:
+                self.set_aside(path, damaged)
+            for item_id, index in keys:
                 done[item_id].add(index)
         return done
+
+    def set_aside(self, path: Path, damaged: dict[int, str]) -> None:
+        """Move the part as found to damaged/ (never deleted), keep its whole lines in place, and say so."""
+        found = path.read_bytes()
+        target = self.root / DAMAGED / f"{path.relative_to(self.root)}.damaged"
+        copies = 1
+        while target.exists():  # damaged again after an earlier repair: keep every copy
+            copies += 1
+            target = target.with_name(f"{path.name}.{copies}.damaged")
+        make_dir(target.parent)
+        atomic_write_bytes(target, found)
+        lines = found.splitlines(keepends=True)
+        atomic_write_bytes(path, b"".join(raw for number, raw in enumerate(lines, 1) if number not in damaged))
+        kept = sum(1 for number, raw in enumerate(lines, 1) if number not in damaged and raw.strip())
+        record = {"part": str(path), "lines": sorted(damaged), "reasons": sorted(set(damaged.values())),
+                  "kept_lines": kept, "moved_to": str(target)}
+        self.damaged.append(record)
+        print(f"warning: {path}: line(s) {', '.join(map(str, sorted(damaged)))} damaged ({'; '.join(record['reasons'])}); "
+              f"the part as found is kept at {target}, its {kept} whole line(s) stay, and the samples of the "
+              "damaged lines are generated again", file=sys.stderr)
 
     def totals(self) -> dict[str, Any]:
         """Everything in the folder, over all runs: kept samples, dropped ones by reason, items touched."""
         samples, items = 0, set()
-        for item_id, _ in self._keys(dropped=False):
-            samples += 1
-            items.add(item_id)
+        for path in self.part_paths():
+            keys, _ = read_part(path)
+            samples += len(keys)
+            items.update(item_id for item_id, _ in keys)
         dropped = Counter(row.get("reason") for path in self.part_paths(dropped=True) for _, row in read_jsonl(path))
-        return {"samples": samples, "dropped": dict(dropped), "items": len(items)}
+        return {"samples": samples, "dropped": dict(dropped), "items": len(items), "parts": len(self.part_paths())}
+
+    def missing_parts(self) -> int:
+        """Kept-sample parts the last run's summary counted that are gone now (deleted, lost in a copy)."""
+        path = self.root / "summary.json"
+        if not path.exists():
+            return 0
+        recorded = orjson.loads(path.read_bytes()).get("totals", {}).get("parts")
+        return max(0, recorded - len(self.part_paths())) if isinstance(recorded, int) else 0
 
     def _next_name(self) -> str:
         """Relative path of the next part: one listing per store, then a counter (O(1) per write)."""
@@ -199,7 +239,7 @@ class ShardStore:
         return seed
 
     def _write_run(self, run: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dir(self.root)
         atomic_write_bytes(self.root / "run.json", orjson.dumps(run, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
@@ -208,8 +248,14 @@ class ShardStore:
         path, history = self.root / "summary.json", self.root / HISTORY
         if not history.exists() and path.exists():  # a folder from before the history: its last run starts it
             history.write_bytes(dumps({k: v for k, v in orjson.loads(path.read_bytes()).items() if k != "totals"}))
-        with history.open("ab") as handle:  # one write of one line: a crash leaves the history whole
-            handle.write(dumps({k: v for k, v in summary.items() if k != "totals"}))
+        size = history.stat().st_size if history.exists() else 0
+        try:
+            with history.open("ab") as handle:  # one write of one line: a crash leaves the history whole
+                handle.write(dumps({k: v for k, v in summary.items() if k != "totals"}))
+        except OSError as e:  # a disk that filled mid-line: cut the history back to its whole lines
+            with contextlib.suppress(OSError):
+                os.truncate(history, size)
+            raise output_error(e if e.filename else OSError(e.errno, e.strerror, str(history))) from None
         summary["totals"] = {**summary.get("totals", {}), **run_totals([row for _, row in read_jsonl(history)])}
         atomic_write_bytes(path, orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
         return path

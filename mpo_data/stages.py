@@ -522,6 +522,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "repeated_items_skipped": repeats,
         "quota_per_item": config.sampling.n,
         "samples_already_done": sum(len(done.get(i.item_id, ())) for i in items),
+        "damaged_parts": store.damaged,  # parts resume found damaged: which lines, where the part as found went
         "items_sampled": len(tally.items),
         "samples_requested": sum(len(w["indices"]) for w in work),
         "samples_out": tally.kept,

@@ -68,7 +68,7 @@ def test_example_mixture_reads_and_names_the_demo_pair_files():
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda c: c.update(colour=1), "pipe.yaml: unknown key 'colour'"),
+        (lambda c: c.update(colour=1), "pipe.yaml:1: unknown key 'colour'"),
         (lambda c: c["datasets"][0]["settings"].update(tempreature=1), "datasets[0].settings: unknown key 'tempreature'"),
         (lambda c: c["datasets"][0]["settings"]["sampling"].update(temprature=1), "datasets[0].settings.sampling: unknown key 'temprature'"),
         (lambda c: c["defaults"]["engine"].update(max_model_len="long"), "datasets[0].settings.engine.max_model_len: expected int"),

@@ -164,10 +164,23 @@ def test_part_writes_list_the_folder_once_and_group_parts_in_subfolders(tmp_path
     assert [len(parts) for parts in find_datasets(tmp_path).values()] == [7]  # pairs reads every group, no drops
 
 
-def test_bad_part_line_names_file_and_line(tmp_path):
-    write_jsonl(tmp_path / "part-00000.jsonl", [{"item_id": "a", "sample_index": 0}, {"oops": 1}])
-    with pytest.raises(InputError, match=r"part-00000.jsonl:2: not a sample line"):
-        ShardStore(tmp_path).done()
+def test_damaged_part_lines_count_as_not_done_and_the_part_as_found_is_kept(tmp_path, capsys):
+    good = [{"item_id": "a", "sample_index": i, "response": "x" * 40} for i in range(3)]
+    part = tmp_path / "correctness" / "ds" / "part-00000.jsonl"
+    write_jsonl(part, [*good, {"oops": 1}])
+    damaged = part.read_bytes().replace(b'"sample_index":1', b'"sample_index":1\x00', 1)  # a NUL in line 2
+    damaged += orjson.dumps({"item_id": "a", "sample_index": 3, "response": "y" * 40})[:30]  # a copy cut short
+    part.write_bytes(damaged)
+    store = ShardStore(part.parent)
+    assert store.done() == {"a": {0, 2}}  # the cut line starts like a whole one: it is not done
+    err = capsys.readouterr().err
+    assert f"warning: {part}: line(s) 2, 4, 5 damaged" in err and "generated again" in err
+    assert (part.parent / "damaged" / "part-00000.jsonl.damaged").read_bytes() == damaged  # moved aside, byte for byte
+    assert [row["sample_index"] for _, row in read_jsonl(part)] == [0, 2]  # whole lines stay in place
+    assert store.damaged[0]["lines"] == [2, 4, 5] and store.damaged[0]["kept_lines"] == 2
+    assert ShardStore(part.parent).done() == {"a": {0, 2}}  # repaired: a second look sets nothing aside
+    assert capsys.readouterr().err == ""
+    assert [len(p) for p in find_datasets(tmp_path).values()] == [1]  # pairs does not take damaged/ for input
 
 
 def test_settings_guard(tmp_path):
