@@ -295,11 +295,11 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
 def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, ray_local, capsys):
     """The InternVL MPO guide's DropoutNTP, correctness and postprocess commands, its flags as printed there
     (small counts, few tokens, --tp 1 on CPU), against our CLI on the session's Ray; then the DropoutNTP invariants.
-    `--dynamic --max-num` are left out here: they set InternVL's tiling, which the engine refuses for other
-    models (SmolLM2); tests/test_cli.py checks that they parse into engine.dynamic/max_num."""
+    `--dynamic --max-num 6` set InternVL's tiling: on SmolLM2 they are accepted with a note (no effect)."""
     out, smollm2 = tmp_path / "out", str(models_dir / "smollm2-135m-instruct")
     common = ["--checkpoint", smollm2, "--out-dir", str(out), "--batch-size", "1", "--num-workers", "8", "--top-k", "50",
-              "--temperature", "1.0", "--tp", "1", "--image-root", str(demo_dir / "images")]  # ours: InternVL's paths are absolute
+              "--temperature", "1.0", "--dynamic", "--max-num", "6", "--tp", "1",
+              "--image-root", str(demo_dir / "images")]  # ours: InternVL's paths are absolute
     dropout = ["dropout-ntp", *common, "--prompt-path", str(demo_dir / "easy_vqa_describe.jsonl"), "--num-return-sequences", "2",
                "--sample-max-num", "3", "--start-ratio", "0.5", "--max-new-tokens", "48"]
     assert cli.main(dropout) == 0
@@ -309,6 +309,7 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
                      "--num-pairs-per-key", "15", "--max-lines", "1200000"]) == 0
     err = capsys.readouterr().err
     assert err.count("note: --num-workers:") == 2 and "note: --force:" in err
+    assert err.count("note: --dynamic/--max-num:") == 2 and "LlamaForCausalLM sizes images with its processor's own" in err
     correct = lines_of(stage_dir(out, "correctness", "arithmetic"))
     assert len(correct) == 8 and set(keys_of(correct).values()) == {1}
     summary = orjson.loads((tmp_path / "pairs" / "pairs_summary.json").read_bytes())
