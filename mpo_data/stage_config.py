@@ -175,6 +175,16 @@ class StageConfig:
     placement_timeout_s: float = field(
         default=600.0, metadata={"help": "Seconds to wait for the engines' GPUs (tp x pp each) before failing with what the cluster has."}
     )
+    watchdog_report_s: float = field(
+        default=300.0,
+        metadata={"help": "Seconds with no request finished and no part written after which a run prints what Ray has "
+                  "pending (resource demands, placement groups, actors, free resources), and again as often; 0: never."},
+    )
+    watchdog_timeout_s: float = field(
+        default=1800.0,
+        metadata={"help": "Seconds with no request finished and no part written after which a run ends with one line "
+                  "(parts written are kept: a rerun resumes); engine start-up counts, so leave room to load the model; 0: never."},
+    )
     address: str | None = field(
         default=None, metadata={"help": "Ray cluster to join ('auto' or HOST:PORT); default: start a private local Ray (no dashboard)."}
     )
@@ -216,6 +226,9 @@ class StageConfig:
                 raise InputError(f"{flag} must be >= 1, got {value}")
         if self.placement_timeout_s <= 0:
             raise InputError(f"--placement-timeout-s must be > 0, got {self.placement_timeout_s}")
+        for flag, seconds in (("--watchdog-report-s", self.watchdog_report_s), ("--watchdog-timeout-s", self.watchdog_timeout_s)):
+            if seconds < 0:
+                raise InputError(f"{flag} must be >= 0 (0: never), got {seconds}")
         if not 0 < self.sampling.top_p <= 1 or self.sampling.temperature < 0:
             raise InputError(f"need 0 < --top-p <= 1 and --temperature >= 0 (got {self.sampling.top_p}, {self.sampling.temperature})")
         if not Path(self.engine.model).is_dir():
