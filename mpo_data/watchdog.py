@@ -106,7 +106,7 @@ def pending() -> list[str]:
 
     def resources() -> str:
         total, free = ray.cluster_resources(), ray.available_resources()
-        return ", ".join(f"{k} {free.get(k, 0):g}/{total[k]:g}" for k in ("CPU", "GPU") if k in total) + " free"
+        return "free " + ", ".join(f"{k} {free.get(k, 0):g}/{total[k]:g}" for k in ("CPU", "GPU") if k in total)
 
     def demands() -> str:  # what `ray status` calls pending demands
         from ray.autoscaler.v2.sdk import get_cluster_status

@@ -4,6 +4,7 @@ pending and ends (real Ray on a fake-GPU cluster with as many CPUs as GPUs, a re
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,7 +85,7 @@ sys.exit(cli.main(["correctness", "--checkpoint", model, "--prompt-path", prompt
 
 @pytest.mark.engine
 @pytest.mark.ray
-def test_stalled_run_says_what_ray_waits_for_and_ends_and_sigterm_ends_a_run_in_one_line(tmp_path, demo_dir, models_dir):
+def test_a_stalled_run_reports_what_it_waits_for_and_ends_and_sigterm_ends_a_run_in_one_line(tmp_path, demo_dir, models_dir):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = [str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "arithmetic.jsonl"), str(tmp_path)]
     proc = subprocess.Popen([sys.executable, "-c", _STALL_THEN_RUN, *args], env=env, stdout=subprocess.DEVNULL,
@@ -106,7 +107,8 @@ def test_stalled_run_says_what_ray_waits_for_and_ends_and_sigterm_ends_a_run_in_
     lines = err.splitlines()
     # the stall: reported with what Ray waits for (the dataset's task wants a CPU; the blocker holds both), then one line
     report = next(i for i, line in enumerate(lines) if "correctness stalled: no request finished and no part written for" in line)
-    assert "CPU 0/2" in lines[report + 1] and "{'CPU': 1.0} x1" in lines[report + 2], err[-4000:]
+    assert lines[report + 1] == "  resources: free CPU 0/2, GPU 2/2", err[-4000:]
+    assert re.fullmatch(r"  waiting for resources: \{'CPU': 1.0\} x\d+ \(tasks/actors\)", lines[report + 2]), err[-4000:]
     assert "[{'CPU': 2.0}]" in lines[report + 3]  # the blocker's group
     errors = [line for line in lines if line.startswith("error: ")]
     assert errors == ["error: correctness stalled: no request finished and no part written for 10 s (--watchdog-timeout-s); "
