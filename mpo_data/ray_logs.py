@@ -3,7 +3,9 @@
 Ray's driver-side Python loggers (`ray`, `ray.data`) print INFO lines ("Started a local Ray instance",
 "Registered dataset logger", execution plans) to stderr. Here they go to the session's log folder instead
 (`mpo-data-driver.log` beside Ray's own files; Ray Data already copies its lines to `ray-data.log`), and
-only WARNING and above still reach the terminal: a real problem is never hidden. Worker output stays in
+only WARNING and above still reach the terminal: a real problem is never hidden. Ray's notices that report
+no problem though logged as warnings (`NOTICES`: token authentication is on, as we ask) go to the file only.
+Worker output stays in
 the workers' files (`log_to_driver=False`). The folder is named in every stage summary (`ray_logs`).
 """
 
@@ -15,11 +17,17 @@ import os
 import sys
 
 DRIVER_LOG = "mpo-data-driver.log"
+# (logger, message start) of Ray's WARNING lines that report no problem: kept off the terminal
+NOTICES = (("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),)
 _last_dir: str | None = None
 
 
 def _console(logger: logging.Logger) -> list[logging.Handler]:
     return [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    return not any(record.name == name and record.getMessage().startswith(text) for name, text in NOTICES)
 
 
 def _logs_dir() -> str | None:
@@ -58,6 +66,7 @@ def init(**kwargs) -> str | None:
     to_file.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"))
     for handler in console + _console(logging.getLogger("ray.data")):
         handler.setLevel(logging.WARNING)
+        handler.addFilter(_not_a_notice)  # once: the same filter is never added twice
     for record in held.buffer:
         to_file.handle(record)
         if record.levelno >= logging.WARNING:

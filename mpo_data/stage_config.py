@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -89,18 +90,31 @@ class EngineConfig:
                 return section["max_position_embeddings"]
         return None
 
-    def tiling_kwargs(self) -> dict[str, Any]:
-        """InternVL tiling under the names of the model's own processor, chosen from its config.json."""
+    def _tiling_names(self) -> tuple[str, str] | None:
+        """(tiling on/off, most tiles) under the model's own processor names; None: the model has no InternVL tiling."""
         architectures = self.model_config().get("architectures") or []
-        names = next((TILING_NAMES[a] for a in architectures if a in TILING_NAMES), None)
+        return next((TILING_NAMES[a] for a in architectures if a in TILING_NAMES), None)
+
+    def tiling_kwargs(self) -> dict[str, Any]:
+        """InternVL tiling under the names of the model's own processor, chosen from its config.json; {} for a
+        model without it, whose processor sizes images its own way (`tiling_note` says so)."""
+        names = self._tiling_names() if self.max_num is not None or self.dynamic else None
         if names is None:
-            raise InputError(f"{Path(self.model) / 'config.json'}: max_num/dynamic tiling is for InternVL models "
-                             f"({', '.join(TILING_NAMES)}), this model is {architectures}")
+            return {}
         switch, most = names
         kwargs: dict[str, Any] = {switch: self.dynamic}
         if self.max_num is not None:
             kwargs[most] = self.max_num
         return kwargs
+
+    def tiling_note(self) -> str | None:
+        """One line for --dynamic/--max-num given to a model without InternVL tiling (as the guide's commands
+        pass them for any model): accepted, with no effect; None when they mean something or were not given."""
+        if (self.max_num is None and not self.dynamic) or self._tiling_names() is not None:
+            return None
+        architectures = ", ".join(self.model_config().get("architectures") or ["this model"])
+        return (f"note: --dynamic/--max-num: InternVL's image tiling ({', '.join(TILING_NAMES)}); {architectures} "
+                "sizes images with its processor's own settings instead: no effect")
 
 
 @dataclass
@@ -161,6 +175,16 @@ class StageConfig:
     placement_timeout_s: float = field(
         default=600.0, metadata={"help": "Seconds to wait for the engines' GPUs (tp x pp each) before failing with what the cluster has."}
     )
+    watchdog_report_s: float = field(
+        default=300.0,
+        metadata={"help": "Seconds with no request finished and no part written after which a run prints what Ray has "
+                  "pending (resource demands, placement groups, actors, free resources), and again as often; 0: never."},
+    )
+    watchdog_timeout_s: float = field(
+        default=1800.0,
+        metadata={"help": "Seconds with no request finished and no part written after which a run ends with one line "
+                  "(parts written are kept: a rerun resumes); engine start-up counts, so leave room to load the model; 0: never."},
+    )
     address: str | None = field(
         default=None, metadata={"help": "Ray cluster to join ('auto' or HOST:PORT); default: start a private local Ray (no dashboard)."}
     )
@@ -191,7 +215,9 @@ class StageConfig:
         sampling = self.sampling.as_dict()
         del sampling["n"]  # the quota, not how a sample is drawn: raising it tops items up
         own = {name: getattr(self, name) for name in self.own_settings}
-        return {"model": self.model_name, "max_num": self.engine.max_num, "dynamic": self.engine.dynamic, "sampling": sampling, **own}
+        tiled = bool(self.engine.tiling_kwargs())  # flags with no effect on this model do not change a sample
+        tiling = {"max_num": self.engine.max_num if tiled else None, "dynamic": self.engine.dynamic and tiled}
+        return {"model": self.model_name, **tiling, "sampling": sampling, **own}
 
     def check(self) -> None:
         """Refuse nonsense settings up front, before any reading or engine start."""
@@ -205,12 +231,16 @@ class StageConfig:
                 raise InputError(f"{flag} must be >= 1, got {value}")
         if self.placement_timeout_s <= 0:
             raise InputError(f"--placement-timeout-s must be > 0, got {self.placement_timeout_s}")
+        for flag, seconds in (("--watchdog-report-s", self.watchdog_report_s), ("--watchdog-timeout-s", self.watchdog_timeout_s)):
+            if seconds < 0:
+                raise InputError(f"{flag} must be >= 0 (0: never), got {seconds}")
         if not 0 < self.sampling.top_p <= 1 or self.sampling.temperature < 0:
             raise InputError(f"need 0 < --top-p <= 1 and --temperature >= 0 (got {self.sampling.top_p}, {self.sampling.temperature})")
         if not Path(self.engine.model).is_dir():
             raise InputError(f"{self.engine.model}: no such model folder (--checkpoint)")
-        if self.engine.max_num is not None or self.engine.dynamic:
-            self.engine.tiling_kwargs()  # InternVL tiling on another model: refused here, not inside an engine actor
+        note = self.engine.tiling_note()
+        if note:
+            print(note, file=sys.stderr)
 
 
 @dataclass

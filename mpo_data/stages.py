@@ -24,7 +24,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from mpo_data import images as image_io
-from mpo_data import ray_logs
+from mpo_data import ray_logs, watchdog
 from mpo_data.engine import Completion, EngineFeeder, GenerationRequest, GenerationResult, request_seed, start_engine
 from mpo_data.errors import ClusterError, InputError
 from mpo_data.formats import PromptItem, Sample, image_list, strip_placeholders
@@ -160,7 +160,7 @@ class GenerateBatch:
     the engine keeps up to `max_in_flight` requests running. Images travel as paths and are decoded here.
     """
 
-    def __init__(self, config: StageConfig, engine_seed: int, cpu_shares: Any = None):
+    def __init__(self, config: StageConfig, engine_seed: int, cpu_shares: Any = None, heart: Any = None):
         import ray
 
         self.config = config
@@ -169,6 +169,8 @@ class GenerateBatch:
         self.engine = start_engine(replace(config.engine_config(), seed=engine_seed), cpu_share=share)
         self.feeder = EngineFeeder(self.engine, config.max_in_flight)
         self.ready = time.time()  # wall clock: the driver times sampling from the first engine ready
+        self.pulse = watchdog.Pulse(heart)  # the driver's watchdog: this engine is ready, then each request done
+        self.pulse()
 
     def _submit(self, work: dict[str, Any]) -> Future:
         """The future result of one work row's request; an image that fails to decode resolves it as refused."""
@@ -181,7 +183,9 @@ class GenerateBatch:
             return future
         request = self.stage.request(work["item"], images)
         seed = request_seed(work["item_id"], work["indices"][0])
-        return self.feeder.submit(request, self.config.sampling_config(len(work["indices"])), seed)
+        future = self.feeder.submit(request, self.config.sampling_config(len(work["indices"])), seed)
+        future.add_done_callback(self.pulse)
+        return future
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         works = [{**dict(zip(WORK_COLUMNS, row)), "item": orjson.loads(row[3])} for row in zip(*(batch[c] for c in WORK_COLUMNS))]
@@ -281,10 +285,27 @@ def actor_resources(config: StageConfig, cluster_gpus: float, groups: PlacementG
     return {"num_gpus": 0, "ray_remote_args_fn": groups}
 
 
+def cpu_shortfall(config: StageConfig, groups: PlacementGroups, cluster: dict[str, float]) -> str | None:
+    """Why the engines' groups can never be placed on a cluster with enough GPUs but too few CPUs (each bundle
+    takes a CPU beside its GPU, for vLLM's worker), or None: Ray itself would wait for them without a word."""
+    need, cpus = groups.engines * groups.devices, cluster.get("CPU", 0)
+    if cluster.get("GPU", 0) < need or cpus >= need:
+        return None
+    return (f"{config.stage} {config.dataset_name}: {groups.engines} engine(s) x {groups.devices} GPUs (tp x pp) take "
+            f"{need} CPUs in their placement groups (one beside each GPU) and the cluster has {cpus:g}: start Ray with "
+            f"--num-cpus >= {need} (Slurm: --cpus-per-task), or lower --num-engines or tp")
+
+
 def place_groups(config: StageConfig, groups: PlacementGroups) -> None:
-    """Place every engine's group before Ray Data starts, or fail saying what the cluster has (never wait forever)."""
+    """Place every engine's group before Ray Data starts, or fail saying what the cluster has (never wait forever).
+
+    The work dataset is built before (ray.data.from_arrow runs a task that needs a free CPU, and the groups may
+    hold every CPU of the cluster): from then on Ray Data needs no CPU outside the groups."""
     import ray
 
+    shortfall = cpu_shortfall(config, groups, ray.cluster_resources())
+    if shortfall:
+        raise ClusterError(shortfall)
     total, free = ray.cluster_resources().get("GPU", 0), ray.available_resources().get("GPU", 0)
     if not groups.place(config.placement_timeout_s):
         raise ClusterError(
@@ -376,11 +397,14 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
 
     tally = Tally()
     started_ray = connect_ray(config.address)
+    watchdog.install_signal_handlers()
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     pipeline = config.engine.pipeline_parallel_size
     groups = PlacementGroups(config.num_engines, config.engine.tensor_parallel_size * pipeline, pipeline > 1)
     engine_seed = store.next_engine_seed(config.engine.seed)
+    dog = watchdog.Watchdog(f"{config.stage} {config.dataset_name}", config.watchdog_report_s, config.watchdog_timeout_s).start()
     try:
+        work_ds = work_dataset(work, config.batch_size)  # before the groups, which may take every CPU (place_groups)
         resources = actor_resources(config, cluster_gpus, groups)
         if "ray_remote_args_fn" in resources:
             place_groups(config, groups)
@@ -389,9 +413,9 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
         calls = calls_per_actor(config)
         with warnings.catch_warnings():  # Ray 2.60 deprecates these kwargs but names no parameter for them yet
             warnings.filterwarnings("ignore", message="`ray_remote_args", category=DeprecationWarning)
-            ds = work_dataset(work, config.batch_size).map_batches(
+            ds = work_ds.map_batches(
                 GenerateBatch,
-                fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares},
+                fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares, "heart": dog.heart},
                 batch_size=config.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls),
                 max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
@@ -401,12 +425,18 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
         with tqdm(total=total, unit="sample", desc=f"{config.stage} {config.dataset_name}", file=sys.stderr) as bar:
             began = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="default"):
-                _write_batch(batch, store, tally, quarantine, config.on_error)
+                with watchdog.uninterrupted():  # a signal takes effect once this part is written
+                    _write_batch(batch, store, tally, quarantine, config.on_error)
+                dog.progress()
                 tally.last_part_s = time.monotonic() - began
                 if tally.first_part_s is None:
                     tally.first_part_s, tally.first_part_tokens = tally.last_part_s, tally.output_tokens
                 bar.update(sum(1 for problem in batch["problem"] if not problem))
                 bar.set_postfix(items=len(tally.items), kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=tally.steady_tokens_per_s() or "-")
+    except KeyboardInterrupt:  # a signal (its line printed as it came) or the watchdog's interrupt
+        if dog.stalled:
+            raise ClusterError(f"{dog.stalled}; the {tally.parts} part(s) written are kept: rerun to resume") from None
+        raise
     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
             ray.exceptions.OutOfMemoryError) as e:  # OOM: Ray's memory monitor killed the engine's workers
         raise ClusterError(
@@ -414,6 +444,7 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
             f"{str(e).splitlines()[0][:300]}); the {tally.parts} part(s) written are kept: rerun to resume"
         ) from None
     finally:
+        dog.stop()
         groups.release()
         if started_ray:
             ray.shutdown()

@@ -105,14 +105,17 @@ def test_bad_flag_values_are_usage_errors(capsys):
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
-def test_guide_tiling_flags_on_a_model_that_is_not_internvl_are_refused_up_front(models_dir, tmp_path):
-    from mpo_data.errors import InputError
-
+def test_guide_tiling_flags_on_a_model_that_is_not_internvl_are_accepted_with_one_note(models_dir, tmp_path, capsys):
     argv = ["correctness", "--checkpoint", str(models_dir / "smollm2-135m-instruct"), "--prompt-path", "p.jsonl",
             "--dynamic", "--max-num", "6"]
     config = config_from_args(CorrectnessConfig, parse(argv))
-    with pytest.raises(InputError, match="config.json: max_num/dynamic tiling is for InternVL models"):
-        config.check()
+    config.check()
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: --dynamic/--max-num:") and "LlamaForCausalLM" in notes[0]
+    assert "no effect" in notes[0] and "processor's own" in notes[0]
+    assert config.engine.tiling_kwargs() == {}  # nothing reaches the engine
+    # a rerun without them resumes the same samples: flags with no effect are not recorded as settings
+    assert config.stage_settings() == config_from_args(CorrectnessConfig, parse(argv[:5])).stage_settings()
 
 
 @pytest.mark.parametrize("flag, value, message", [

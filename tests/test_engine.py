@@ -81,13 +81,16 @@ def test_tiling_names_follow_the_model_architecture(tmp_path):
     # Each InternVL processor refuses the other family's names at engine start: only its own may go in.
     hf = EngineConfig(model=model_dir(tmp_path / "hf", "InternVLForConditionalGeneration"), max_num=12, dynamic=True)
     assert hf.tiling_kwargs() == {"crop_to_patches": True, "max_patches": 12}
-    remote = EngineConfig(model=model_dir(tmp_path / "remote", "InternVLChatModel"), dynamic=False)
-    assert remote.tiling_kwargs() == {"dynamic_image_size": False}
+    remote = EngineConfig(model=model_dir(tmp_path / "remote", "InternVLChatModel"), max_num=6)
+    assert remote.tiling_kwargs() == {"dynamic_image_size": False, "max_dynamic_patch": 6} and remote.tiling_note() is None
+    assert EngineConfig(model=model_dir(tmp_path / "none", "InternVLChatModel")).tiling_kwargs() == {}  # the processor's own
 
 
-def test_tiling_on_a_model_without_it_is_a_clear_error(tmp_path):
-    with pytest.raises(InputError, match=r"config.json: max_num/dynamic tiling is for InternVL.*Idefics3"):
-        EngineConfig(model=model_dir(tmp_path, "Idefics3ForConditionalGeneration"), max_num=6).tiling_kwargs()
+def test_tiling_on_a_model_without_it_has_no_effect_and_says_so(tmp_path):
+    # the guide's commands pass --dynamic --max-num 6 for any model: accepted, nothing reaches the processor
+    idefics = EngineConfig(model=model_dir(tmp_path, "Idefics3ForConditionalGeneration"), max_num=6)
+    assert idefics.tiling_kwargs() == {} and "mm_processor_kwargs" not in _engine_kwargs(idefics)
+    assert "Idefics3ForConditionalGeneration sizes images with its processor's own settings" in idefics.tiling_note()
     with pytest.raises(InputError, match="cannot read the model's architectures"):
         EngineConfig(model=str(tmp_path / "missing"), dynamic=True).tiling_kwargs()
 

