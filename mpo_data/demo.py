@@ -3,6 +3,8 @@
 Writes, in the input formats of docs/design.md, under OUT:
   arithmetic.jsonl           correctness, text-only, exact integer answers (fixed seed): sampled for pairs
   arithmetic_heldout.jsonl   the same kind of questions, never sampled: answer accuracy before/after training
+  arithmetic_tune.jsonl      the rest of those never-sampled questions: for tuning a recipe, never reported on
+  arithmetic_reworded.jsonl  never-sampled facts in wordings the pairs never use (does a gain survive new wording?)
   easy_vqa.jsonl             correctness, one image each (easy-VQA's own questions and answers)
   easy_vqa_describe.jsonl    dropout-ntp, a faithful description built from the ground truth as `chosen`
   images/easy_vqa/*.png      the images, copied from the easy-vqa package
@@ -27,15 +29,22 @@ OPERATIONS = {"+": lambda a, b: (a, b, a + b), "-": lambda a, b: (a + b, b, a)} 
 WORDINGS = ("What is {left} {op} {right}?", "{left} {op} {right} = ?", "Calculate {left} {op} {right}.",
             "How much is {left} {op} {right}?")
 MAX_NUMBER = 10  # no sum above it, no difference from above it
+# Wordings no sampled prompt uses (words, not only symbols; a story): held-out facts only, for arithmetic_reworded.jsonl.
+NEW_WORDINGS = {
+    "+": ("Add {left} and {right}.", "What is the sum of {left} and {right}?", "{left} plus {right} equals what?",
+          "Tom has {left} apples and gets {right} more. How many apples does he have now?"),
+    "-": ("Subtract {right} from {left}.", "What is {left} minus {right}?", "Take {right} away from {left}. What is left?",
+          "Tom has {left} apples and gives {right} away. How many apples does he have now?"),
+}
 
 
-def _questions(facts: list[tuple[str, int, int]], rng: random.Random) -> list[dict]:
+def _questions(facts: list["Fact"], rng: random.Random, new_wordings: bool = False) -> list[dict]:
     """Every wording of each fact, sums in both orders (1 + 2 and 2 + 1 are one fact)."""
     rows = []
     for op, a, b in facts:
         left, right, answer = OPERATIONS[op](a, b)
         orders = {(left, right), (right, left)} if op == "+" else {(left, right)}
-        for (x, y), wording in itertools.product(sorted(orders), WORDINGS):
+        for (x, y), wording in itertools.product(sorted(orders), NEW_WORDINGS[op] if new_wordings else WORDINGS):
             rows.append({"question": wording.format(left=x, op=op, right=y), "answer": str(answer), "source": "arithmetic", "op": op})
     rng.shuffle(rows)
     return rows
@@ -54,6 +63,28 @@ def arithmetic_problems(count: int, seed: int, held_out: int = 0) -> tuple[list[
     held-out question is never a rewording of one the model was trained on. Numbers stay small so that a
     135M-parameter model answers some right and some wrong: correctness sampling needs both.
     """
+    sampled, rest = _split(count, seed)
+    if len(sampled) < count or len(rest) < held_out:
+        raise ValueError(f"arithmetic facts cannot give {count} + {held_out} disjoint questions")
+    return sampled[:count], rest[:held_out]
+
+
+def tuning_and_reworded(count: int, seed: int, held_out: int) -> tuple[list[dict], list[dict]]:
+    """(tuning questions, reworded questions), neither sampled for pairs nor in the held-out set of
+    `arithmetic_problems(count, seed, held_out)`: tuning gets the never-sampled questions left after the
+    held-out ones (the same wordings; they may share a fact with a held-out question in another wording or
+    order), reworded gets every never-sampled fact in `NEW_WORDINGS` (no sampled prompt has those)."""
+    _, rest = _split(count, seed)
+    _, other_facts, _ = _facts(count, seed)
+    return rest[held_out:], _questions(other_facts, random.Random(seed), new_wordings=True)
+
+
+Fact = tuple[str, int, int]  # (operation, a, b)
+
+
+def _facts(count: int, seed: int) -> tuple[list[Fact], list[Fact], random.Random]:
+    """(facts sampled for pairs, the other facts, the generator that shuffled them): the fewest facts that
+    give `count` questions are sampled."""
     pairs = [(a, b) for a in range(1, MAX_NUMBER) for b in range(1, MAX_NUMBER) if a + b <= MAX_NUMBER]
     sums, differences = [("+", a, b) for a, b in pairs if a <= b], [("-", a, b) for a, b in pairs]
     rng = random.Random(seed)
@@ -63,10 +94,13 @@ def arithmetic_problems(count: int, seed: int, held_out: int = 0) -> tuple[list[
     for split in range(len(facts) + 1):  # the fewest facts that give `count` questions
         if len(_questions(facts[:split], random.Random(0))) >= count:
             break
-    sampled, rest = _questions(facts[:split], rng), _questions(facts[split:], rng)
-    if len(sampled) < count or len(rest) < held_out:
-        raise ValueError(f"{len(facts)} arithmetic facts cannot give {count} + {held_out} disjoint questions")
-    return sampled[:count], rest[:held_out]
+    return facts[:split], facts[split:], rng
+
+
+def _split(count: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(questions of the sampled facts, questions of the others), each shuffled by the seeded generator."""
+    sampled, rest, rng = _facts(count, seed)
+    return _questions(sampled, rng), _questions(rest, rng)
 
 
 def _easy_vqa_facts() -> tuple[dict[int, list[tuple[str, str]]], dict[int, str]]:
@@ -115,6 +149,9 @@ def build(out: str | Path, num_arithmetic: int = 48, num_vqa: int = 24, num_desc
     arithmetic, heldout = arithmetic_problems(num_arithmetic, seed, num_heldout)
     write_jsonl(out / "arithmetic.jsonl", arithmetic)
     write_jsonl(out / "arithmetic_heldout.jsonl", heldout)
+    tune, reworded = tuning_and_reworded(num_arithmetic, seed, num_heldout)
+    write_jsonl(out / "arithmetic_tune.jsonl", tune)
+    write_jsonl(out / "arithmetic_reworded.jsonl", reworded)
 
     per_image, paths = _easy_vqa_facts()
     rng = random.Random(seed)
@@ -151,5 +188,6 @@ def build(out: str | Path, num_arithmetic: int = 48, num_vqa: int = 24, num_desc
                 }
             )
     write_jsonl(out / "easy_vqa_describe.jsonl", describe_rows)
-    return {"arithmetic": len(arithmetic), "arithmetic_heldout": len(heldout), "easy_vqa": len(vqa_rows),
+    return {"arithmetic": len(arithmetic), "arithmetic_heldout": len(heldout), "arithmetic_tune": len(tune),
+            "arithmetic_reworded": len(reworded), "easy_vqa": len(vqa_rows),
             "easy_vqa_describe": len(describe_rows)}

@@ -1,5 +1,7 @@
 """MPO training with TRL's DPOTrainer (loss_type sigmoid + bco_pair + sft), then the before/after evaluation.
 
+The trainer is `MPOTrainer` (mpo_data/mpo_trainer.py): TRL's DPOTrainer with the paper's bco_pair (delta).
+
 The recipe is deliberately thin: TRL loads the model (and the reference copy for full fine-tuning), peft
 adds LoRA/DoRA, bitsandbytes quantizes for QLoRA, accelerate handles devices and launchers. What lives
 here is what TRL does not do: turning meta.json mixtures into rows, the held-out split, the length filter
@@ -139,7 +141,7 @@ def to_dataset(rows: list[dict]):
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train, save adapter or model plus processor, evaluate; returns the run summary (also in summary.json)."""
     from mpo_data import evaluate  # torch/TRL: imported only when training or evaluating
-    from trl import DPOTrainer
+    from mpo_data.mpo_trainer import MPOTrainer
 
     cuda = cuda_available()
     args = dpo_config(config, cuda)
@@ -152,10 +154,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     saved = {k: v for k, v in dataclasses.asdict(config).items() if k != "source"}
     (out / RUN_CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
 
-    trainer = DPOTrainer(
+    trainer = MPOTrainer(
         model=config.model.path, args=args, train_dataset=to_dataset(train_rows),
         eval_dataset=to_dataset(held) if args.eval_strategy != "no" else None,
         processing_class=processing_class, peft_config=peft_config(config), quantization_config=quant,
+        bco_delta=config.bco_delta,
     )
     start = time.perf_counter()
     result = trainer.train()
@@ -171,6 +174,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "output_dir": str(out), "finetune": config.model.finetune, "model": config.model.path, "device": "cuda" if cuda else "cpu",
         "processes": trainer.accelerator.num_processes, "steps": result.global_step, "train_seconds": round(seconds, 2), "steps_per_second": round(result.global_step / seconds, 4),
         "train_loss": result.training_loss, "data": data_info,
+        "bco_delta": trainer.delta.mean if trainer.quality_weight is not None else None,  # None: no shifted bco_pair
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # ru_maxrss is KiB on Linux
     }
     if cuda:

@@ -16,7 +16,8 @@ from mpo_data.config import apply_overrides, build, load_yaml
 from mpo_data.errors import InputError, OnError
 from mpo_data.prompts import PROMPT_VERSIONS
 
-# The MPO paper's loss mix, as the TRL cookbook sets it: preference (sigmoid), quality (bco_pair), generation (sft).
+# The MPO paper's loss mix, as the TRL cookbook sets it: preference (sigmoid), quality (bco_pair), generation (sft);
+# `TrainConfig.bco_delta` makes bco_pair the paper's (reward shift delta, mpo_data/mpo_trainer.py).
 MPO_DEFAULTS: dict[str, Any] = {
     "loss_type": ["sigmoid", "bco_pair", "sft"],
     "loss_weights": [0.8, 0.2, 1.0],
@@ -106,6 +107,11 @@ class TrainConfig:
     dpo: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "Any trl.DPOConfig field; MPO loss mix, beta 0.1 and tensorboard unless set here."},
+    )
+    bco_delta: bool = field(
+        default=True,
+        metadata={"help": "bco_pair as the MPO paper, InternVL and ms-swift have it: rewards shifted by delta, their "
+                          "running mean over training (logged as bco_pair/delta); false: TRL's bco_pair, no shift."},
     )
     source: str = field(default="", init=False, metadata={"help": "The YAML file this came from, for messages."})
 

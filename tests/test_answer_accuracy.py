@@ -100,6 +100,25 @@ def test_held_out_questions_share_no_fact_with_the_sampled_ones():
     assert train_config["eval"]["answers"]["questions"] == "data/demo/arithmetic_heldout.jsonl" not in sampled
 
 
+def test_tuning_and_reworded_sets_are_never_sampled_and_reworded_never_uses_a_trained_wording():
+    from mpo_data import demo
+
+    train, held = demo.arithmetic_problems(48, seed=0, held_out=256)
+    tune, reworded = demo.tuning_and_reworded(48, seed=0, held_out=256)
+    numbers = lambda row: tuple(sorted(int(n) for n in re.findall(r"\d+", row["question"])))  # noqa: E731
+    fact = lambda row: (row["op"], *numbers(row))  # noqa: E731
+    sampled = {fact(r) for r in train}
+    assert tune and reworded and not ({fact(r) for r in tune} | {fact(r) for r in reworded}) & sampled
+    assert not {r["question"] for r in tune} & {r["question"] for r in held + train}  # never reported on, never trained
+    shape = lambda q: re.sub(r"\d+", "N", q)  # noqa: E731
+    trained_shapes = {shape(r["question"]) for r in train + held}
+    assert not {shape(r["question"]) for r in reworded} & trained_shapes
+    for row in reworded:  # exact answers: the sum, or the larger number minus the smaller
+        a, b = numbers(row)
+        assert int(row["answer"]) == (a + b if row["op"] == "+" else b - a)
+    assert demo.tuning_and_reworded(48, seed=0, held_out=256) == (tune, reworded)
+
+
 def _random_adapter_run(models_dir, run):
     """A run folder as `mpo-data train` leaves it, with a real LoRA adapter whose weights are not zero."""
     import torch
