@@ -52,7 +52,7 @@ bench-pairs: venv
 bench-train: venv models
 	$(BIN)/python benchmarks/bench_train.py
 
-# Driver cost at 1M prompts (plan, resume at 4M samples, part writes at 100k parts) and the stage vs raw vLLM
+# Driver cost at 1M prompts (plan, resume at 4M samples, part writes at 100k parts)
 # -> out/bench/scale.json. Sizes are flags: python benchmarks/bench_scale.py --help
 bench-scale: venv models
 	$(BIN)/python benchmarks/bench_scale.py $(BENCH_ARGS)

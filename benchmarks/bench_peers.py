@@ -8,7 +8,8 @@ stage renders it), the same engine settings (`engine._engine_kwargs` of one Engi
   ray-data  Ray Data LLM: ray.data.llm.build_processor(vLLMEngineProcessorConfig(...)), on CPU with
             placement_group_config={"bundles": [{"CPU": 1}]}; it keeps only outputs[0], so n > 1 is n
             copies of each row; batch_size x max_concurrent_batches = 256 rows in flight (our max_in_flight);
-            outputs written to JSONL by the driver
+            its workers at nice 0 as ours (RAY_worker_niceness; Ray's default is 15); outputs written to
+            JSONL by the driver
 Two figures per run: output tokens/s over engine time (from the engine ready to the last request finished,
 as each engine process saw it: raw around its chat call, ours from summary.json, Ray Data LLM from times
 its engine actor stamps: see `_stamp_ray_data_times`) and over the whole command (the process's wall time,
@@ -74,7 +75,7 @@ def run_raw(args: argparse.Namespace) -> dict:
     llm = LLM(**engine_kwargs(args.model, args.max_model_len))
     params = SamplingParams(n=args.n, max_tokens=args.max_new_tokens, **SAMPLING)
     ready = time.perf_counter()
-    outputs = llm.chat([[{"role": "user", "content": text}] for text in user_turns(Path(args.prompts))], params, use_tqdm=False)
+    outputs = llm.chat([[{"role": "user", "content": text}] for text in user_turns(Path(args.prompt_file))], params, use_tqdm=False)
     engine_s = time.perf_counter() - ready
     with open(Path(args.work) / "raw.jsonl", "wb") as f:
         for output in outputs:
@@ -130,6 +131,7 @@ def run_ray_data(args: argparse.Namespace) -> dict:
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as our private Ray (Ray's default is nice 15 for workers)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": _setup_worker})
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -149,7 +151,7 @@ def run_ray_data(args: argparse.Namespace) -> dict:
         postprocess=lambda row: {"text": row["generated_text"], "output_tokens": row["num_generated_tokens"],
                                  "ready_at": row["bench_ready_at"], "finished_at": row["bench_finished_at"]},
     )
-    rows = [{"text": text} for text in user_turns(Path(args.prompts)) for _ in range(args.n)]  # n copies: it keeps outputs[0]
+    rows = [{"text": text} for text in user_turns(Path(args.prompt_file)) for _ in range(args.n)]  # n copies: it keeps outputs[0]
     ready, finished, samples, tokens = float("inf"), 0.0, 0, 0
     with open(Path(args.work) / "ray-data.jsonl", "wb") as f:
         for row in processor(ray.data.from_items(rows)).iter_rows():
@@ -161,7 +163,7 @@ def run_ray_data(args: argparse.Namespace) -> dict:
 
 
 def ours_command(args: argparse.Namespace, out: Path) -> list[str]:
-    return [sys.executable, "-m", "mpo_data", "correctness", "--prompt-path", args.prompts, "--model", args.model,
+    return [sys.executable, "-m", "mpo_data", "correctness", "--prompt-path", args.prompt_file, "--model", args.model,
             "--max-model-len", str(args.max_model_len), "-n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
             "--temperature", str(SAMPLING["temperature"]), "--top-k", str(SAMPLING["top_k"]), "--top-p", str(SAMPLING["top_p"]),
             "--max-in-flight", str(IN_FLIGHT), "--out-dir", str(out)]
@@ -175,20 +177,21 @@ def one_run(system: str, args: argparse.Namespace, work: Path, n: int, run: int)
     if system == "ours":
         cmd = ours_command(child, out)
     else:
-        cmd = [sys.executable, __file__, "--child", system, "--work", str(out), "--n", str(n), "--prompts", args.prompts,
+        cmd = [sys.executable, __file__, "--child", system, "--work", str(out), "--n", str(n), "--prompt-file", args.prompt_file,
                "--model", args.model, "--max-model-len", str(args.max_model_len), "--max-new-tokens", str(args.max_new_tokens)]
     began = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - began
     (out / "log.txt").write_text(done.stdout + done.stderr)
-    if done.returncode:
-        raise SystemExit(f"{system} n={n} failed ({done.returncode}); log: {out / 'log.txt'}\n{done.stderr[-3000:]}")
+    if done.returncode:  # the others still run: the table shows what did
+        print(f"{system} n={n} failed ({done.returncode}); log: {out / 'log.txt'}\n{done.stderr[-3000:]}", flush=True)
+        return {"error": f"exit {done.returncode}, log {out / 'log.txt'}"}
     if system == "ours":
         [summary_path] = (out / "samples").glob("correctness/*/summary.json")
         summary = orjson.loads(summary_path.read_bytes())
         figures = {"samples": summary["samples_out"], "output_tokens": summary["output_tokens"], "engine_s": summary["engine_s"]}
     else:
-        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        figures = json.loads((out / "result.json").read_text())
     return {**figures, "wall_s": round(wall, 2), "engine_tok_s": round(figures["output_tokens"] / figures["engine_s"], 2),
             "command_tok_s": round(figures["output_tokens"] / wall, 2)}
 
@@ -197,12 +200,15 @@ def table(results: dict) -> str:
     """Mean figures per system and the ratios ours / peer, one block per n."""
     lines = []
     for n, runs in results.items():
+        runs = {s: [r for r in rs if "error" not in r] for s, rs in runs.items()}
+        runs = {s: rs for s, rs in runs.items() if rs}
         mean = {s: {f: round(statistics.mean(r[f] for r in runs[s]), 2) for f in ("engine_tok_s", "command_tok_s")} for s in runs}
-        lines.append(f"n={n.removeprefix('n')}: tokens/s (mean of {len(runs['ours'])} runs; each run: "
+        lines.append(f"n={n.removeprefix('n')}: tokens/s, mean of the runs (each run, engine / command: "
                      + "; ".join(f"{s} {[r['engine_tok_s'] for r in runs[s]]} / {[r['command_tok_s'] for r in runs[s]]}" for s in runs) + ")")
-        lines.append(f"  {'figure':<16}" + "".join(f"{s:>10}" for s in runs) + "".join(f"{'ours/' + p:>16}" for p in runs if p != "ours"))
+        peers = [p for p in runs if p != "ours" and "ours" in runs]
+        lines.append(f"  {'figure':<16}" + "".join(f"{s:>10}" for s in runs) + "".join(f"{'ours/' + p:>16}" for p in peers))
         for figure in ("engine_tok_s", "command_tok_s"):
-            ratios = "".join(f"{mean['ours'][figure] / mean[p][figure]:>15.2f}x" for p in runs if p != "ours")
+            ratios = "".join(f"{mean['ours'][figure] / mean[p][figure]:>15.2f}x" for p in peers)
             lines.append(f"  {figure:<16}" + "".join(f"{mean[s][figure]:>10.1f}" for s in runs) + ratios)
     return "\n".join(lines)
 
@@ -219,18 +225,20 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "out" / "bench" / "peers.json"))
     p.add_argument("--child", choices=("raw", "ray-data"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--prompt-file", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")  # what our Engine binds on one engine
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if args.child:
         args.n = args.n[0]
-        return print(json.dumps((run_raw if args.child == "raw" else run_ray_data)(args)))
-    if "ours" not in args.systems:
-        raise SystemExit("--systems must include ours: the table is ours / peer")
-    work = Path(args.out).parent / "peers-work"
+        result = (run_raw if args.child == "raw" else run_ray_data)(args)
+        return (Path(args.work) / "result.json").write_text(json.dumps(result))  # vLLM logs to stdout
+    work = Path(args.out).parent / "peers-work"  # each run's output and log, kept until the next invocation
     subprocess.run(["rm", "-rf", str(work)], check=True)
-    args.prompts = str(make_prompts(work / "prompts.jsonl", args.prompts))
-    results: dict = {}
+    args.prompt_file = str(make_prompts(work / "prompts.jsonl", args.prompts))
+    out = Path(args.out)
+    earlier = json.loads(out.read_text()) if out.exists() else {}
+    results: dict = earlier.get("runs", {})  # blocks for other n stay: `--n 1` then `--n 4` fill one file
     for n in args.n:
         runs: dict = {s: [] for s in args.systems}
         for r in range(args.rounds):
@@ -240,9 +248,11 @@ def main() -> None:
         results[f"n{n}"] = runs
     report = table(results)
     print(report)
-    workload = f"{len(user_turns(Path(args.prompts)))} prompts, up to {args.max_new_tokens} new tokens, {Path(args.model).name}"
-    Path(args.out).write_text(json.dumps({"workload": workload, "thread_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
-                                          "runs": results, "table": report.splitlines()}, indent=2) + "\n")
+    workload = f"{args.prompts} prompts, up to {args.max_new_tokens} new tokens, {Path(args.model).name}"
+    workloads = {**earlier.get("workload", {}), **{f"n{n}": workload for n in args.n}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"workload": workloads, "thread_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
+                               "runs": results, "table": report.splitlines()}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -462,6 +462,17 @@ def test_private_ray_starts_when_the_caller_imported_ray_first():
     assert float(run.stdout.strip().splitlines()[-1]) > 0
 
 
+@pytest.mark.ray
+def test_private_ray_runs_its_workers_at_the_drivers_priority():
+    # Ray's default nice 15 for workers made engine actors yield the CPU to every other process (raw vLLM runs at 0)
+    code = ("import os, ray\nfrom mpo_data.stages import connect_ray\nassert connect_ray(None)\n"
+            "print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\nray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.strip().splitlines()[-1]) == os.nice(0)
+
+
 _TWO_DATASETS_ON_FAKE_GPUS = """
 import json, sys, ray
 from dataclasses import replace
