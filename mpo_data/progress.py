@@ -177,13 +177,24 @@ class StageProgress:
         self.bar.set_postfix(**self.parts, tok_s=f"{rate:.1f}" if rate is not None else "-")
 
     def _poll_every(self, every_s: float) -> None:
+        import ray
+
         while not self._stop.wait(every_s):
-            self.sync()
+            try:
+                self.sync()
+            except ray.exceptions.RayError:  # the counter is gone (the run is failing): the driver says why
+                return
 
     def close(self) -> Snapshot:
-        """Stop polling, draw the final counts, close the bar; the final snapshot."""
+        """Stop polling, draw the final counts, close the bar; the final snapshot (the last one read if the
+        counter is gone, so a failing run reports its own error, not the counter's)."""
+        import ray
+
         self._stop.set()
         self._thread.join()
-        snapshot = self.sync()
+        try:
+            self.sync()
+        except ray.exceptions.RayError:
+            pass
         self.bar.close()
-        return snapshot
+        return self.snapshot
