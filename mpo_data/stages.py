@@ -161,7 +161,7 @@ class GenerateBatch:
     Finished requests are counted for the driver's bar as they finish (`progress`, a ProgressCounter).
     """
 
-    def __init__(self, config: StageConfig, engine_seed: int, cpu_shares: Any = None, progress: Any = None):
+    def __init__(self, config: StageConfig, engine_seed: int, progress: Any, cpu_shares: Any = None):
         import ray
 
         self.config = config
@@ -169,7 +169,7 @@ class GenerateBatch:
         share = ray.get(cpu_shares.claim.remote()) if cpu_shares is not None else (0, 1)
         self.engine = start_engine(replace(config.engine_config(), seed=engine_seed), cpu_share=share)
         self.feeder = EngineFeeder(self.engine, config.max_in_flight)
-        self.progress = EngineProgress(progress) if progress is not None else None
+        self.progress = EngineProgress(progress)
 
     def _submit(self, work: dict[str, Any]) -> Future:
         """The future result of one work row's request; an image that fails to decode resolves it as refused."""
@@ -183,8 +183,7 @@ class GenerateBatch:
         request = self.stage.request(work["item"], images)
         seed = request_seed(work["item_id"], work["indices"][0])
         future = self.feeder.submit(request, self.config.sampling_config(len(work["indices"])), seed)
-        if self.progress is not None:
-            future.add_done_callback(self.progress.finished)
+        future.add_done_callback(self.progress.finished)
         return future
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -201,7 +200,7 @@ class GenerateBatch:
                 prompt_tokens = result.prompt_tokens if position == 0 else 0  # once per request
                 row = (orjson.dumps(record).decode(), reason or "", "", work["loc"], completion.output_tokens, prompt_tokens, peak)
                 _add_row(out, *row)
-        if self.progress is not None and (pushed := self.progress.push()) is not None:
+        if (pushed := self.progress.push()) is not None:
             await pushed  # the counter holds this call's samples before the driver sees its part
         return out
 
