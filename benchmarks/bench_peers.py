@@ -132,7 +132,10 @@ def run_ray_data(args: argparse.Namespace) -> dict:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     os.environ.setdefault("RAY_worker_niceness", "0")  # as our private Ray (Ray's default is nice 15 for workers)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    # Its chat-template actor and its engine actor hold a logical CPU each for the whole run: with only the
+    # machine's 2, the postprocess tasks never got one and the run hung. Logical CPUs only: the engine's
+    # threads stay bound as everywhere else.
+    ray.init(address="local", num_cpus=os.cpu_count() + 2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": _setup_worker})
     ray.data.DataContext.get_current().enable_progress_bars = False
     kwargs = engine_kwargs(args.model, args.max_model_len)
@@ -181,7 +184,12 @@ def one_run(system: str, args: argparse.Namespace, work: Path, n: int, run: int)
         cmd = [sys.executable, __file__, "--child", system, "--work", str(out), "--n", str(n), "--prompt-file", args.prompt_file,
                "--model", args.model, "--max-model-len", str(args.max_model_len), "--max-new-tokens", str(args.max_new_tokens)]
     began = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=args.run_timeout)
+    except subprocess.TimeoutExpired as e:  # a hung system costs one run, not the benchmark
+        (out / "log.txt").write_bytes((e.stdout or b"") + (e.stderr or b""))
+        print(f"{system} n={n} timed out after {args.run_timeout} s; log: {out / 'log.txt'}", flush=True)
+        return {"error": f"timed out after {args.run_timeout} s"}
     wall = time.perf_counter() - began
     (out / "log.txt").write_text(done.stdout + done.stderr)
     if done.returncode:  # the others still run: the table shows what did
@@ -223,6 +231,7 @@ def main() -> None:
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"))
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--run-timeout", type=int, default=240, help="seconds one system's run may take")
     p.add_argument("--out", default=str(ROOT / "out" / "bench" / "peers.json"))
     p.add_argument("--child", choices=("raw", "ray-data"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
