@@ -187,7 +187,7 @@ def one_run(system: str, args: argparse.Namespace, work: Path, n: int, run: int)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=args.run_timeout)
     except subprocess.TimeoutExpired as e:  # a hung system costs one run, not the benchmark
-        (out / "log.txt").write_bytes((e.stdout or b"") + (e.stderr or b""))
+        (out / "log.txt").write_text("".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)))
         print(f"{system} n={n} timed out after {args.run_timeout} s; log: {out / 'log.txt'}", flush=True)
         return {"error": f"timed out after {args.run_timeout} s"}
     wall = time.perf_counter() - began
