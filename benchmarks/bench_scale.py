@@ -1,14 +1,12 @@
-"""`make bench-scale`: what a million-prompt run costs the driver, and the stage's speed next to raw vLLM.
+"""`make bench-scale`: what a million-prompt run costs the driver (the stage's speed next to its peers: `make bench-peers`).
 
 One run writes out/bench/scale.json with
   plan          read + validate + plan N JSONL prompts (10% with generated 448-px JPEGs): seconds, peak RSS
   resume        resume planning over synthetic done shards (items x samples): seconds, peak RSS
   part_write_ms one part write with 100 and with 100,000 parts already in the folder
-  stage_vs_raw  the correctness stage end to end (Ray Data engine actor, part files) vs raw vLLM given all
-                the same requests in one call, output tokens/s with engine start excluded on both sides
 Plan and resume run in their own processes, so each peak RSS is that step's alone. Goals on a 2-core
 machine: plan <= 90 s and <= 2 GiB; resume <= 90 s and <= 3 GiB; a write at 100,000 parts <= 3x one at
-100; stage >= 0.9x raw vLLM. The figures are printed; nothing is asserted (tests check behaviour).
+100. The figures are printed; nothing is asserted (tests check behaviour).
 
     make bench-scale                     # or: python benchmarks/bench_scale.py --help
 """
@@ -120,34 +118,6 @@ def _in_child(step: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def stage_vs_raw(model: str, prompts: int, n: int, max_new_tokens: int, folder: Path) -> dict:
-    """Correctness stage (one engine actor) vs raw vLLM on the same requests, engine start excluded."""
-    from mpo_data.demo import build as build_demo
-    from mpo_data.engine import Engine, GenerationRequest
-    from mpo_data.prompts import render
-    from mpo_data.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
-    from mpo_data.stages import run_stage
-
-    demo = folder / "demo"
-    build_demo(demo)
-    source = folder / "arithmetic.jsonl"
-    source.write_text("".join((demo / "arithmetic.jsonl").read_text().splitlines(keepends=True)[:prompts]))
-    engine_config = EngineConfig(model, max_model_len=2048)
-    config = CorrectnessConfig(str(source), engine_config, SamplingConfig(n=n, max_new_tokens=max_new_tokens),
-                               out_dir=str(folder / f"out-n{n}"), max_in_flight=prompts)
-    engine = Engine(engine_config)
-    items = [orjson.loads(line) for line in source.read_bytes().splitlines()]
-    requests = [GenerationRequest([{"role": "user", "content": render(i["question"], config.prompt_version)}]) for i in items]
-    began = time.perf_counter()
-    results = engine.generate(requests, config.sampling_config())
-    raw_s = time.perf_counter() - began
-    raw_tokens = sum(c.output_tokens for r in results for c in r.completions)
-    engine.close()
-    summary = run_stage(config)
-    return {"stage_tok_s": summary["engine_output_tokens_per_s"], "raw_tok_s": round(raw_tokens / raw_s, 2),
-            "workload": f"{prompts} prompts x n={n}, up to {max_new_tokens} tokens, {config.batch_size} items a part, SmolLM2-135M"}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=1_000_000, help="prompt lines to plan")
@@ -155,10 +125,6 @@ def main() -> None:
     p.add_argument("--resume-items", type=int, default=1_000_000, help="items in the resume plan")
     p.add_argument("--done-per-item", type=int, default=4, help="done samples an item in the synthetic shards")
     p.add_argument("--large-parts", type=int, default=100_000, help="parts present for the second write timing")
-    p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"))
-    p.add_argument("--stage-prompts", type=int, default=64, help="prompts in the stage vs raw vLLM runs")
-    p.add_argument("--stage-tokens", type=int, default=192, help="most new tokens a sample in the stage vs raw vLLM runs")
-    p.add_argument("--skip-stage", action="store_true", help="driver-side figures only (no engine, no Ray)")
     p.add_argument("--out", default=str(ROOT / "out" / "bench" / "scale.json"))
     p.add_argument("--step", choices=["plan", "resume"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -177,11 +143,6 @@ def main() -> None:
         print("resume:", figures["resume"], flush=True)
         figures["part_write_ms"] = {"at_100": part_write_ms(tmp / "p100", 100), "at_100000": part_write_ms(tmp / "p100k", args.large_parts)}
         print("part writes (ms):", figures["part_write_ms"], flush=True)
-        if not args.skip_stage:
-            cases = [stage_vs_raw(args.model, args.stage_prompts, n, tokens, tmp) for n, tokens in ((4, args.stage_tokens), (1, args.stage_tokens))]
-            figures["stage_vs_raw"] = {**cases[0], "n1": cases[1]}
-            for name, case in (("n=4", cases[0]), ("n=1", cases[1])):
-                print(f"stage vs raw vLLM ({name}): {case['stage_tok_s']} / {case['raw_tok_s']} tok/s = {case['stage_tok_s'] / case['raw_tok_s']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -21,7 +21,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from mpo_data import images
 from mpo_data.errors import InputError
 from mpo_data.formats import image_list, iter_pairs, read_meta
-from mpo_data.shards import shard_folders
+from mpo_data.jsonl import read_jsonl
+from mpo_data.shards import HISTORY, shard_folders
 
 HIST_BINS = 12
 SAMPLE_PAIRS = 20
@@ -54,7 +55,14 @@ def _by_reason(*counts: dict[str, int]) -> dict[str, int]:
     return dict(sorted(merged.items()))
 
 
-def overview_row(key: str, stage: dict[str, Any], pairs: dict[str, Any]) -> dict[str, Any]:
+def last_engine_rate(folder: Path) -> float | None:
+    """engine_output_tokens_per_s of the latest run into `folder` that generated tokens (runs.jsonl), or None."""
+    history = folder / HISTORY
+    runs = [run for _, run in read_jsonl(history)] if history.exists() else []
+    return next((run.get("engine_output_tokens_per_s") for run in reversed(runs) if run.get("output_tokens")), None)
+
+
+def overview_row(key: str, stage: dict[str, Any], pairs: dict[str, Any], engine_rate: float | None = None) -> dict[str, Any]:
     """One line of the overview: a (stage, dataset)'s counts over all its runs, and what pairs made of it."""
     totals = stage.get("totals", {})
     prefixed = lambda prefix: {k.removeprefix(prefix): v for k, v in pairs.items() if k.startswith(prefix)}  # noqa: E731
@@ -71,6 +79,7 @@ def overview_row(key: str, stage: dict[str, Any], pairs: dict[str, Any]) -> dict
         "quarantined": _by_reason(stage.get("quarantined", {}).get("reasons", {}), prefixed("quarantined_")),
         "output_tokens": totals.get("output_tokens", stage.get("output_tokens")),
         "tokens_per_s": totals.get("output_tokens_per_s", stage.get("output_tokens_per_s")),
+        "engine_tokens_per_s": engine_rate,
     }
 
 
@@ -159,7 +168,8 @@ def build_report(out_dir: str | Path, meta_path: str | Path | None = None, seed:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined)
     return env.get_template("report.html.j2").render(
         title=str(out),
-        overview=[overview_row(k, stages.get(k, (None, {}))[1], pairs.get(k, {})) for k in keys],
+        overview=[overview_row(k, stages.get(k, (None, {}))[1], pairs.get(k, {}),
+                               last_engine_rate(stages[k][0].parent) if k in stages else None) for k in keys],
         verdicts=[verdict_row(k, pairs[k]) for k in keys if "samples" in pairs.get(k, {})],
         histograms=histograms,
         cards=cards,

@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 
 import orjson
 import pyarrow as pa
-from tqdm import tqdm
 
 from mpo_data import images as image_io
 from mpo_data import ray_logs, watchdog
@@ -29,6 +28,7 @@ from mpo_data.engine import Completion, EngineFeeder, GenerationRequest, Generat
 from mpo_data.errors import ClusterError, InputError
 from mpo_data.formats import PromptItem, Sample, image_list, strip_placeholders
 from mpo_data.inputs import Problem, PromptReader, Quarantine
+from mpo_data.progress import EngineProgress, Snapshot, StageProgress, start_counter
 from mpo_data.prompts import user_prompt
 from mpo_data.runlock import holds
 from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
@@ -149,7 +149,7 @@ def make_stage(config: StageConfig) -> DropoutNTPStage | CorrectnessStage:
 WORK_SCHEMA = pa.schema([("item_id", pa.string()), ("loc", pa.string()), ("indices", pa.list_(pa.int64())), ("item", pa.string())])
 WORK_COLUMNS = tuple(WORK_SCHEMA.names)
 # One output row per sample, or one per item that could not be sampled (`problem` says why; `loc` is its FILE:LINE).
-OUTPUT_COLUMNS = ("record", "dropped", "problem", "loc", "output_tokens", "prompt_tokens", "engine_ready", "peak_in_flight")
+OUTPUT_COLUMNS = ("record", "dropped", "problem", "loc", "output_tokens", "prompt_tokens", "peak_in_flight")
 
 
 class GenerateBatch:
@@ -158,9 +158,10 @@ class GenerateBatch:
     Ray Data runs several calls at once on each actor (`calls_per_actor`); every call hands its items'
     requests to the engine's feeder and returns when they are done, so one call is one part file while
     the engine keeps up to `max_in_flight` requests running. Images travel as paths and are decoded here.
+    Finished requests are counted for the driver's bar as they finish (`progress`, a ProgressCounter).
     """
 
-    def __init__(self, config: StageConfig, engine_seed: int, cpu_shares: Any = None, heart: Any = None):
+    def __init__(self, config: StageConfig, engine_seed: int, progress: Any, cpu_shares: Any = None):
         import ray
 
         self.config = config
@@ -168,9 +169,7 @@ class GenerateBatch:
         share = ray.get(cpu_shares.claim.remote()) if cpu_shares is not None else (0, 1)
         self.engine = start_engine(replace(config.engine_config(), seed=engine_seed), cpu_share=share)
         self.feeder = EngineFeeder(self.engine, config.max_in_flight)
-        self.ready = time.time()  # wall clock: the driver times sampling from the first engine ready
-        self.pulse = watchdog.Pulse(heart)  # the driver's watchdog: this engine is ready, then each request done
-        self.pulse()
+        self.progress = EngineProgress(progress)  # also the driver's watchdog's sign of life
 
     def _submit(self, work: dict[str, Any]) -> Future:
         """The future result of one work row's request; an image that fails to decode resolves it as refused."""
@@ -184,7 +183,7 @@ class GenerateBatch:
         request = self.stage.request(work["item"], images)
         seed = request_seed(work["item_id"], work["indices"][0])
         future = self.feeder.submit(request, self.config.sampling_config(len(work["indices"])), seed)
-        future.add_done_callback(self.pulse)
+        future.add_done_callback(self.progress.finished)
         return future
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -192,15 +191,17 @@ class GenerateBatch:
         results = await asyncio.gather(*(asyncio.wrap_future(self._submit(work)) for work in works))
         out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
         for work, result in zip(works, results):
-            ready, peak = self.ready, self.feeder.peak_in_flight
+            peak = self.feeder.peak_in_flight
             if result.refused:
-                _add_row(out, orjson.dumps(work["item"]).decode(), "", result.refused, work["loc"], 0, 0, ready, peak)
+                _add_row(out, orjson.dumps(work["item"]).decode(), "", result.refused, work["loc"], 0, 0, peak)
             for position, (index, completion) in enumerate(zip(work["indices"], result.completions)):
                 key = {"item_id": work["item_id"], "sample_index": int(index)}
                 record, reason = self.stage.outcome(work["item"], key, completion, result.prompt_tokens)
                 prompt_tokens = result.prompt_tokens if position == 0 else 0  # once per request
-                row = (orjson.dumps(record).decode(), reason or "", "", work["loc"], completion.output_tokens, prompt_tokens, ready, peak)
+                row = (orjson.dumps(record).decode(), reason or "", "", work["loc"], completion.output_tokens, prompt_tokens, peak)
                 _add_row(out, *row)
+        if (pushed := self.progress.push()) is not None:
+            await pushed  # the counter holds this call's samples before the driver sees its part
         return out
 
 
@@ -332,6 +333,7 @@ def calls_per_actor(config: StageConfig) -> int:
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 AUTH_MODE = "RAY_AUTH_MODE"
+WORKER_NICENESS = "RAY_worker_niceness"
 
 
 def connect_ray(address: str | None) -> bool:
@@ -350,6 +352,9 @@ def connect_ray(address: str | None) -> bool:
     if address:
         ray_logs.init(address=address, log_to_driver=False)
         return False
+    # Ray runs its workers at nice 15, and the engine's processes inherit it: on a shared CPU node they then
+    # yield to every other process, where raw vLLM runs at 0. Our private Ray's workers do the work: nice 0.
+    os.environ.setdefault(WORKER_NICENESS, "0")
     ray_logs.init(address="local", include_dashboard=False, log_to_driver=False)
     return True
 
@@ -364,22 +369,8 @@ class Tally:
     output_tokens: int = 0
     prompt_tokens: int = 0
     parts: int = 0
-    first_part_s: float | None = None  # engine start + first batch: the fixed cost of a run
-    first_part_tokens: int = 0
-    last_part_s: float = 0.0
     peak_in_flight: int = 0  # most requests one engine held at once
-    engine_ready: float | None = None  # wall clock when the first engine was ready
-    last_part_at: float = 0.0  # wall clock of the last part
-
-    def engine_tokens_per_s(self) -> float | None:
-        """Output tokens/s from the first engine ready to the last part: sampling without engine start-up."""
-        span = self.last_part_at - (self.engine_ready or self.last_part_at)
-        return round(self.output_tokens / span, 2) if span > 0 else None
-
-    def steady_tokens_per_s(self) -> float | None:
-        """Output tokens/s after the first part (sampling without engine start-up); None until 1 s of it."""
-        span = self.last_part_s - (self.first_part_s or 0.0)
-        return round((self.output_tokens - self.first_part_tokens) / span, 2) if span >= 1.0 else None
+    engine: Snapshot = field(default_factory=Snapshot)  # what the engines reported finishing, with its times
 
 
 def work_dataset(work: list[dict[str, Any]], batch_size: int) -> Any:
@@ -402,37 +393,37 @@ def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore,
     pipeline = config.engine.pipeline_parallel_size
     groups = PlacementGroups(config.num_engines, config.engine.tensor_parallel_size * pipeline, pipeline > 1)
     engine_seed = store.next_engine_seed(config.engine.seed)
-    dog = watchdog.Watchdog(f"{config.stage} {config.dataset_name}", config.watchdog_report_s, config.watchdog_timeout_s).start()
+    counter = start_counter()  # the engines' progress, read by the bar and the watchdog
+    dog = watchdog.Watchdog(f"{config.stage} {config.dataset_name}", config.watchdog_report_s, config.watchdog_timeout_s,
+                            counter).start()
     try:
         work_ds = work_dataset(work, config.batch_size)  # before the groups, which may take every CPU (place_groups)
         resources = actor_resources(config, cluster_gpus, groups)
         if "ray_remote_args_fn" in resources:
             place_groups(config, groups)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the tqdm bar below
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours is StageProgress's below
         shares = None if cluster_gpus or config.num_engines == 1 else ray.remote(CpuShares).remote(config.num_engines)
         calls = calls_per_actor(config)
         with warnings.catch_warnings():  # Ray 2.60 deprecates these kwargs but names no parameter for them yet
             warnings.filterwarnings("ignore", message="`ray_remote_args", category=DeprecationWarning)
             ds = work_ds.map_batches(
                 GenerateBatch,
-                fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares, "heart": dog.heart},
+                fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares, "progress": counter},
                 batch_size=config.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls),
                 max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
                 **resources,  # a restart that may never place
             )
-        total = sum(len(w["indices"]) for w in work)
-        with tqdm(total=total, unit="sample", desc=f"{config.stage} {config.dataset_name}", file=sys.stderr) as bar:
-            began = time.monotonic()
+        progress = StageProgress(counter, sum(len(w["indices"]) for w in work), f"{config.stage} {config.dataset_name}")
+        try:
             for batch in ds.iter_batches(batch_size=None, batch_format="default"):
+                progress.sync()
                 with watchdog.uninterrupted():  # a signal takes effect once this part is written
                     _write_batch(batch, store, tally, quarantine, config.on_error)
                 dog.progress()
-                tally.last_part_s = time.monotonic() - began
-                if tally.first_part_s is None:
-                    tally.first_part_s, tally.first_part_tokens = tally.last_part_s, tally.output_tokens
-                bar.update(sum(1 for problem in batch["problem"] if not problem))
-                bar.set_postfix(items=len(tally.items), kept=tally.kept, dropped=sum(tally.dropped.values()), tok_s=tally.steady_tokens_per_s() or "-")
+                progress.written(tally.parts, len(tally.items), tally.kept, sum(tally.dropped.values()))
+        finally:
+            tally.engine = progress.close()
     except KeyboardInterrupt:  # a signal (its line printed as it came) or the watchdog's interrupt
         if dog.stalled:
             raise ClusterError(f"{dog.stalled}; the {tally.parts} part(s) written are kept: rerun to resume") from None
@@ -470,8 +461,6 @@ def _write_batch(batch: dict[str, Any], store: ShardStore, tally: Tally, quarant
     tally.kept += len(kept)
     tally.output_tokens += int(sum(batch["output_tokens"]))
     tally.prompt_tokens += int(sum(batch["prompt_tokens"]))
-    tally.engine_ready = min(float(min(batch["engine_ready"])), tally.engine_ready or float("inf"))
-    tally.last_part_at = time.time()
     tally.peak_in_flight = max(tally.peak_in_flight, int(max(batch["peak_in_flight"])))
 
 
@@ -523,10 +512,29 @@ def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[P
     return replace(config, image_root=str(reader.image_root)), reader, items, repeats
 
 
+def timings(tally: Tally, began_at: float, generated_from_at: float, wall_s: float) -> dict[str, Any]:
+    """The summary's speed figures besides output_tokens_per_s (over generation_s: Ray start, engine start,
+    sampling and part writes). Engine time runs from the first engine ready to the last sample finished, as
+    the engines reported them; None where nothing was generated."""
+    engine, tokens = tally.engine, tally.output_tokens
+
+    def since(at: float | None, start: float) -> float | None:
+        return round(at - start, 2) if at is not None else None
+
+    engine_s = engine.engine_s()
+    return {
+        "engine_start_s": since(engine.engine_ready_at, generated_from_at),  # Ray and the first engine starting
+        "time_to_first_sample_s": since(engine.first_sample_at, began_at),  # from the stage's start
+        "engine_s": round(engine_s, 2) if engine_s is not None else None,
+        "engine_output_tokens_per_s": round(tokens / engine_s, 2) if tokens and engine_s else None,
+        "run_output_tokens_per_s": round(tokens / wall_s, 2) if tokens else 0.0,  # over wall_s: the whole stage
+    }
+
+
 @holds("out_dir")
 def run_stage(config: StageConfig) -> dict[str, Any]:
     """Sample one prompt set into `<out>/samples/<stage>/<dataset>/`, resuming; returns the summary."""
-    began = time.monotonic()
+    began, began_at = time.monotonic(), time.time()
     config.check()
     check_context(config)
     config = _resolved(config)
@@ -536,12 +544,13 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     config, reader, items, repeats = read_prompts(config)
     done = store.done()
     work = plan_work(items, done, config.sampling.n)
-    generated_from = time.monotonic()
+    generated_from, generated_from_at = time.monotonic(), time.time()
     try:
         tally = generate(config, work, store, reader.quarantine) if work else Tally()
     finally:
         reader.quarantine.close()
     generation_s = time.monotonic() - generated_from
+    wall_s = time.monotonic() - began
     summary = {
         "stage": config.stage,
         "dataset": dataset,
@@ -566,10 +575,8 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "output_tokens": tally.output_tokens,
         "generation_s": round(generation_s, 2),
         "output_tokens_per_s": round(tally.output_tokens / generation_s, 2) if tally.output_tokens else 0.0,
-        "first_part_s": round(tally.first_part_s, 2) if tally.first_part_s is not None else None,
-        "steady_output_tokens_per_s": tally.steady_tokens_per_s(),
-        "engine_output_tokens_per_s": tally.engine_tokens_per_s(),
-        "wall_s": round(time.monotonic() - began, 2),
+        **timings(tally, began_at, generated_from_at, wall_s),
+        "wall_s": round(wall_s, 2),
         "totals": store.totals(),
         "settings": config.stage_settings(),
         "ray_logs": ray_logs.folder(),

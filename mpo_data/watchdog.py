@@ -74,32 +74,6 @@ def uninterrupted() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-class Heartbeat:
-    """Ray actor (no CPU: it must start on a cluster whose CPUs are all taken) that counts the engines' progress."""
-
-    def __init__(self):
-        self.beats = 0
-
-    def beat(self) -> None:
-        self.beats += 1
-
-    def count(self) -> int:
-        return self.beats
-
-
-class Pulse:
-    """Engine side: tells the run's Heartbeat that a request finished (or the engine is ready), at most once a second."""
-
-    def __init__(self, heart: Any):
-        self.heart, self.sent = heart, float("-inf")
-
-    def __call__(self, *_: Any) -> None:
-        now = time.monotonic()
-        if self.heart is not None and now - self.sent >= 1.0:
-            self.sent = now
-            self.heart.beat.remote()
-
-
 def pending() -> list[str]:
     """What Ray has pending, one line per kind; a query that fails says so instead of failing the report."""
     import ray
@@ -142,11 +116,9 @@ class Watchdog:
     """Driver side, from `start` to `stop`: reports a run without progress, and past the limit interrupts the
     main thread (`stalled` says why)."""
 
-    def __init__(self, what: str, report_s: float, timeout_s: float):
-        import ray
-
+    def __init__(self, what: str, report_s: float, timeout_s: float, counter: Any):
         self.what, self.report_s, self.timeout_s = what, report_s, timeout_s
-        self.heart = ray.remote(num_cpus=0)(Heartbeat).remote()
+        self.counter = counter  # the run's progress.ProgressCounter: the engines' sign of life
         self.stalled: str | None = None
         self._stop = threading.Event()
         self._progress = threading.Event()
@@ -168,18 +140,20 @@ class Watchdog:
         if self._thread.is_alive():
             self._thread.join(timeout=15)
 
-    def _beats(self, last: int) -> int:
+    def _beats(self, last: tuple) -> tuple:
+        """What the engines have done: an engine ready, samples finished (`last` while the counter is unreachable)."""
         import ray
 
         try:
-            return ray.get(self.heart.count.remote(), timeout=10)
-        except Exception:  # noqa: BLE001  (an unreachable heartbeat is no progress)
+            snapshot = ray.get(self.counter.read.remote(), timeout=10)
+        except Exception:  # noqa: BLE001  (an unreachable counter is no progress)
             return last
+        return snapshot.engine_ready_at, snapshot.samples
 
     def _watch(self) -> None:
         limits = [s for s in (self.report_s, self.timeout_s) if s]
         poll = min(5.0, min(limits) / 2)
-        beats, since, reported = 0, time.monotonic(), 0
+        beats, since, reported = (None, 0), time.monotonic(), 0
         while not self._stop.wait(poll):
             now_beats = self._beats(beats)
             if now_beats != beats or self._progress.is_set():

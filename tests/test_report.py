@@ -39,6 +39,9 @@ def make_run(tmp_path):
         Image.new("RGB", (40, 30), colour).save(root / f"{i}.png")
     (out / "samples" / "correctness" / "shapes").mkdir(parents=True)
     (out / "samples" / "correctness" / "shapes" / "summary.json").write_bytes(orjson.dumps(STAGE_SUMMARY))
+    history = [{"output_tokens": 480, "output_tokens_per_s": 96.5, "engine_output_tokens_per_s": 140.2},
+               {k: v for k, v in STAGE_SUMMARY.items() if k != "totals"}]  # the run that generated, then the no-op rerun
+    write_jsonl(out / "samples" / "correctness" / "shapes" / "runs.jsonl", history)
     pairs = [
         Pair(question=("<image><image>" if i == 3 else "") + f"What colour is image {i}?", chosen=f"It is colour {i}. " * (i + 1), rejected="No idea.",
              image=f"{i}.png" if i < 3 else ["0.png", "1.png"])
@@ -68,6 +71,7 @@ def check_page(html: str) -> None:
         "dataset": "shapes", "stage": "correctness", "model": "tiny-vlm", "items": "3", "samples": "12",
         "correct_rate": "25.0%", "pairs": "correctness 4, format 1", "dropped": "duplicate 1, max_tokens 2",
         "quarantined": "image corrupt 1, schema 2", "output_tokens": "480", "tokens_per_s": "96.5",
+        "engine_tokens_per_s": "140.2",
     }  # tokens and tokens/s of the run that generated them, not the no-op rerun's 0
     verdicts = dict(re.findall(r'data-col="(correct|wrong|no answer found|judge error)">([^<]*)<', html))
     assert verdicts == {"correct": "3 (25.0%)", "wrong": "6 (50.0%)", "no answer found": "2 (16.7%)", "judge error": "1 (8.3%)"}

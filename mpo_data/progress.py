@@ -1,0 +1,200 @@
+"""A stage's progress as the engines make it: samples counted as their requests finish, tokens/s over recent engine time.
+
+With continuous feeding every item of a small run is inside the engine at once and the first part file is
+written minutes in, so a bar driven by parts sits at 0 and then jumps. Instead each engine actor counts
+what finishes in its engine (`EngineProgress`, a future's done-callback: no change to the feeder) and a
+thread pushes the counts to one small Ray actor (`ProgressCounter`, num_cpus=0) at most every `PUSH_EVERY_S`,
+and once more before a call returns; the driver reads the counter from a thread every `POLL_EVERY_S` and
+draws the tqdm bar (`StageProgress`). Two small actor calls a second per engine: nothing next to sampling.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+PUSH_EVERY_S = 0.5  # an engine actor's pushes to the counter
+POLL_EVERY_S = 0.5  # the driver's reads of the counter
+WINDOW_S = 20.0  # the bar's tokens/s: over this much recent engine time
+
+
+class WindowedRate:
+    """Units/s over the last `window_s` seconds, from (time, running total) points added in time order.
+
+    The window starts at the newest point at least `window_s` old (so it spans window_s to window_s plus one
+    point spacing), or at the first point while fewer than `window_s` seconds have passed: add the engine's
+    ready time with its total first, and the rate covers engine time only, never its start-up.
+    """
+
+    def __init__(self, window_s: float = WINDOW_S):
+        self.window_s = window_s
+        self.points: deque[tuple[float, float]] = deque()
+
+    def add(self, at: float, total: float) -> None:
+        self.points.append((at, total))
+        while len(self.points) > 2 and self.points[1][0] <= at - self.window_s:
+            self.points.popleft()
+
+    def rate(self) -> float | None:
+        """None until two points at different times."""
+        if len(self.points) < 2:
+            return None
+        (start, first), (end, last) = self.points[0], self.points[-1]
+        return (last - first) / (end - start) if end > start else None
+
+
+@dataclass
+class Snapshot:
+    """What the engines have finished so far (times are wall clock, `time.time()`, of the engine actors)."""
+
+    samples: int = 0
+    output_tokens: int = 0
+    engine_ready_at: float | None = None  # the first engine ready
+    first_sample_at: float | None = None
+    last_sample_at: float | None = None
+
+    def engine_s(self) -> float | None:
+        """Engine time: from the first engine ready to the last sample finished."""
+        if self.engine_ready_at is None or self.last_sample_at is None:
+            return None
+        return self.last_sample_at - self.engine_ready_at
+
+
+class ProgressCounter:
+    """Ray actor: the sums of what every engine actor reported; the driver reads them."""
+
+    def __init__(self) -> None:
+        self.snapshot = Snapshot()
+
+    def engine_ready(self, at: float) -> None:
+        ready = self.snapshot.engine_ready_at
+        self.snapshot.engine_ready_at = at if ready is None else min(ready, at)
+
+    def add(self, samples: int, output_tokens: int, first_at: float, last_at: float) -> None:
+        s = self.snapshot
+        s.samples += samples
+        s.output_tokens += output_tokens
+        s.first_sample_at = first_at if s.first_sample_at is None else min(s.first_sample_at, first_at)
+        s.last_sample_at = last_at if s.last_sample_at is None else max(s.last_sample_at, last_at)
+
+    def read(self) -> Snapshot:
+        return self.snapshot
+
+
+def start_counter() -> Any:
+    """The run's counter actor: no CPU reserved, so it never keeps an engine actor from being placed."""
+    import ray
+
+    return ray.remote(num_cpus=0)(ProgressCounter).remote()
+
+
+class EngineProgress:
+    """In an engine actor: counts its finished requests' samples and output tokens, and pushes them to the counter."""
+
+    def __init__(self, counter: Any, every_s: float = PUSH_EVERY_S):
+        self.counter = counter
+        self._lock = threading.Lock()
+        self._samples = self._tokens = 0
+        self._first_at = self._last_at = 0.0
+        counter.engine_ready.remote(time.time())
+        threading.Thread(target=self._push_every, args=(every_s,), name="progress-push", daemon=True).start()
+
+    def finished(self, future: Future) -> None:
+        """A request future's done-callback (runs in the feeder thread): count its samples, if it made any."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        completions = future.result().completions
+        if not completions:  # refused by vLLM or an undecodable image: nothing generated
+            return
+        now = time.time()
+        with self._lock:
+            if not self._samples:
+                self._first_at = now
+            self._samples += len(completions)
+            self._tokens += sum(c.output_tokens for c in completions)
+            self._last_at = now
+
+    def push(self) -> Any:
+        """Send what finished since the last push; the ObjectRef of that call, or None if nothing did."""
+        with self._lock:
+            if not self._samples:
+                return None
+            args = (self._samples, self._tokens, self._first_at, self._last_at)
+            self._samples = self._tokens = 0
+        return self.counter.add.remote(*args)
+
+    def _push_every(self, every_s: float) -> None:
+        while True:
+            time.sleep(every_s)
+            self.push()
+
+
+class StageProgress:
+    """The driver's bar: samples and tokens/s from the counter (read by a thread), parts and items from the parts written."""
+
+    def __init__(self, counter: Any, total: int, desc: str, window_s: float = WINDOW_S, every_s: float = POLL_EVERY_S):
+        self.counter = counter
+        self.bar = tqdm(total=total, unit="sample", desc=desc, file=sys.stderr)
+        self.snapshot = Snapshot()
+        self.rate = WindowedRate(window_s)
+        self.parts = {"parts": 0, "items": 0, "kept": 0, "dropped": 0}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll_every, args=(every_s,), name="progress-poll", daemon=True)
+        self._thread.start()
+
+    def sync(self) -> Snapshot:
+        """Read the counter now and redraw. The driver calls it before writing a part, so the bar always
+        counts at least the samples of the parts written."""
+        import ray
+
+        with self._lock:  # the read too: two readers must not store their snapshots out of order
+            snapshot = ray.get(self.counter.read.remote())
+            if snapshot.engine_ready_at is not None:
+                if not self.rate.points:  # engine time starts at the first engine ready
+                    self.rate.add(snapshot.engine_ready_at, 0)
+                self.rate.add(max(time.time(), snapshot.last_sample_at or 0.0), snapshot.output_tokens)
+            self.snapshot = snapshot
+            self._draw()
+        return snapshot
+
+    def written(self, parts: int, items: int, kept: int, dropped: int) -> None:
+        """After a part is written: the postfix's counts."""
+        with self._lock:
+            self.parts = {"parts": parts, "items": items, "kept": kept, "dropped": dropped}
+            self._draw()
+
+    def _draw(self) -> None:
+        self.bar.update(self.snapshot.samples - self.bar.n)
+        rate = self.rate.rate()
+        self.bar.set_postfix(**self.parts, tok_s=f"{rate:.1f}" if rate is not None else "-")
+
+    def _poll_every(self, every_s: float) -> None:
+        import ray
+
+        while not self._stop.wait(every_s):
+            try:
+                self.sync()
+            except ray.exceptions.RayError:  # the counter is gone (the run is failing): the driver says why
+                return
+
+    def close(self) -> Snapshot:
+        """Stop polling, draw the final counts, close the bar; the final snapshot (the last one read if the
+        counter is gone, so a failing run reports its own error, not the counter's)."""
+        import ray
+
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.sync()
+        except ray.exceptions.RayError:
+            pass
+        self.bar.close()
+        return self.snapshot

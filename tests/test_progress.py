@@ -1,0 +1,94 @@
+"""The progress logic on its own: the windowed tokens/s and the engine-side counting (a real run's bar is
+checked in tests/test_stages.py, test_correctness_with_images_on_tiny_vlm)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+
+from mpo_data.engine import Completion, GenerationResult
+from mpo_data.progress import EngineProgress, ProgressCounter, Snapshot, WindowedRate
+
+
+def test_windowed_rate_needs_two_points_at_different_times():
+    rate = WindowedRate(10)
+    assert rate.rate() is None
+    rate.add(5.0, 0)
+    assert rate.rate() is None
+    rate.add(5.0, 10)
+    assert rate.rate() is None
+    rate.add(7.0, 10)
+    assert rate.rate() == pytest.approx(5.0)
+
+
+def test_windowed_rate_counts_from_the_first_point_until_the_window_is_full():
+    rate = WindowedRate(10)
+    rate.add(100.0, 0)  # the engine ready: its start-up before this never enters the rate
+    rate.add(102.0, 0)  # nothing finished yet
+    rate.add(104.0, 400)
+    assert rate.rate() == pytest.approx(100.0)
+
+
+def test_windowed_rate_forgets_what_is_older_than_the_window():
+    rate = WindowedRate(10)
+    for t in range(0, 21):  # 100 units/s for 20 s ...
+        rate.add(float(t), 100.0 * t)
+    for t in range(21, 31):  # ... then 10 units/s
+        rate.add(float(t), 2000 + 10.0 * (t - 20))
+    assert rate.rate() == pytest.approx(10.0)  # the last 10 s only
+    assert len(rate.points) == 11
+
+
+def test_windowed_rate_spans_at_least_the_window_when_points_are_sparse():
+    rate = WindowedRate(10)
+    rate.add(0.0, 0)
+    rate.add(8.0, 80)
+    rate.add(25.0, 250)  # 25 - 10 = 15: the newest point at least 10 s old is t=8
+    assert rate.points[0] == (8.0, 80)
+    assert rate.rate() == pytest.approx(10.0)
+
+
+class LocalHandle:
+    """A ProgressCounter called in-process the way an actor handle is called (`handle.method.remote(...)`)."""
+
+    def __init__(self, counter: ProgressCounter):
+        self.counter = counter
+
+    def __getattr__(self, name):
+        method = getattr(self.counter, name)
+        return type("Method", (), {"remote": staticmethod(lambda *a: method(*a))})
+
+
+def _done(result: GenerationResult | None = None, error: Exception | None = None) -> Future:
+    future: Future = Future()
+    future.set_exception(error) if error else future.set_result(result)
+    return future
+
+
+def test_engine_progress_counts_generated_samples_and_tokens_only():
+    counter = ProgressCounter()
+    progress = EngineProgress(LocalHandle(counter), every_s=3600)  # pushes only when told, here
+    assert counter.read().engine_ready_at is not None and progress.push() is None
+    progress.finished(_done(GenerationResult(7, [Completion("a", 3, "stop"), Completion("b", 5, "length")])))
+    progress.finished(_done(GenerationResult(0, [], refused="vLLM refused the request: too long")))
+    progress.finished(_done(error=RuntimeError("engine died")))  # the caller hears of it, the bar counts nothing
+    assert counter.read().samples == 0  # counted, not yet pushed
+    progress.push()
+    progress.finished(_done(GenerationResult(4, [Completion("c", 2, "stop")])))
+    progress.push()
+    s = counter.read()
+    assert (s.samples, s.output_tokens) == (3, 10)
+    assert s.engine_ready_at <= s.first_sample_at <= s.last_sample_at
+    assert progress.push() is None  # nothing new
+
+
+def test_counter_takes_the_first_engine_ready_and_the_span_of_all_engines():
+    counter = ProgressCounter()
+    counter.engine_ready(20.0)
+    counter.engine_ready(10.0)
+    counter.add(2, 30, 15.0, 18.0)
+    counter.add(1, 10, 12.0, 25.0)
+    assert counter.read() == Snapshot(3, 40, 10.0, 12.0, 25.0)
+    assert counter.read().engine_s() == 15.0
+    assert Snapshot().engine_s() is None
