@@ -18,11 +18,15 @@ from mpo_data.stage_config import EngineConfig, DropoutNTPConfig
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = ROOT / "models" / "smollm2-135m-instruct"
 TRAIN = ROOT / "training" / "configs" / "smollm2_lora_cpu.yaml"
-TEXTS = [  # DropoutNTP on text: every item gives a pair whatever the model writes
+TEXTS = [  # DropoutNTP on text: most items give a pair (a continuation cut at max_new_tokens is dropped)
     ("Describe a red circle.", "The picture shows one red circle on a light background, filled with a single flat colour."),
     ("Describe a blue square.", "The picture shows one blue square on a light background, with straight edges and no text."),
     ("Describe a green triangle.", "The picture shows one green triangle on a light background, pointing upwards, alone."),
     ("Describe a black circle.", "The picture shows one black circle on a light background, with no pattern or shading."),
+    ("Describe a yellow square.", "The picture shows one yellow square on a light background, drawn in a single colour."),
+    ("Describe a red triangle.", "The picture shows one red triangle on a light background, with sharp corners."),
+    ("Describe a blue circle.", "The picture shows one blue circle on a light background, and nothing else."),
+    ("Describe a green square.", "The picture shows one green square on a light background, centred in the frame."),
 ]
 
 
@@ -33,11 +37,11 @@ def tiny_setup(tmp_path: Path, demo_dir: Path) -> RoundsConfig:
     pipeline.write_text(yaml.safe_dump({
         "out_dir": "set-per-round", "defaults": {"engine": {"model": str(SMOLLM), "max_model_len": 1024}},
         "datasets": [{"name": "describe", "stage": "dropout-ntp",
-                      "settings": {"prompt_path": str(prompts), "sampling": {"max_new_tokens": 12}}}],
+                      "settings": {"prompt_path": str(prompts), "sampling": {"max_new_tokens": 96}}}],
         "pairs": {"seed": 0}, "meta": {"out": "set-per-round"},
     }))
     train = [f"eval.answers.questions={demo_dir / 'arithmetic_heldout.jsonl'}", "eval.answers.max_questions=4",
-             "eval.answers.max_new_tokens=16", "dpo.max_steps=1", "dpo.eval_steps=1", "dpo.max_length=128",
+             "eval.answers.max_new_tokens=16", "dpo.max_steps=1", "dpo.eval_steps=1", "dpo.max_length=256",
              "data.eval_size=1", "eval.pairs=1", "eval.generations=0"]
     return RoundsConfig(pipeline=str(pipeline), train=str(TRAIN), out_dir=str(tmp_path / "rounds"), train_set=train)
 
@@ -95,7 +99,7 @@ def test_two_rounds_sample_with_the_merged_model_and_a_rerun_does_nothing(tmp_pa
     run2 = orjson.loads((out / "round-2" / "samples" / "dropout-ntp" / "describe" / "run.json").read_bytes())
     assert run2["model"] == "merged"
     summary2 = orjson.loads((out / "round-2" / "samples" / "dropout-ntp" / "describe" / "summary.json").read_bytes())
-    assert summary2["samples_out"] == len(TEXTS)
+    assert summary2["samples_out"] >= 2 and summary2["samples_out"] + sum(summary2["dropped"].values()) == len(TEXTS)
     assert yaml.safe_load((out / "round-2" / "train" / "train_config.yaml").read_text())["model"]["path"] == str(merged)
     assert (out / "round-2" / "train" / "merged" / "config.json").is_file()
     assert (merged / "tokenizer_config.json").is_file()
@@ -114,3 +118,13 @@ def test_two_rounds_sample_with_the_merged_model_and_a_rerun_does_nothing(tmp_pa
     assert second.stdout == first.stdout
     again = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".mpo-data.lock"}
     assert again == written  # nothing sampled, trained, merged or answered again
+
+    (out / "round-2" / "round.json").unlink()  # a round cut short after its last step: resumes, redoes nothing
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert orjson.loads((out / "round-2" / "round.json").read_bytes()) == two
+    assert orjson.loads((out / "round-2" / "pipeline.json").read_bytes())["pairs_rebuilt"] is False
+    resumed = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".mpo-data.lock"}
+    changed = sorted(str(p.relative_to(out)) for p in resumed if resumed[p] != written.get(p))
+    assert all(c.startswith("round-2/") and not c.startswith(("round-2/train/", "round-2/answers")) for c in changed), changed
+    assert third.stdout == first.stdout
