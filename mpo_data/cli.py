@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "dropout-ntp": "DropoutNTP: continue half of `chosen` without the image -> rejected (resumable, on Ray)",
     "correctness": "correctness sampling: n reasoning answers per item (resumable, on Ray)",
     "run": "run a pipeline YAML: sampling stages -> pairs -> meta.json (resumable)",
+    "rounds": "Iterative RPO's loop: run + train K times, each round sampling with the previous round's merged model (resumable)",
     "report": "one static HTML page: counts, correctness rates, lengths, sample pairs",
     "train": "MPO training (TRL DPOTrainer, sigmoid+bco_pair+sft) on a meta.json mixture",
     "ablate": "loss ablations (sft, dpo, rpo, mpo, mpo_trl) over seeds on the same pairs: one table of held-out answer accuracy vs sft",
