@@ -222,6 +222,12 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def save(out: Path, workloads: dict, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"workload": workloads, "thread_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
+                               "runs": results, "table": table(results).splitlines()}, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=64, help="prompts generated (each system gets all of them)")
@@ -249,20 +255,17 @@ def main() -> None:
     out = Path(args.out)
     earlier = json.loads(out.read_text()) if out.exists() else {}
     results: dict = earlier.get("runs", {})  # blocks for other n stay: `--n 1` then `--n 4` fill one file
+    workload = f"{args.prompts} prompts, up to {args.max_new_tokens} new tokens, {Path(args.model).name}"
+    workloads = {**earlier.get("workload", {}), **{f"n{n}": workload for n in args.n}}
     for n in args.n:
         runs: dict = {s: [] for s in args.systems}
+        results[f"n{n}"] = runs
         for r in range(args.rounds):
             for system in args.systems[r % len(args.systems):] + args.systems[: r % len(args.systems)]:
                 runs[system].append(one_run(system, args, work, n, r))
                 print(f"n={n} round {r + 1} {system}: {runs[system][-1]}", flush=True)
-        results[f"n{n}"] = runs
-    report = table(results)
-    print(report)
-    workload = f"{args.prompts} prompts, up to {args.max_new_tokens} new tokens, {Path(args.model).name}"
-    workloads = {**earlier.get("workload", {}), **{f"n{n}": workload for n in args.n}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"workload": workloads, "thread_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
-                               "runs": results, "table": report.splitlines()}, indent=2) + "\n")
+                save(out, workloads, results)  # after every run: a run cut short keeps what it measured
+    print(table(results))
     print(f"wrote {args.out}")
 
 
