@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 import orjson
 from tqdm import tqdm
 
+from mpo_data import hallucination
 from mpo_data.errors import InputError, OnError
 from mpo_data.formats import (
     DROPOUT_SAMPLE_SCHEMA, FINISH_REASONS, SAMPLE_SCHEMA, Pair, Sample, Schema, image_list, placeholder_problems,
@@ -47,6 +48,7 @@ from mpo_data.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_versi
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, user_prompt
 from mpo_data.runlock import holds
 from mpo_data.shards import DROPPED, ShardStore, shard_folder
+from mpo_data.stages import cut_prefix
 
 STAGES = ("correctness", "dropout-ntp")
 # Keys a judged correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
@@ -449,10 +451,15 @@ def check_dropout(loc: str, raw: Any) -> float:
 
 def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: Dedup, out: Outputs,
                   quarantine: Quarantine | None) -> Counter:
-    """DropoutNTP lines -> `<ds>_prefix_pair_sr<ratio>_{wo,with}_image.jsonl`; chosen is the original answer."""
+    """DropoutNTP lines -> `<ds>_prefix_pair_sr<ratio>_{wo,with}_image.jsonl`; chosen is the original answer.
+    Every continuation is also scored for shape/colour hallucinations (mpo_data.hallucination)."""
     counts: Counter = Counter()
+    scored: Counter = Counter()
+    with_image: set[bool] = set()
     for raw, ratio in iter_checked(parts, config.max_lines, counts, check_dropout, quarantine):
         provenance = raw["provenance"]
+        with_image.add(bool(provenance.get("load_image")))
+        scored[hallucination.score_continuation(raw["chosen"], raw["rejected"], cut_prefix(raw["chosen"], ratio)[0])] += 1
         if raw["chosen"] == raw["rejected"]:
             counts["filtered_same_text"] += 1
             continue
@@ -475,6 +482,8 @@ def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: D
         suffix = "with_image" if provenance.get("load_image") else "wo_image"
         out.write(config.save_dir / f"{dataset}_prefix_pair_sr{ratio:g}_{suffix}.jsonl", pair.to_dict())
         counts["pairs_dropout_ntp"] += 1
+    if scored.total() > scored["unscored"]:
+        counts["hallucination"] = {"load_image": sorted(with_image), **hallucination.rate(scored)}
     return counts
 
 

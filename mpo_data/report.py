@@ -171,6 +171,8 @@ def build_report(out_dir: str | Path, meta_path: str | Path | None = None, seed:
         overview=[overview_row(k, stages.get(k, (None, {}))[1], pairs.get(k, {}),
                                last_engine_rate(stages[k][0].parent) if k in stages else None) for k in keys],
         verdicts=[verdict_row(k, pairs[k]) for k in keys if "samples" in pairs.get(k, {})],
+        hallucinations=[{"key": k, **pairs[k]["hallucination"]}
+                        for k in keys if "hallucination" in pairs.get(k, {})],
         histograms=histograms,
         cards=cards,
         total_pairs=seen,

@@ -192,3 +192,15 @@ def test_wrong_placeholder_count_names_file_and_line(tmp_path, capsys):
     code = main(["pairs", "--data-dir", str(tmp_path / "samples"), "--save-dir", str(tmp_path / "out"), "--workers", "1"])
     err = capsys.readouterr().err
     assert code == 1 and f"{part}:2: 'question' has 3 <image> placeholder(s) for 2 image(s)" in err
+
+
+def test_dropout_continuations_get_a_hallucination_rate(tmp_path):
+    ntp = {"question": "Describe.", "chosen": "A red circle on a plain background.", "finish_reason": "stop", "output_tokens": 4,
+           "provenance": {"model": "m", "stage": "dropout-ntp", "start_ratio": 0.5, "load_image": False, "sampling": {}}}
+    continuations = [" on a blue background.", " on a plain red background.", " in a box.", " and a green triangle."]
+    _write(tmp_path / "s" / "dropout-ntp" / "shapes" / "part-00000.jsonl",
+           [{**ntp, "item_id": f"d{i}", "sample_index": 0, "rejected": "A red circle" + text} for i, text in enumerate(continuations)])
+    scored = build_pairs(_config(tmp_path / "s", tmp_path / "out"))["dropout-ntp/shapes"]["hallucination"]
+    assert (scored["hallucination"], scored["faithful"], scored["no_claim"]) == (2, 1, 1)
+    assert scored["rate"] == round(2 / 3, 4) and scored["load_image"] == [False]
+    assert scored["ci"][0] < 2 / 3 < scored["ci"][1]
