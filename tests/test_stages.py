@@ -409,7 +409,7 @@ def test_dropout_ntp_load_image_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_
 def _cli(out: Path, demo_dir: Path, models_dir: Path) -> list[str]:
     """One request in the engine at a time, so parts appear one by one and a kill at the first lands mid-run."""
     return [
-        str(ROOT / ".venv" / "bin" / "mpo-data"), "correctness", "--checkpoint", str(models_dir / "smollm2-135m-instruct"),
+        sys.executable, "-m", "mpo_data", "correctness", "--checkpoint", str(models_dir / "smollm2-135m-instruct"),
         "--prompt-path", str(demo_dir / "arithmetic.jsonl"), "--out-dir", str(out), "--num-return-sequences", "2",
         "--max-new-tokens", "24", "--sample-max-num", "8", "--batch-size", "1", "--max-in-flight", "1",
     ]
