@@ -48,7 +48,6 @@ from mpo_data.stages import (
     run_stage,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_KEYS = set(Sample.__dataclass_fields__) - {"item"}
 
 
