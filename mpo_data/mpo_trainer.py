@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from trl import DPOTrainer
 
+from mpo_data.errors import InputError
+
 QUALITY = "bco_pair"
 
 
@@ -66,7 +68,8 @@ class MPOTrainer(DPOTrainer):
         self.quality_weight: float | None = None
         if bco_delta and QUALITY in self.loss_types:
             if self.ld_alpha is not None or self.f_divergence_type != "reverse_kl" or self.use_weighting:
-                raise ValueError("bco_pair with delta supports plain summed log-probs only (no ld_alpha, f_divergence_type or use_weighting)")
+                raise InputError("dpo: bco_pair with bco_delta (the paper's reward shift) takes plain summed log-probs: "
+                                 "unset ld_alpha, f_divergence_type and use_weighting, or set bco_delta: false")
             i = self.loss_types.index(QUALITY)
             self.quality_weight = self.loss_weights[i]
             # TRL computes the other terms; this class adds the quality term
