@@ -34,6 +34,10 @@ class YamlMap(dict):
         self.written: dict[Any, Any] = {}  # field -> the alias the file used for it (`canonical` renamed it)
 
 
+# A config that keeps a YamlMap (a dict field such as `dpo`) is written back as a plain mapping (train's run config).
+yaml.SafeDumper.add_representer(YamlMap, yaml.representer.SafeRepresenter.represent_dict)
+
+
 class _Loader(yaml.SafeLoader):
     """safe_load, but a key given twice in one mapping is an error at its line (PyYAML keeps the last silently)."""
 
