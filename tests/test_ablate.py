@@ -12,6 +12,7 @@ import pytest
 from mpo_data import ablate
 from mpo_data.answer_accuracy import paired_difference_ci
 from mpo_data.errors import InputError
+from mpo_data.formats import MetaEntry, write_meta
 from mpo_data.jsonl import write_jsonl
 from mpo_data.train_config import load
 
@@ -74,12 +75,14 @@ def test_tiny_ablation_trains_answers_and_continues_after_a_stop(models_dir, tmp
     questions = tmp_path / "held.jsonl"
     rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in ((2, 3), (4, 1))]
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    meta = ROOT / "meta" / "demo.json"
-    if not meta.is_file():
-        pytest.skip("meta/demo.json: run `make data` first")
+    pairs = [{"question": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.\nFinal answer: {a + b}",
+              "rejected": f"{a} + {b} = {a + b + 1}.\nFinal answer: {a + b + 1}"} for a, b in ((1, 2), (3, 3), (5, 1), (2, 6), (4, 4), (7, 1))]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    write_meta(tmp_path / "meta.json", {"sums": MetaEntry(str(tmp_path), str(tmp_path / "pairs.jsonl"), 1.0, len(pairs))})
     out = tmp_path / "ablate"
     argv = ["ablate", "--config", str(CPU_CONFIG), "--out", str(out), "--variants", "mpo", "--seeds", "0",
-            "--questions", str(questions), "dpo.max_steps=1", "eval.pairs=2", "eval.generations=0",
+            "--questions", str(questions), f"data.meta={tmp_path / 'meta.json'}", "data.eval_size=2",
+            "dpo.max_steps=1", "eval.pairs=2", "eval.generations=0",
             "eval.answers.max_new_tokens=48", "data.max_train_pairs=4", 'dpo.eval_strategy="no"']
     assert cli.main(argv) == 0
     result = json.loads((out / "ablation.json").read_text())
