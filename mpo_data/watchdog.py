@@ -1,8 +1,8 @@
 """No silent stage run: a watchdog that says what a stalled run waits on, and interrupts that end it in one line.
 
 A stage run waits on Ray (placement groups, Ray Data's tasks, the engine actors, the engines), and Ray waits
-without a word for resources the cluster cannot give. The watchdog counts progress: a request finished in an
-engine (or an engine became ready), a part written. After `watchdog_report_s` without any it prints what Ray has
+without a word for resources the cluster cannot give. The watchdog counts progress: a sample finished in an
+engine or an engine became ready (the run's `progress.ProgressCounter`), a part written. After `watchdog_report_s` without any it prints what Ray has
 pending (resource demands, placement groups, actors not alive, free resources), and again as often; after
 `watchdog_timeout_s` it interrupts the run, which ends with one line (the parts written are kept; a rerun resumes).
 
