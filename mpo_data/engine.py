@@ -37,6 +37,7 @@ class GenerationRequest:
     messages: list[dict[str, Any]]
     images: list[Image.Image] = field(default_factory=list)
     assistant_prefix: str | None = None
+    processor_kwargs: dict[str, Any] | None = None  # this request's image processor settings (a tile count)
 
 
 @dataclass
@@ -237,6 +238,7 @@ class Engine:
             [request_id] = self.llm.enqueue_chat(
                 _conversation(request), params, use_tqdm=False,
                 add_generation_prompt=not continued, continue_final_message=continued,
+                mm_processor_kwargs=request.processor_kwargs,
             )
         except (ValueError, TypeError, KeyError, OSError, VLLMClientError) as e:  # the request's fault, not the engine's
             return GenerationResult(prompt_tokens=0, completions=[], refused=f"vLLM refused the request: {e}")

@@ -249,6 +249,7 @@ class Sample:
     prompt_version: str
     model: str
     sampling: dict[str, Any]
+    max_num: int | None = None  # the tile count it was sampled at (--max-num); None: the processor's own, not written
 
     @classmethod
     def added_keys(cls) -> set[str]:
@@ -269,6 +270,8 @@ class Sample:
             model=self.model,
             sampling=self.sampling,
         )
+        if self.max_num is not None:
+            out["max_num"] = self.max_num
         return out
 
 

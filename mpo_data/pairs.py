@@ -47,7 +47,7 @@ from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
 from mpo_data.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_version, extract_answer, modes_for_dataset
 from mpo_data.prompts import DEFAULT_PROMPT_VERSION, user_prompt
 from mpo_data.runlock import holds
-from mpo_data.shards import DROPPED, ShardStore, shard_folder
+from mpo_data.shards import DROPPED, ShardStore, sample_group, shard_folder
 from mpo_data.stages import cut_prefix
 
 STAGES = ("correctness", "dropout-ntp")
@@ -232,6 +232,7 @@ def _sample_meta(sample: dict) -> dict[str, Any]:
         "format_ok": sample["format_ok"],
         "finish_reason": sample["finish_reason"],
         "output_tokens": sample.get("output_tokens"),
+        **({"max_num": sample["max_num"]} if sample.get("max_num") is not None else {}),
     }
 
 
@@ -429,7 +430,7 @@ class CorrectnessPairs:
             for bucket in self._spill(Path(tmp)):
                 groups: dict[str, list[dict]] = defaultdict(list)
                 for line in iter_lines(bucket):
-                    groups[line.value["item_id"]].append(line.value)
+                    groups[sample_group(line.value["item_id"], line.value.get("max_num"))].append(line.value)
                 bucket.unlink()
                 self._bucket(groups)
         samples = self.counts["samples"]

@@ -87,13 +87,19 @@ def missing_indices(done: set[int], quota: int) -> list[int]:
     return [i for i in range(quota) if i not in done]
 
 
+def sample_group(item_id: str, max_num: int | None) -> str:
+    """The key of one item's samples at one tile count (`max_num`; None: the processor's own): what a rerun tops
+    up to the quota and what `pairs` pairs within. The item's own id when no tile count is set."""
+    return item_id if max_num is None else f"{item_id}@{max_num}"
+
+
 def _keys_first(row: dict[str, Any]) -> dict[str, Any]:
     """The row with item_id and sample_index as its first keys, so a sample is found by its key at a glance."""
     return {"item_id": row["item_id"], "sample_index": row["sample_index"], **row}
 
 
-def read_part(path: Path) -> tuple[list[tuple[str, int]], dict[int, str]]:
-    """((item_id, sample_index) of each whole sample line, {line number: why it is damaged}) of one part."""
+def read_part(path: Path) -> tuple[list[tuple[str, int, int | None]], dict[int, str]]:
+    """((item_id, sample_index, max_num) of each whole sample line, {line number: why it is damaged}) of one part."""
     keys, damaged = [], {}
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
@@ -107,7 +113,10 @@ def read_part(path: Path) -> tuple[list[tuple[str, int]], dict[int, str]]:
             if not isinstance(row, dict) or not isinstance(row.get("item_id"), str) or type(row.get("sample_index")) is not int:
                 damaged[number] = "not a sample line (needs item_id and sample_index)"
                 continue
-            keys.append((row["item_id"], row["sample_index"]))
+            if row.get("max_num") is not None and type(row["max_num"]) is not int:
+                damaged[number] = "max_num (the tile count) is not an integer"
+                continue
+            keys.append((row["item_id"], row["sample_index"], row.get("max_num")))
     return keys, damaged
 
 
@@ -143,7 +152,8 @@ class ShardStore:
         return [p for _, p in self._parts(self.root / DROPPED if dropped else self.root)]
 
     def done(self) -> dict[str, set[int]]:
-        """Sample indices already generated per item_id, kept or dropped: only whole lines that parse count.
+        """Sample indices already generated per item and tile count (`sample_group`), kept or dropped: only
+        whole lines that parse count.
 
         A part with damaged lines is set aside first (`set_aside`), so the samples it lost are missing here
         and the rerun generates exactly those again."""
@@ -152,8 +162,8 @@ class ShardStore:
             keys, damaged = read_part(path)
             if damaged:
                 self.set_aside(path, damaged)
-            for item_id, index in keys:
-                done[item_id].add(index)
+            for item_id, index, max_num in keys:
+                done[sample_group(item_id, max_num)].add(index)
         return done
 
     def set_aside(self, path: Path, damaged: dict[int, str]) -> None:
@@ -182,7 +192,7 @@ class ShardStore:
         for path in self.part_paths():
             keys, _ = read_part(path)
             samples += len(keys)
-            items.update(item_id for item_id, _ in keys)
+            items.update(item_id for item_id, _, _ in keys)
         dropped = Counter(row.get("reason") for path in self.part_paths(dropped=True) for _, row in read_jsonl(path))
         return {"samples": samples, "dropped": dict(dropped), "items": len(items), "parts": len(self.part_paths())}
 

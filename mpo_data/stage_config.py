@@ -10,6 +10,7 @@ the help says so and why.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +27,9 @@ TILING_NAMES = {
     "InternVLChatModel": ("dynamic_image_size", "max_dynamic_patch"),  # remote code (trust_remote_code)
     "InternVLForConditionalGeneration": ("crop_to_patches", "max_patches"),  # HF format (GotOcr2 processor)
 }
+# Idefics3/SmolVLM split an image resized to `size` into tiles of `max_image_size` (plus the whole image, shrunk):
+# N tiles at most is the largest k x k grid with k*k <= N, a resize to k tile edges.
+GRID_TILING = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 
 
 @dataclass
@@ -60,9 +64,12 @@ class EngineConfig:
         metadata={"help": "Weights/activations dtype; auto: float32 on CPUs without bf16 hardware (bf16 is emulated and ~5x slower there), the model's dtype otherwise."},
     )
     seed: int = field(default=0, metadata={"help": "Base seed: a stage run's engine seed is derived from it and the run's number (recorded in run.json), so a top-up never repeats samples and the same history repeats; on CUDA each request also gets a seed from (item, first sample index)."})
-    max_num: int | None = field(
+    max_num: list[int] | None = field(
         default=None,
-        metadata={"help": "InternVL dynamic tiling: most tiles per image; None: the processor's own (InternVL's scripts default to 6)."},
+        metadata={"help": "Most tiles per image (InternVL's dynamic tiling; Idefics3/SmolVLM: the largest k x k grid "
+                  "within it); None: the processor's own (InternVL's scripts default to 6). Several values (repeat "
+                  "the flag; YAML: a list): each image item is sampled at each tile count, as InternVL's "
+                  "correctness pipeline does, its samples recording theirs (`max_num`) and paired apart."},
     )
     dynamic: bool = field(default=False, metadata={"help": "InternVL dynamic tiling on (with --max-num)."})
     enforce_eager: bool | None = field(default=None, metadata={"help": "Skip graph capture/compile; None: True on CPU."})
@@ -90,31 +97,79 @@ class EngineConfig:
                 return section["max_position_embeddings"]
         return None
 
+    def _architectures(self) -> list[str]:
+        return self.model_config().get("architectures") or []
+
     def _tiling_names(self) -> tuple[str, str] | None:
         """(tiling on/off, most tiles) under the model's own processor names; None: the model has no InternVL tiling."""
-        architectures = self.model_config().get("architectures") or []
-        return next((TILING_NAMES[a] for a in architectures if a in TILING_NAMES), None)
+        return next((TILING_NAMES[a] for a in self._architectures() if a in TILING_NAMES), None)
 
-    def tiling_kwargs(self) -> dict[str, Any]:
-        """InternVL tiling under the names of the model's own processor, chosen from its config.json; {} for a
-        model without it, whose processor sizes images its own way (`tiling_note` says so)."""
-        names = self._tiling_names() if self.max_num is not None or self.dynamic else None
+    def _grid_tiling(self) -> bool:
+        return any(a in GRID_TILING for a in self._architectures())
+
+    def has_tiling(self) -> bool:
+        """Whether --max-num changes how this model's processor cuts an image."""
+        return self._tiling_names() is not None or self._grid_tiling()
+
+    def tile_counts(self) -> list[int | None]:
+        """The tile counts an image item is sampled at: the --max-num values, or [None] (the processor's own;
+        also for a model whose processor has no tiling, where the values have no effect)."""
+        return list(self.max_num) if self.max_num and self.has_tiling() else [None]
+
+    def _tile_edge(self) -> int:
+        """Idefics3/SmolVLM: the side of one tile in pixels (the image processor's max_image_size)."""
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            path = Path(self.model) / name
+            if path.exists():
+                config = json.loads(path.read_text())
+                edge = config.get("image_processor", config).get("max_image_size", {}).get("longest_edge")
+                if isinstance(edge, int) and edge > 0:
+                    return edge
+        raise InputError(f"{self.model}: no image processor max_image_size.longest_edge (preprocessor_config.json or "
+                         "processor_config.json): cannot size the tiles of --max-num")
+
+    def tiling_kwargs(self, tiles: int | None = None) -> dict[str, Any]:
+        """The processor's tiling settings for at most `tiles` tiles (default: the largest --max-num, which the
+        engine is started with, so that vLLM sizes its caches for the biggest images), under the names of the
+        model's own processor, chosen from its config.json; {} for a model without tiling, whose processor sizes
+        images its own way (`tiling_note` says so)."""
+        tiles = tiles if tiles is not None else max(self.max_num) if self.max_num else None
+        if tiles is not None and self._grid_tiling():
+            grid = math.isqrt(tiles)
+            return {"do_image_splitting": grid > 1, "size": {"longest_edge": grid * self._tile_edge()}}
+        names = self._tiling_names() if tiles is not None or self.dynamic else None
         if names is None:
             return {}
         switch, most = names
         kwargs: dict[str, Any] = {switch: self.dynamic}
-        if self.max_num is not None:
-            kwargs[most] = self.max_num
+        if tiles is not None:
+            kwargs[most] = tiles
         return kwargs
 
     def tiling_note(self) -> str | None:
         """One line for --dynamic/--max-num given to a model without InternVL tiling (as the guide's commands
         pass them for any model): accepted, with no effect; None when they mean something or were not given."""
-        if (self.max_num is None and not self.dynamic) or self._tiling_names() is not None:
+        if not self.max_num and not self.dynamic:
             return None
-        architectures = ", ".join(self.model_config().get("architectures") or ["this model"])
+        if self._tiling_names() is not None or (self._grid_tiling() and not self.dynamic):
+            return None
+        architectures = ", ".join(self._architectures() or ["this model"])
+        if self._grid_tiling():
+            return f"note: --dynamic: InternVL's image tiling; {architectures} tiles by --max-num alone: no effect"
         return (f"note: --dynamic/--max-num: InternVL's image tiling ({', '.join(TILING_NAMES)}); {architectures} "
                 "sizes images with its processor's own settings instead: no effect")
+
+    def check_tiling(self) -> None:
+        """--max-num values: positive tile counts, several only where the model tiles its images."""
+        values = self.max_num or []
+        if any(type(v) is not int or v < 1 for v in values):
+            raise InputError(f"--max-num takes tile counts >= 1, got {values}")
+        if len(set(values)) != len(values):
+            raise InputError(f"--max-num {values}: a tile count given twice")
+        if len(values) > 1 and not self.has_tiling():
+            architectures = ", ".join(self._architectures() or ["this model"])
+            raise InputError(f"--max-num {values}: {architectures} has no image tiling, so its samples would not "
+                             "differ by tile count: give one value or none")
 
 
 @dataclass
@@ -215,9 +270,18 @@ class StageConfig:
         sampling = self.sampling.as_dict()
         del sampling["n"]  # the quota, not how a sample is drawn: raising it tops items up
         own = {name: getattr(self, name) for name in self.own_settings}
-        tiled = bool(self.engine.tiling_kwargs())  # flags with no effect on this model do not change a sample
-        tiling = {"max_num": self.engine.max_num if tiled else None, "dynamic": self.engine.dynamic and tiled}
-        return {"model": self.model_name, **tiling, "sampling": sampling, **own}
+        # the tile count is each sample's own (`max_num`, part of its key): a changed --max-num list samples
+        # the new counts beside the old ones; --dynamic without effect on this model does not change a sample
+        dynamic = self.engine.dynamic and self.engine._tiling_names() is not None
+        return {"model": self.model_name, "dynamic": dynamic, "sampling": sampling, **own}
+
+    def shows_images(self) -> bool:
+        """Whether the engine sees the items' images (DropoutNTP only with --load-image)."""
+        return True
+
+    def tile_counts(self) -> list[int | None]:
+        """The tile counts each image item is sampled at ([None]: one sampling, the processor's own)."""
+        return self.engine.tile_counts() if self.shows_images() else [None]
 
     def check(self) -> None:
         """Refuse nonsense settings up front, before any reading or engine start."""
@@ -238,6 +302,7 @@ class StageConfig:
             raise InputError(f"need 0 < --top-p <= 1 and --temperature >= 0 (got {self.sampling.top_p}, {self.sampling.temperature})")
         if not Path(self.engine.model).is_dir():
             raise InputError(f"{self.engine.model}: no such model folder (--checkpoint)")
+        self.engine.check_tiling()
         note = self.engine.tiling_note()
         if note:
             print(note, file=sys.stderr)
@@ -252,6 +317,9 @@ class DropoutNTPConfig(StageConfig):
 
     start_ratio: float = field(default=0.5, metadata={"help": "Share of the words of `chosen` kept as the prefix to continue."})
     load_image: bool = field(default=False, metadata={"help": "Show the image while continuing (default: without it, as DropoutNTP)."})
+
+    def shows_images(self) -> bool:
+        return self.load_image
 
     def check(self) -> None:
         super().check()

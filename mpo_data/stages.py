@@ -31,7 +31,7 @@ from mpo_data.inputs import Problem, PromptReader, Quarantine
 from mpo_data.progress import EngineProgress, Snapshot, StageProgress, start_counter
 from mpo_data.prompts import user_prompt
 from mpo_data.runlock import holds
-from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
+from mpo_data.shards import ShardStore, missing_indices, quarantine_path, sample_group, select_range, stage_dir
 from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
 
 
@@ -135,6 +135,7 @@ class CorrectnessStage:
             prompt_version=self.config.prompt_version,
             model=self.config.model_name,
             sampling=self.sampling,
+            max_num=key.get("max_num"),
         )
         return sample.to_dict(), None
 
@@ -145,8 +146,10 @@ def make_stage(config: StageConfig) -> DropoutNTPStage | CorrectnessStage:
 
 # ---- the shared machinery: engine actors on Ray Data ----
 
-# One work row per item that lacks samples. The prompt line stays JSON text: its extra keys are arbitrary.
-WORK_SCHEMA = pa.schema([("item_id", pa.string()), ("loc", pa.string()), ("indices", pa.list_(pa.int64())), ("item", pa.string())])
+# One work row per (item, tile count) that lacks samples (max_num null: the processor's own tiling). The prompt
+# line stays JSON text: its extra keys are arbitrary.
+WORK_SCHEMA = pa.schema([("item_id", pa.string()), ("loc", pa.string()), ("indices", pa.list_(pa.int64())), ("item", pa.string()),
+                         ("max_num", pa.int64())])
 WORK_COLUMNS = tuple(WORK_SCHEMA.names)
 # One output row per sample, or one per item that could not be sampled (`problem` says why; `loc` is its FILE:LINE).
 OUTPUT_COLUMNS = ("record", "dropped", "problem", "loc", "output_tokens", "prompt_tokens", "peak_in_flight")
@@ -181,13 +184,17 @@ class GenerateBatch:
             future.set_result(GenerationResult(0, [], refused=f"{e.category}: {e}"))
             return future
         request = self.stage.request(work["item"], images)
-        seed = request_seed(work["item_id"], work["indices"][0])
+        if work["max_num"] is not None:  # this tile count's processor settings, for this request only
+            request.processor_kwargs = self.config.engine.tiling_kwargs(work["max_num"])
+        seed = request_seed(sample_group(work["item_id"], work["max_num"]), work["indices"][0])
         future = self.feeder.submit(request, self.config.sampling_config(len(work["indices"])), seed)
         future.add_done_callback(self.progress.finished)
         return future
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         works = [{**dict(zip(WORK_COLUMNS, row)), "item": orjson.loads(row[3])} for row in zip(*(batch[c] for c in WORK_COLUMNS))]
+        for work in works:
+            work["max_num"] = None if work["max_num"] is None else int(work["max_num"])
         results = await asyncio.gather(*(asyncio.wrap_future(self._submit(work)) for work in works))
         out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
         for work, result in zip(works, results):
@@ -196,6 +203,8 @@ class GenerateBatch:
                 _add_row(out, orjson.dumps(work["item"]).decode(), "", result.refused, work["loc"], 0, 0, peak)
             for position, (index, completion) in enumerate(zip(work["indices"], result.completions)):
                 key = {"item_id": work["item_id"], "sample_index": int(index)}
+                if work["max_num"] is not None:
+                    key["max_num"] = work["max_num"]
                 record, reason = self.stage.outcome(work["item"], key, completion, result.prompt_tokens)
                 prompt_tokens = result.prompt_tokens if position == 0 else 0  # once per request
                 row = (orjson.dumps(record).decode(), reason or "", "", work["loc"], completion.output_tokens, prompt_tokens, peak)
@@ -488,15 +497,30 @@ def read_items(config: StageConfig, reader: PromptReader) -> tuple[list[PromptIt
     return list(items.values()), repeats
 
 
-def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int) -> list[dict[str, Any]]:
-    """One work row per item that lacks samples, naming exactly the missing sample indices."""
+def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int,
+              tile_counts: tuple[int | None, ...] | list[int | None] = (None,)) -> list[dict[str, Any]]:
+    """One work row per item and tile count that lacks samples, naming exactly the missing sample indices.
+
+    An item with images is sampled at each of `tile_counts` (`done` is keyed by `sample_group`); one without
+    is sampled once, with no tile count: tiling does not change a text prompt."""
     work, nothing_done = [], set()
     for item in items:
         item_id = item.item_id
-        indices = missing_indices(done.get(item_id, nothing_done), quota)
-        if indices:
-            work.append({"item_id": item_id, "loc": item.source, "item": item.to_dict(), "indices": indices})
+        for tiles in tile_counts if item.images else [None]:
+            indices = missing_indices(done.get(sample_group(item_id, tiles), nothing_done), quota)
+            if indices:
+                work.append({"item_id": item_id, "loc": item.source, "item": item.to_dict(), "indices": indices, "max_num": tiles})
     return work
+
+
+def check_tile_counts(config: StageConfig, items: list[PromptItem]) -> None:
+    """Several --max-num values need items whose images the engine sees: otherwise every tile count would
+    draw the same text-only samples."""
+    tiles = config.engine.tile_counts()
+    if len(tiles) > 1 and not (config.shows_images() and any(item.images for item in items)):
+        why = "its images are not shown (--load-image)" if not config.shows_images() else "no selected item has an image"
+        raise InputError(f"{config.prompt_path}: --max-num {tiles}: {why}, so its samples would not differ by tile "
+                         "count: give one value or none")
 
 
 def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[PromptItem], int]:
@@ -542,8 +566,9 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     store = ShardStore(stage_dir(config.out_dir, config.stage, dataset))
     store.check_settings(config.stage_settings(), config.force)
     config, reader, items, repeats = read_prompts(config)
+    check_tile_counts(config, items)
     done = store.done()
-    work = plan_work(items, done, config.sampling.n)
+    work = plan_work(items, done, config.sampling.n, config.tile_counts())
     generated_from, generated_from_at = time.monotonic(), time.time()
     try:
         tally = generate(config, work, store, reader.quarantine) if work else Tally()

@@ -48,7 +48,7 @@ def test_help_imports_no_engine_or_trainer():
 
 def test_guide_sampling_flags_map_to_our_settings():
     dropout = config_from_args(DropoutNTPConfig, parse(GUIDE_DROPOUT))
-    assert dropout.engine == EngineConfig("M", tensor_parallel_size=8, max_num=6, dynamic=True)
+    assert dropout.engine == EngineConfig("M", tensor_parallel_size=8, max_num=[6], dynamic=True)
     assert dropout.sampling == SamplingConfig(n=1, top_k=50, temperature=1.0)
     assert (dropout.prompt_path, dropout.out_dir, dropout.batch_size, dropout.sample_max_num, dropout.start_ratio) == (
         "p.jsonl", "OUT", 1, 500000, 0.5)

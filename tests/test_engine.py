@@ -71,7 +71,7 @@ def model_dir(tmp_path, architecture: str) -> str:
 
 def test_explicit_settings_win_and_tiling_reaches_the_processor(tmp_path):
     model = model_dir(tmp_path, "InternVLChatModel")
-    config = EngineConfig(model=model, gpu_memory_utilization=0.5, enforce_eager=False, dtype="bfloat16", max_num=6, dynamic=True)
+    config = EngineConfig(model=model, gpu_memory_utilization=0.5, enforce_eager=False, dtype="bfloat16", max_num=[6], dynamic=True)
     kwargs = _engine_kwargs(config)
     assert (kwargs["gpu_memory_utilization"], kwargs["enforce_eager"], kwargs["dtype"]) == (0.5, False, "bfloat16")
     assert kwargs["mm_processor_kwargs"] == {"dynamic_image_size": True, "max_dynamic_patch": 6}
@@ -79,18 +79,19 @@ def test_explicit_settings_win_and_tiling_reaches_the_processor(tmp_path):
 
 def test_tiling_names_follow_the_model_architecture(tmp_path):
     # Each InternVL processor refuses the other family's names at engine start: only its own may go in.
-    hf = EngineConfig(model=model_dir(tmp_path / "hf", "InternVLForConditionalGeneration"), max_num=12, dynamic=True)
+    hf = EngineConfig(model=model_dir(tmp_path / "hf", "InternVLForConditionalGeneration"), max_num=[12], dynamic=True)
     assert hf.tiling_kwargs() == {"crop_to_patches": True, "max_patches": 12}
-    remote = EngineConfig(model=model_dir(tmp_path / "remote", "InternVLChatModel"), max_num=6)
+    remote = EngineConfig(model=model_dir(tmp_path / "remote", "InternVLChatModel"), max_num=[6])
     assert remote.tiling_kwargs() == {"dynamic_image_size": False, "max_dynamic_patch": 6} and remote.tiling_note() is None
     assert EngineConfig(model=model_dir(tmp_path / "none", "InternVLChatModel")).tiling_kwargs() == {}  # the processor's own
 
 
 def test_tiling_on_a_model_without_it_has_no_effect_and_says_so(tmp_path):
     # the guide's commands pass --dynamic --max-num 6 for any model: accepted, nothing reaches the processor
-    idefics = EngineConfig(model=model_dir(tmp_path, "Idefics3ForConditionalGeneration"), max_num=6)
-    assert idefics.tiling_kwargs() == {} and "mm_processor_kwargs" not in _engine_kwargs(idefics)
-    assert "Idefics3ForConditionalGeneration sizes images with its processor's own settings" in idefics.tiling_note()
+    llama = EngineConfig(model=model_dir(tmp_path, "LlamaForCausalLM"), max_num=[6])
+    assert llama.tiling_kwargs() == {} and "mm_processor_kwargs" not in _engine_kwargs(llama)
+    assert llama.tile_counts() == [None]  # its samples record no tile count
+    assert "LlamaForCausalLM sizes images with its processor's own settings" in llama.tiling_note()
     with pytest.raises(InputError, match="cannot read the model's architectures"):
         EngineConfig(model=str(tmp_path / "missing"), dynamic=True).tiling_kwargs()
 

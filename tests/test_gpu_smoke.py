@@ -45,7 +45,7 @@ def test_every_planned_command_is_valid_for_our_cli(tmp_path):
     steps, _ = gpu_smoke.plan(tmp_path / "out", tmp_path / "models", gpus=2)
     parsed = {(s.name, s.model, s.tp): cli.build_parser(s.argv[0]).parse_args(s.argv) for s in steps}
     internvl = config_from_args(CorrectnessConfig, parsed[("correctness", TINY_INTERNVL, 2)]).engine
-    assert (internvl.max_num, internvl.dynamic, internvl.tensor_parallel_size) == (6, True, 2)
+    assert (internvl.max_num, internvl.dynamic, internvl.tensor_parallel_size) == ([6], True, 2)
     assert config_from_args(DropoutNTPConfig, parsed[("dropout-ntp", TINY_QWEN, 1)]).sampling.n == 2
     assert parsed[("models", "", None)].model == [TINY_QWEN, TINY_INTERNVL]
 
