@@ -45,11 +45,14 @@ ablate: venv models demo-data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data ablate --config training/configs/smollm2_lora_cpu.yaml \
 		--questions $(DEMO)/arithmetic_heldout.jsonl --questions $(DEMO)/arithmetic_reworded.jsonl $(ABLATE_ARGS)
 
-# Iterative RPO's loop on the demo, outside the data/train budgets: 2 rounds of `make data` + `make train`
-# into out/rounds/round-{1,2}/, round 2 sampling with round 1's merged model and training from it (a rerun resumes).
+# Iterative RPO's loop on the demo, outside the data/train budgets: 2 rounds of sampling (pipelines/rounds_demo.yaml:
+# the arithmetic set, 24 items x 8) + training (make train's config at 12 steps, 64 held-out questions) into
+# out/rounds/round-{1,2}/, round 2 sampling with round 1's merged model and training from it (a rerun resumes).
+# Measured TIMING_PLACEHOLDER
+ROUNDS_TRAIN_SET = --train-set dpo.max_steps=12 --train-set dpo.eval_steps=12 --train-set eval.answers.max_questions=64
 rounds: venv models demo-data
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data rounds --pipeline pipelines/demo.yaml \
-	  --train training/configs/smollm2_lora_cpu.yaml --rounds 2 --out-dir out/rounds
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data rounds --pipeline pipelines/rounds_demo.yaml \
+	  --train training/configs/smollm2_lora_cpu.yaml --rounds 2 --out-dir out/rounds $(ROUNDS_TRAIN_SET)
 
 test: venv models demo-data
 	$(BIN)/python -m pytest -q --durations=15

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +123,7 @@ def run_round(config: RoundsConfig, k: int, previous: dict[str, Any] | None, bas
     if (folder / RECORD).is_file():
         print(f"round {k}: done ({folder / RECORD}), skipped", file=sys.stderr)
         return orjson.loads((folder / RECORD).read_bytes())
+    began = time.monotonic()
     pipeline, stages, train_config = load_round(config, k, previous)
     print(f"round {k}/{config.rounds}: sampling with {previous['model'] if previous else train_config.model.path}", file=sys.stderr)
     run_pipeline(pipeline, stages)
@@ -142,6 +144,7 @@ def run_round(config: RoundsConfig, k: int, previous: dict[str, Any] | None, bas
         "meta": str(pipeline.meta.out),
         "answer_accuracy": summarize(base_verdicts, held_out(model, answers, folder)) if answers.questions else None,
     }
+    record["wall_s"] = round(time.monotonic() - began, 1)  # this run's time on the round (a resumed one: its last run's)
     atomic_write_bytes(folder / RECORD, orjson.dumps(record, option=orjson.OPT_INDENT_2) + b"\n")
     return record
 
