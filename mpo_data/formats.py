@@ -146,11 +146,11 @@ PROMPT_SCHEMAS = {  # what a prompt set's lines hold, per stage
 SAMPLE_SCHEMA = PROMPT_SCHEMAS["correctness-majority"].extend(
     item_id=Key((str,)), sample_index=Key((int,)), prompt=OPTIONAL_TEXT, response=Key((str,)), finish_reason=Key((str,)),
     prompt_tokens=Key((int,), required=False), output_tokens=Key((int,), required=False), prompt_version=OPTIONAL_TEXT,
-    model=OPTIONAL_TEXT, sampling=Key((dict,), required=False),
+    model=OPTIONAL_TEXT, sampling=Key((dict,), required=False), max_num=Key((int,), required=False),
 )
 DROPOUT_SAMPLE_SCHEMA = PROMPT_SCHEMAS["dropout-ntp"].extend(
     item_id=Key((str,)), sample_index=Key((int,), required=False), rejected=TEXT, finish_reason=OPTIONAL_TEXT,
-    output_tokens=Key((int,), required=False), provenance=Key((dict,)),
+    output_tokens=Key((int,), required=False), provenance=Key((dict,)), max_num=Key((int,), required=False),
 )
 # an MMPR pair line (`Pair`), what InternVL's trainer and `mpo-data train` read
 PAIR_SCHEMA = Schema({

@@ -252,6 +252,8 @@ def test_each_record_writer_matches_its_schema():
     prompt = {"image": "a.png", "question": "q?", "answer": "1"}
     sample = Sample("id", 0, prompt, "<image>\nq?", "r", "stop", 3, 4, "en_v2", "m", {"n": 1}).to_dict()
     assert SAMPLE_SCHEMA.problems(sample) == []
+    tiled = Sample("id", 0, prompt, "<image>\nq?", "r", "stop", 3, 4, "en_v2", "m", {"n": 1}, max_num=4).to_dict()
+    assert tiled["max_num"] == 4 and SAMPLE_SCHEMA.problems(tiled) == [] and "max_num" not in sample
     assert set(SAMPLE_SCHEMA.keys) == set(PROMPT_SCHEMAS["correctness"].keys) | Sample.added_keys()  # in step
     pair = Pair("<image>\nq?", "a", "b", "a.png", "q?", "1", {}, {}, {}).to_dict()
     assert PAIR_SCHEMA.problems(pair) == [] and set(pair) == set(PAIR_SCHEMA.keys) == {f.name for f in fields(Pair)}

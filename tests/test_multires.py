@@ -15,7 +15,12 @@ from mpo_data.inputs import PromptReader
 from mpo_data.judge import JudgeConfig
 from mpo_data.pairs import PairsConfig, build_pairs
 from mpo_data.shards import ShardStore, sample_group, stage_dir
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
+from mpo_data.stage_config import (
+    CorrectnessConfig,
+    DropoutNTPConfig,
+    EngineConfig,
+    SamplingConfig,
+)
 from mpo_data.stages import plan_work, run_stage
 
 
