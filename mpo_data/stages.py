@@ -146,8 +146,8 @@ def make_stage(config: StageConfig) -> DropoutNTPStage | CorrectnessStage:
 
 # ---- the shared machinery: engine actors on Ray Data ----
 
-# One work row per (item, tile count) that lacks samples (max_num null: the processor's own tiling). The prompt
-# line stays JSON text: its extra keys are arbitrary.
+# One work row per (item, tile count) that lacks samples (max_num 0: the processor's own tiling; Ray Data's
+# numpy batches would turn a null into NaN). The prompt line stays JSON text: its extra keys are arbitrary.
 WORK_SCHEMA = pa.schema([("item_id", pa.string()), ("loc", pa.string()), ("indices", pa.list_(pa.int64())), ("item", pa.string()),
                          ("max_num", pa.int64())])
 WORK_COLUMNS = tuple(WORK_SCHEMA.names)
@@ -192,9 +192,7 @@ class GenerateBatch:
         return future
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        works = [{**dict(zip(WORK_COLUMNS, row)), "item": orjson.loads(row[3])} for row in zip(*(batch[c] for c in WORK_COLUMNS))]
-        for work in works:
-            work["max_num"] = None if work["max_num"] is None else int(work["max_num"])
+        works = work_rows(batch)
         results = await asyncio.gather(*(asyncio.wrap_future(self._submit(work)) for work in works))
         out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
         for work, result in zip(works, results):
@@ -212,6 +210,20 @@ class GenerateBatch:
         if (pushed := self.progress.push()) is not None:
             await pushed  # the counter holds this call's samples before the driver sees its part
         return out
+
+
+def work_table(work: list[dict[str, Any]]) -> pa.Table:
+    """The planned work rows as WORK_SCHEMA's table (the prompt line as JSON text, no tile count as 0)."""
+    rows = [{**w, "item": orjson.dumps(w["item"]).decode(), "max_num": w["max_num"] or 0} for w in work]
+    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+
+
+def work_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The work rows of one Ray Data batch (columns of numpy values), as `plan_work` made them."""
+    works = [dict(zip(WORK_COLUMNS, row)) for row in zip(*(batch[c] for c in WORK_COLUMNS))]
+    for work in works:
+        work.update(item=orjson.loads(work["item"]), max_num=int(work["max_num"]) or None)
+    return works
 
 
 def _add_row(out: dict[str, list], *values: Any) -> None:
@@ -384,10 +396,9 @@ class Tally:
 
 def work_dataset(work: list[dict[str, Any]], batch_size: int) -> Any:
     """The work rows as a Ray dataset of `batch_size`-row blocks: one block per Ray Data call, one call per part."""
-    import pyarrow as pa
     import ray
 
-    table = pa.Table.from_pylist([{**w, "item": orjson.dumps(w["item"]).decode()} for w in work], schema=WORK_SCHEMA)
+    table = work_table(work)
     return ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(table), batch_size)])
 
 

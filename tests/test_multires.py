@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 
@@ -21,7 +22,7 @@ from mpo_data.stage_config import (
     EngineConfig,
     SamplingConfig,
 )
-from mpo_data.stages import plan_work, run_stage
+from mpo_data.stages import WORK_COLUMNS, plan_work, run_stage, work_rows, work_table
 
 
 def _lines(folder: Path) -> list[dict]:
@@ -81,6 +82,18 @@ def test_work_is_planned_per_item_and_tile_count_and_resumes_by_that_key(tmp_pat
     assert plan_work(vqa, done, 2, [1]) == []  # a value dropped from the list: its samples stay, nothing to do
     assert store.totals()["items"] == 2  # prompt items, whatever their tile counts
     assert sample_group("abc", None) == "abc" and sample_group("abc", 6) == "abc@6"
+
+
+def test_work_rows_travel_through_a_ray_data_batch_unchanged(demo_dir):
+    """Ray Data hands an actor numpy columns: the rows it rebuilds are the planned ones, tile count or none."""
+    vqa = list(PromptReader(str(demo_dir / "easy_vqa.jsonl"), "correctness", "vqa", demo_dir / "images"))[:1]
+    text = list(PromptReader(str(demo_dir / "arithmetic.jsonl"), "correctness", "arith"))[:1]
+    work = plan_work(vqa + text, {}, 2, [1, 4])
+    table = work_table(work)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in WORK_COLUMNS}
+    rebuilt = work_rows(batch)
+    assert [(w["max_num"], type(w["indices"][0])) for w in rebuilt] == [(1, np.int64), (4, np.int64), (None, np.int64)]
+    assert [{**w, "indices": list(map(int, w["indices"]))} for w in rebuilt] == work
 
 
 def test_pairs_never_mix_tile_counts(tmp_path):
