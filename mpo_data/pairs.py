@@ -78,6 +78,13 @@ class PairsConfig:
                   "items under it, or with two answers tied at the top, are counted and dropped. 0.5 keeps items "
                   "where at least half of the samples agree."},
     )
+    accuracy_range: tuple[float, float] | None = field(
+        default=None,
+        metadata={"help": "Correctness datasets: make pairs only from items whose sampled accuracy (the share of their "
+                  "judged samples that are correct) lies within [LO, HI], e.g. 0.2 0.8 as InternVL3.5's MMPR-Tiny; "
+                  "items outside are counted (items_outside_accuracy_range) and their correct samples still go to "
+                  "pos_items/. None: every item.", "metavar": ("LO", "HI")},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of pair sampling; same seed, same output."})
     on_error: OnError = field(
         default="fail", metadata={"help": "Bad sample lines: fail naming FILE:LINE, or skip them to SAVE_DIR/quarantine/ with counts."}
@@ -183,6 +190,11 @@ def is_degenerate(text: str) -> bool:
             return True
     tail = text[-_TAIL_CHARS:].encode()
     return len(tail) >= 400 and len(zlib.compress(tail)) < 0.1 * len(tail)
+
+
+def in_range(accuracy: float, bounds: tuple[float, float] | None) -> bool:
+    """Whether an item's sampled accuracy passes --accuracy-range (inclusive at both ends; None: always)."""
+    return bounds is None or bounds[0] <= accuracy <= bounds[1]
 
 
 def fix_answer(response: str, span: list[int] | None, answer: str) -> str:
@@ -403,6 +415,9 @@ class CorrectnessPairs:
             prompt = {k: v for k, v in samples[0].items() if k not in SAMPLE_KEYS}
             self.out.write(self.paths["neg"], prompt)
             return
+        if not in_range(len(positives) / len(judged), self.config.accuracy_range):
+            self.counts["items_outside_accuracy_range"] += 1
+            return
         chosen = [
             (s, fix_answer(s["response"], s.get("answer_span"), label.answer) if self.config.answer_fix else s["response"])
             for s in positives
@@ -501,6 +516,8 @@ def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
     """Every dataset below data_dir -> pair files; returns (and writes) the per-dataset summary."""
     if not 0 < config.majority_threshold <= 1:
         raise InputError(f"--majority-threshold must be within (0, 1], got {config.majority_threshold}")
+    if config.accuracy_range is not None and not 0 <= config.accuracy_range[0] <= config.accuracy_range[1] <= 1:
+        raise InputError(f"--accuracy-range must be LO HI with 0 <= LO <= HI <= 1, got {list(config.accuracy_range)}")
     datasets = find_datasets(config.data_dir)
     config.save_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(config.save_dir)
