@@ -140,10 +140,23 @@ def ablate(config: AblationConfig, overrides: list[str] = ()) -> dict[str, Any]:
     return result
 
 
+def logp_changes(out: Path, variant: str, seeds: list[int]) -> dict[str, float | None]:
+    """Mean change (after - before training) of the summed log-prob of chosen and of rejected on the run's
+    held-out pairs (eval.json), averaged over seeds; None where the runs scored no pairs (eval.pairs: 0)."""
+    evals = [json.loads((out / run_name(variant, s) / "eval.json").read_text()) for s in seeds]
+    if any("before" not in e for e in evals):
+        return {"chosen_logp_change": None, "rejected_logp_change": None, "logp_pairs": 0}
+    change = lambda key: round(sum(e["after"][key] - e["before"][key] for e in evals) / len(evals), 2)  # noqa: E731
+    return {"chosen_logp_change": change("mean_chosen_logp"), "rejected_logp_change": change("mean_rejected_logp"),
+            "logp_pairs": evals[0]["pairs"]}
+
+
 def table_data(out: Path, variants: list[str], seeds: list[int], question_sets: list[str]) -> dict[str, Any]:
-    """Per set: base accuracy; per variant, accuracy per seed and the paired difference to sft over all seeds."""
+    """Per set: base accuracy; per variant, accuracy per seed and the paired difference to sft over all seeds,
+    and how training moved the chosen and rejected log-probs (`logp_changes`)."""
     from mpo_data.answer_accuracy import paired_difference_ci
 
+    changes = {variant: logp_changes(out, variant, seeds) for variant in variants}
     sets = {}
     for q in question_sets:
         base = verdicts(out / "base", q)
@@ -159,23 +172,27 @@ def table_data(out: Path, variants: list[str], seeds: list[int], question_sets: 
                 "mean": round(sum(pooled) / len(pooled), 4),
                 "diff_vs_sft": round((sum(pooled) - sum(pooled_baseline)) / len(pooled), 4),
                 "diff_vs_sft_ci": [round(x, 4) for x in paired_difference_ci(pooled_baseline, pooled)],
-                "train_seconds": summary["train_seconds"], "steps": summary["steps"],
+                "train_seconds": summary["train_seconds"], "steps": summary["steps"], **changes[variant],
             }
         sets[Path(q).stem] = {"questions": len(base), "base": round(sum(base) / len(base), 4), "variants": rows}
     return {"seeds": seeds, "baseline": BASELINE, "sets": sets}
 
 
 def describe(result: dict[str, Any]) -> str:
-    """One Markdown table: every set and variant, accuracy per seed, mean, and the paired difference to sft."""
+    """One Markdown table: every set and variant, accuracy per seed, mean, the paired difference to sft, and
+    the change of the chosen / rejected log-probs on the held-out pairs (train s: seed 0's training time)."""
     seeds = result["seeds"]
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
-    lines = [f"| set (questions) | variant | {' | '.join(f'seed {s}' for s in seeds)} | mean | vs sft, points [95% paired] | steps, train s |",
-             "| --- | --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- |"]
+    nats = lambda x: "n/a" if x is None else f"{x:+.1f}"  # noqa: E731
+    lines = [f"| set (questions) | variant | {' | '.join(f'seed {s}' for s in seeds)} | mean | vs sft, points [95% paired] | "
+             "Δ logp chosen / rejected | steps, train s |",
+             "| --- | --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- |"]
     for name, data in result["sets"].items():
-        lines.append(f"| {name} ({data['questions']}) | base | {' | '.join(pct(data['base']) for _ in seeds)} | {pct(data['base'])} | | |")
+        lines.append(f"| {name} ({data['questions']}) | base | {' | '.join(pct(data['base']) for _ in seeds)} | {pct(data['base'])} | | | |")
         for variant, row in data["variants"].items():
             low, high = row["diff_vs_sft_ci"]
             diff = "" if variant == result["baseline"] else f"{100 * row['diff_vs_sft']:+.1f} [{pct(low)}, {pct(high)}]"
             lines.append(f"| {name} | {variant} | {' | '.join(pct(row['accuracy'][str(s)]) for s in seeds)} | "
-                         f"{pct(row['mean'])} | {diff} | {row['steps']}, {row['train_seconds']:.0f} |")
+                         f"{pct(row['mean'])} | {diff} | {nats(row['chosen_logp_change'])} / {nats(row['rejected_logp_change'])} | "
+                         f"{row['steps']}, {row['train_seconds']:.0f} |")
     return "\n".join(lines)

@@ -66,16 +66,20 @@ class Scores:
 
 
 def preference_metrics(s: Scores, beta: float) -> dict[str, dict[str, float]]:
-    """Accuracy and mean margins, before (reference) and after (policy)."""
+    """Accuracy and mean margins, before (reference) and after (policy), and the mean summed log-prob of chosen
+    and of rejected: after minus before says whether training raised or lowered each (likelihood displacement:
+    chosen falls too)."""
     n = len(s.policy_chosen)
     before = [c - r for c, r in zip(s.ref_chosen, s.ref_rejected)]
     after = [c - r for c, r in zip(s.policy_chosen, s.policy_rejected)]
     rewards = [beta * (a - b) for a, b in zip(after, before)]
     return {
         "before": {"logp_accuracy": sum(m > 0 for m in before) / n, "mean_logp_margin": sum(before) / n,
-                   "reward_accuracy": 0.0, "mean_reward_margin": 0.0},
+                   "reward_accuracy": 0.0, "mean_reward_margin": 0.0,
+                   "mean_chosen_logp": sum(s.ref_chosen) / n, "mean_rejected_logp": sum(s.ref_rejected) / n},
         "after": {"logp_accuracy": sum(m > 0 for m in after) / n, "mean_logp_margin": sum(after) / n,
-                  "reward_accuracy": sum(r > 0 for r in rewards) / n, "mean_reward_margin": sum(rewards) / n},
+                  "reward_accuracy": sum(r > 0 for r in rewards) / n, "mean_reward_margin": sum(rewards) / n,
+                  "mean_chosen_logp": sum(s.policy_chosen) / n, "mean_rejected_logp": sum(s.policy_rejected) / n},
     }
 
 
