@@ -184,8 +184,8 @@ def describe(result: dict[str, Any]) -> str:
     seeds = result["seeds"]
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     nats = lambda x: "n/a" if x is None else f"{x:+.1f}"  # noqa: E731
-    lines = [f"| set (questions) | variant | {' | '.join(f'seed {s}' for s in seeds)} | mean | vs sft, points [95% paired] | "
-             "Δ logp chosen / rejected | steps, train s |",
+    lines = [(f"| set (questions) | variant | {' | '.join(f'seed {s}' for s in seeds)} | mean | vs sft, points [95% paired] | "
+              "Δ logp chosen / rejected | steps, train s |"),
              "| --- | --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- |"]
     for name, data in result["sets"].items():
         lines.append(f"| {name} ({data['questions']}) | base | {' | '.join(pct(data['base']) for _ in seeds)} | {pct(data['base'])} | | | |")
