@@ -16,15 +16,15 @@ import orjson
 
 from mpo_data.config import apply_overrides, at, build, canonical, load_yaml, merge, unknown_keys
 from mpo_data.errors import InputError
-from mpo_data.formats import write_meta
-from mpo_data.inputs import validate_file
-from mpo_data.jsonl import atomic_write_bytes, writable_problem
-from mpo_data.meta import MetaConfig, build_meta, count_pairs
-from mpo_data.pairs import PairsConfig, build_pairs
+from mpo_data.records.formats import write_meta
+from mpo_data.records.inputs import validate_file
+from mpo_data.records.jsonl import atomic_write_bytes, writable_problem
+from mpo_data.preference.meta import MetaConfig, build_meta, count_pairs
+from mpo_data.preference.pairs import PairsConfig, build_pairs
 from mpo_data.runlock import holds
-from mpo_data.shards import ShardStore, samples_root, shard_folders
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
-from mpo_data.stages import check_context, connect_ray, run_stage
+from mpo_data.records.shards import ShardStore, samples_root, shard_folders
+from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
+from mpo_data.sampling.stages import check_context, connect_ray, run_stage
 
 STAGES = {"correctness": CorrectnessConfig, "dropout-ntp": DropoutNTPConfig}
 

@@ -10,8 +10,8 @@ import pytest
 
 from mpo_data.cli import COMMANDS, build_parser, main
 from mpo_data.config import build, config_from_args
-from mpo_data.pairs import PairsConfig
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig, StageConfig
+from mpo_data.preference.pairs import PairsConfig
+from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig, StageConfig
 
 HEAVY = ("torch", "transformers", "vllm", "ray")
 

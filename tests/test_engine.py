@@ -14,25 +14,24 @@ import pytest
 from PIL import Image
 
 from mpo_data import cli
-from mpo_data.engine import (
+from mpo_data.sampling.engine import (
     Engine,
     EngineConfig,
     EngineFeeder,
     GenerationRequest,
     SamplingConfig,
-    batches,
     _engine_kwargs,
     _result,
     cpu_has_bf16,
     cpu_thread_binding,
-    generate_rows,
     own_compile_cache,
     request_seed,
 )
 from mpo_data.errors import InputError
-from mpo_data.inputs import PromptReader
-from mpo_data.jsonl import read_jsonl
-from mpo_data.models import IMAGE_SEQ_LEN
+from mpo_data.sampling.sample import batches, generate_rows
+from mpo_data.records.inputs import PromptReader
+from mpo_data.records.jsonl import read_jsonl
+from mpo_data.tools.model_folders import IMAGE_SEQ_LEN
 
 ENGINES = ["text_engine", "vlm_engine"]
 PREFIX = "The answer is"

@@ -10,11 +10,11 @@ import orjson
 import pytest
 from PIL import Image
 
-from mpo_data import images
+from mpo_data.records import images
 from mpo_data.errors import InputError
-from mpo_data.formats import MetaEntry, PromptItem, make_item_id, read_meta, write_meta
-from mpo_data.inputs import PromptReader, validate_file
-from mpo_data.jsonl import AtomicFile, write_jsonl
+from mpo_data.records.formats import MetaEntry, PromptItem, make_item_id, read_meta, write_meta
+from mpo_data.records.inputs import PromptReader, validate_file
+from mpo_data.records.jsonl import AtomicFile, write_jsonl
 
 
 @pytest.fixture
@@ -241,13 +241,13 @@ def test_pair_lines_need_one_placeholder_per_image(tmp_path, root):
 def test_each_record_writer_matches_its_schema():
     from dataclasses import fields
 
-    from mpo_data.engine import Completion
-    from mpo_data.formats import (
+    from mpo_data.sampling.engine import Completion
+    from mpo_data.records.formats import (
         DROPOUT_SAMPLE_SCHEMA, META_ENTRY_SCHEMA, PAIR_SCHEMA, PROMPT_SCHEMAS, SAMPLE_SCHEMA, Pair, Sample,
     )
-    from mpo_data.judge import Verdict
-    from mpo_data.stage_config import DropoutNTPConfig, EngineConfig
-    from mpo_data.stages import DropoutNTPStage
+    from mpo_data.preference.judge import Verdict
+    from mpo_data.sampling.stage_config import DropoutNTPConfig, EngineConfig
+    from mpo_data.sampling.dropout_ntp import DropoutNTPStage
 
     prompt = {"image": "a.png", "question": "q?", "answer": "1"}
     sample = Sample("id", 0, prompt, "<image>\nq?", "r", "stop", 3, 4, "en_v2", "m", {"n": 1}).to_dict()

@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from mpo_data.jsonl import read_jsonl
-from mpo_data.shards import stage_dir
+from mpo_data.records.jsonl import read_jsonl
+from mpo_data.records.shards import stage_dir
 
 ITEMS, PER_ITEM = 12, 2
 

@@ -20,28 +20,24 @@ import pytest
 from PIL import Image
 
 from mpo_data import cli
-from mpo_data.engine import Completion
+from mpo_data.sampling.engine import Completion
 from mpo_data.errors import InputError
-from mpo_data.formats import PromptItem, Sample
-from mpo_data.jsonl import read_jsonl, write_jsonl
-from mpo_data import shards
-from mpo_data.pairs import find_datasets
-from mpo_data.progress import StageProgress
-from mpo_data.shards import ShardStore, missing_indices, select_range, stage_dir
-from mpo_data.prompts import render, user_prompt
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
-from mpo_data.stages import (
-    CorrectnessStage,
-    DropoutNTPStage,
+from mpo_data.records.formats import PromptItem, Sample
+from mpo_data.records.jsonl import read_jsonl, write_jsonl
+from mpo_data.records import shards
+from mpo_data.preference.pairs import find_datasets
+from mpo_data.sampling.progress import StageProgress
+from mpo_data.records.shards import ShardStore, missing_indices, select_range, stage_dir
+from mpo_data.sampling.prompts import render, user_prompt
+from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
+from mpo_data.sampling.correctness import CorrectnessStage
+from mpo_data.sampling.dropout_ntp import DropoutNTPStage, collapse_whitespace, cut_prefix, drop_reason, join_continuation
+from mpo_data.sampling.stages import (
     PlacementGroups,
     actor_resources,
     calls_per_actor,
     check_context,
     cpu_shortfall,
-    cut_prefix,
-    drop_reason,
-    join_continuation,
-    normalize,
     _resolved,
     plan_work,
     read_prompts,
@@ -91,7 +87,7 @@ def test_join_continuation_keeps_the_models_own_space():
 )
 def test_drop_reason(text, finish, reason):
     assert drop_reason(Completion(text, 5, finish), rest="circle on a white background.") == reason
-    assert normalize(" a \n b ") == "a b"
+    assert collapse_whitespace(" a \n b ") == "a b"
 
 
 def test_select_range_follows_internvl():
@@ -371,7 +367,7 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
     for row in kept:
         prefix, rest = cut_prefix(row["chosen"], 0.5)
         assert row["rejected"].startswith(row["chosen"][: len(prefix)]) and len(row["rejected"]) > len(prefix)
-        assert normalize(row["rejected"]) != normalize(row["chosen"]) and "  " not in row["rejected"][len(prefix) - 1 : len(prefix) + 2]
+        assert collapse_whitespace(row["rejected"]) != collapse_whitespace(row["chosen"]) and "  " not in row["rejected"][len(prefix) - 1 : len(prefix) + 2]
         assert row["finish_reason"] == "stop" and row["output_tokens"] > 0
         assert row["provenance"] == {
             "model": "smollm2-135m-instruct", "stage": "dropout-ntp", "start_ratio": 0.5, "load_image": False,
@@ -481,7 +477,7 @@ def test_private_ray_starts_when_the_caller_imported_ray_first():
     # Ray reads its auth mode at import: setting it afterwards started a GCS that refused this driver
     # (seen in bench-scale, whose raw-vLLM run imports ray before the stage starts). With RAY_AUTH_MODE unset
     # Ray logs its token-authentication notice as a WARNING: it goes to the driver log, not to the terminal.
-    code = ("import ray\nfrom mpo_data import ray_logs\nfrom mpo_data.stages import connect_ray\nassert connect_ray(None)\n"
+    code = ("import ray\nfrom mpo_data.sampling import ray_logs\nfrom mpo_data.sampling.stages import connect_ray\nassert connect_ray(None)\n"
             "print(ray.cluster_resources()['CPU'], ray_logs.folder())\nray.shutdown()")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
@@ -494,7 +490,7 @@ def test_private_ray_starts_when_the_caller_imported_ray_first():
 @pytest.mark.ray
 def test_private_ray_runs_its_workers_at_the_drivers_priority():
     # Ray's default nice 15 for workers made engine actors yield the CPU to every other process (raw vLLM runs at 0)
-    code = ("import os, ray\nfrom mpo_data.stages import connect_ray\nassert connect_ray(None)\n"
+    code = ("import os, ray\nfrom mpo_data.sampling.stages import connect_ray\nassert connect_ray(None)\n"
             "print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\nray.shutdown()")
     env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
@@ -505,10 +501,10 @@ def test_private_ray_runs_its_workers_at_the_drivers_priority():
 _TWO_DATASETS_ON_FAKE_GPUS = """
 import json, sys, ray
 from dataclasses import replace
-from mpo_data import ray_logs
+from mpo_data.sampling import ray_logs
 from mpo_data.errors import ClusterError
-from mpo_data.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
-from mpo_data.stages import run_stage
+from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
+from mpo_data.sampling.stages import run_stage
 # as many CPUs as GPUs (a 2-GPU Slurm allocation with --cpus-per-task=2): the engine's group takes every CPU
 ray_logs.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
 model, prompts, images, out = sys.argv[1:5]

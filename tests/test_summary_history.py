@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from mpo_data.jsonl import read_jsonl
-from mpo_data.shards import ShardStore
+from mpo_data.records.jsonl import read_jsonl
+from mpo_data.records.shards import ShardStore
 
 
 def run(output_tokens: float, generation_s: float, samples: int) -> dict:

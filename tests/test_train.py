@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mpo_data import evaluate
+from mpo_data.train import preference_eval
 from mpo_data.errors import InputError
-from mpo_data.formats import MetaEntry, write_meta
-from mpo_data.jsonl import current_umask
-from mpo_data.train_config import load
-from mpo_data.train_data import PairLoader, repeat_indices
+from mpo_data.records.formats import MetaEntry, write_meta
+from mpo_data.records.jsonl import current_umask
+from mpo_data.train.config import load
+from mpo_data.train.data import PairLoader, repeat_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VLM = ROOT / "models" / "tiny-smolvlm"
@@ -50,7 +50,7 @@ def test_meta_sampling_follows_internvls_row_rule(pairs, repeat_time, rows):
 def test_repeat_indices_on_awkward_lengths():
     import random
 
-    from mpo_data.meta import active_rows
+    from mpo_data.preference.meta import active_rows
 
     for length in (1, 3, 7, 13, 100):
         for r in (0.1, 0.5, 0.99, 1, 1.5, 2.25, 3.7):
@@ -136,7 +136,7 @@ def test_config_errors_name_key_and_file(tmp_path):
         load(CONFIG, ["model.finetune=dora"])
     with pytest.raises(InputError, match=r"model.use_dora: DoRA is an adapter method"):
         load(CONFIG, ["model.finetune=full", "model.use_dora=true"])
-    from mpo_data.train import dpo_config, peft_config, quantization_config
+    from mpo_data.train.recipe import dpo_config, peft_config, quantization_config
 
     assert peft_config(load(CONFIG, ["model.finetune=lora", "model.use_dora=true"])).use_dora is True
     assert peft_config(load(CONFIG, ["model.finetune=lora"])).use_dora is False
@@ -183,15 +183,15 @@ def test_batched_logps_match_hand_computation_and_metrics(pairs):
     model = Idefics3ForConditionalGeneration.from_pretrained(TINY_VLM, dtype=torch.float32).eval()
     rows = PairLoader().read_meta(pairs / "meta.json", seed=0).rows
     batch = [rows[2], rows[4], rows[5]]  # two images, one image with a long rejected, text-only: padding everywhere
-    chosen, rejected = evaluate.completion_logps(model, evaluate.collate(batch, processor))
+    chosen, rejected = preference_eval.completion_logps(model, preference_eval.collate(batch, processor))
     for i, row in enumerate(batch):
         c, r = hand_logp(model, processor, row)
         assert chosen[i].item() == pytest.approx(c, abs=1e-3)
         assert rejected[i].item() == pytest.approx(r, abs=1e-3)
 
-    s = evaluate.Scores(policy_chosen=[-1.0, -5.0, -2.0], policy_rejected=[-2.0, -4.0, -2.0],
+    s = preference_eval.Scores(policy_chosen=[-1.0, -5.0, -2.0], policy_rejected=[-2.0, -4.0, -2.0],
                         ref_chosen=[-3.0, -4.0, -2.5], ref_rejected=[-2.0, -4.0, -2.0])
-    m = evaluate.preference_metrics(s, beta=0.1)
+    m = preference_eval.preference_metrics(s, beta=0.1)
     # before margins: -1, 0, -0.5 ; after: 1, -1, 0 ; rewards 0.1*(2, -1, 0.5)
     assert m["before"] == {"logp_accuracy": 0.0, "mean_logp_margin": pytest.approx(-0.5), "reward_accuracy": 0.0,
                            "mean_reward_margin": 0.0}
@@ -204,7 +204,7 @@ def test_batched_logps_match_hand_computation_and_metrics(pairs):
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_two_mpo_steps_on_tiny_vlm(pairs, tmp_path, finetune):
     from mpo_data import cli
-    from mpo_data.train import train
+    from mpo_data.train.recipe import train
 
     out = tmp_path / f"run_{finetune}"
     config = load(CONFIG, [f"data.meta={pairs / 'meta.json'}", f"output_dir={out}", f"model.finetune={finetune}",
@@ -230,28 +230,28 @@ def test_two_mpo_steps_on_tiny_vlm(pairs, tmp_path, finetune):
 
 
 def test_long_rows_dropped_up_front_with_count(pairs, tmp_path):
-    from mpo_data.train import load_processing_class, prepare_rows
+    from mpo_data.train.recipe import load_processing_class, prepare_rows
 
     processor = load_processing_class(str(TINY_VLM))
     config = load(CONFIG, [f"data.meta={pairs / 'meta.json'}", f"output_dir={tmp_path / 'run'}", "data.eval_size=1"])
     rows = PairLoader().read_meta(pairs / "meta.json", seed=0).rows
-    lengths = sorted(evaluate.pair_length(row, processor) for row in rows)
+    lengths = sorted(preference_eval.pair_length(row, processor) for row in rows)
     limit = lengths[4]
     train, held, info = prepare_rows(config, processor, max_length=limit)
     dropped = sum(n > limit for n in lengths)
     assert dropped > 0 and info["skipped"] == {"too long": dropped}
     assert len(train) + len(held) == 8 - dropped
-    assert all(evaluate.pair_length(r, processor) <= limit for r in train + held)
+    assert all(preference_eval.pair_length(r, processor) <= limit for r in train + held)
     quarantined = (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()
     assert len(quarantined) == dropped and f"over max_length={limit}" in quarantined[0]
 
 
 def test_text_model_batches_mask_exactly_the_completions(pairs):
-    from mpo_data.train import load_processing_class
+    from mpo_data.train.recipe import load_processing_class
 
     tokenizer = load_processing_class(str(ROOT / "models" / "smollm2-135m-instruct"))
     rows = PairLoader(text_only=True, on_error="skip").read_meta(pairs / "meta.json", seed=0).rows
-    batch = evaluate.collate(rows, tokenizer)
+    batch = preference_eval.collate(rows, tokenizer)
     n = len(rows)
     for i, row in enumerate(rows):
         for half, key in ((0, "chosen"), (n, "rejected")):
@@ -263,7 +263,7 @@ def test_text_model_batches_mask_exactly_the_completions(pairs):
 def test_bco_pair_with_delta_is_the_papers_formula_on_known_rewards():
     import math
 
-    from mpo_data.mpo_trainer import RunningMean, bco_pair_loss
+    from mpo_data.train.mpo_trainer import RunningMean, bco_pair_loss
 
     chosen, rejected = torch.tensor([0.3, -0.1]), torch.tensor([-0.2, 0.5])
     softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  (-log sigmoid(z) = softplus(-z))
@@ -303,13 +303,13 @@ def _hand_mpo_loss(policy, reference, batch, beta: float, weights: tuple[float, 
 def test_mpo_trainer_loss_matches_the_hand_formula_on_fixed_batches(pairs, tmp_path):
     """The real trainer on the tiny SmolVLM (image and text rows): TRL's sigmoid and sft terms plus our bco_pair,
     delta the running mean of the batch rewards; bco_delta=false is TRL's bco_pair (delta 0)."""
-    from mpo_data.mpo_trainer import MPOTrainer
-    from mpo_data.train import dpo_config, load_processing_class, to_dataset
+    from mpo_data.train.mpo_trainer import MPOTrainer
+    from mpo_data.train.recipe import dpo_config, load_processing_class, to_dataset
 
     config = load(CONFIG, [f"data.meta={pairs / 'meta.json'}", f"output_dir={tmp_path / 'run'}"])
     processor = load_processing_class(str(TINY_VLM))
     rows = PairLoader().read_meta(pairs / "meta.json", seed=0).rows
-    batches = [evaluate.collate([rows[2], rows[5]], processor), evaluate.collate([rows[4], rows[0]], processor)]
+    batches = [preference_eval.collate([rows[2], rows[5]], processor), preference_eval.collate([rows[4], rows[0]], processor)]
     losses = {}
     for bco_delta in (True, False):
         torch.manual_seed(0)

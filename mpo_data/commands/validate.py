@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from mpo_data.inputs import validate_file
+from mpo_data.records.inputs import validate_file
 
 
 def add_arguments(parser) -> None:

@@ -1,6 +1,6 @@
 """Loss ablations on one training config: the same pairs, split and budget, one loss mix per run, several seeds.
 
-Each (variant, seed) is one run folder OUT/<variant>-s<seed> trained by `mpo_data.train.train` with the
+Each (variant, seed) is one run folder OUT/<variant>-s<seed> trained by `mpo_data.train.recipe.train` with the
 variant's `dpo.loss_type` / `dpo.loss_weights` / `bco_delta` and `dpo.seed=<seed>`; `data.seed` stays the
 config's, so every run sees the same pairs and held-out split (the seed moves the adapter init and batch order).
 Then the trained model answers every question set (vLLM, greedy, our judge; answer_accuracy.py), written to
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mpo_data.errors import InputError
-from mpo_data.jsonl import atomic_write_bytes
-from mpo_data.train_config import MPO_DEFAULTS
+from mpo_data.records.jsonl import atomic_write_bytes
+from mpo_data.train.config import MPO_DEFAULTS
 
 # variant -> (loss_type, loss_weights, bco_delta). InternVL's mix (loss_type sigmoid,bco_pair at 0.8/0.2 with
 # rpo_alpha=1 NLL, a token mean, and RunningMoments delta) is `mpo` term for term; `mpo_trl` is TRL's bco_pair.
@@ -80,10 +80,10 @@ def answer_sets(model, question_sets: list[str], folder: Path, args) -> None:
     """Answer and judge every set not yet answered in `folder` with one vLLM engine for `model`."""
     from dataclasses import replace
 
-    from mpo_data import answer_accuracy as aa
-    from mpo_data.engine import Engine
-    from mpo_data.jsonl import write_jsonl
-    from mpo_data.stage_config import EngineConfig
+    from mpo_data.train import answer_accuracy as aa
+    from mpo_data.sampling.engine import Engine
+    from mpo_data.records.jsonl import write_jsonl
+    from mpo_data.sampling.stage_config import EngineConfig
 
     todo = [q for q in question_sets if not answers_path(folder, q).is_file()]
     if not todo:
@@ -103,7 +103,7 @@ def answer_sets(model, question_sets: list[str], folder: Path, args) -> None:
 
 
 def verdicts(folder: Path, question_set: str) -> list[bool]:
-    from mpo_data.jsonl import read_jsonl
+    from mpo_data.records.jsonl import read_jsonl
 
     return [row["correct"] for _, row in read_jsonl(answers_path(folder, question_set))]
 
@@ -112,9 +112,9 @@ def ablate(config: AblationConfig, overrides: list[str] = ()) -> dict[str, Any]:
     """Train what is missing, answer what is missing, return (and write to OUT/ablation.json) the table data."""
     from dataclasses import replace
 
-    from mpo_data import answer_accuracy as aa
-    from mpo_data.train import train
-    from mpo_data.train_config import load
+    from mpo_data.train import answer_accuracy as aa
+    from mpo_data.train.recipe import train
+    from mpo_data.train.config import load
 
     variants = check(config)
     out = Path(config.out)
@@ -142,7 +142,7 @@ def ablate(config: AblationConfig, overrides: list[str] = ()) -> dict[str, Any]:
 
 def table_data(out: Path, variants: list[str], seeds: list[int], question_sets: list[str]) -> dict[str, Any]:
     """Per set: base accuracy; per variant, accuracy per seed and the paired difference to sft over all seeds."""
-    from mpo_data.answer_accuracy import paired_difference_ci
+    from mpo_data.stats import paired_difference_ci
 
     sets = {}
     for q in question_sets:

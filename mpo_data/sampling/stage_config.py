@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from mpo_data.errors import InputError, OnError
-from mpo_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
+from mpo_data.sampling.prompts import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
 
 
 # InternVL's two processors name the same tiling settings differently, and each refuses the other's names
@@ -196,7 +196,7 @@ class StageConfig:
 
     @property
     def prompt_kind(self) -> str:
-        """The prompt line schema it reads (mpo_data.formats.PROMPT_SCHEMAS)."""
+        """The prompt line schema it reads (mpo_data.records.formats.PROMPT_SCHEMAS)."""
         return self.stage
 
     @property
@@ -273,7 +273,7 @@ class CorrectnessConfig(StageConfig):
     )
     prompt_version: str = field(
         default=DEFAULT_PROMPT_VERSION,
-        metadata={"help": "Answer-format template of mpo_data.prompts, InternVL's names (the judge checks that format; "
+        metadata={"help": "Answer-format template of mpo_data.sampling.prompts, InternVL's names (the judge checks that format; "
                   "InternVL requires the flag, we default to en_v2).", "choices": tuple(PROMPT_VERSIONS)},
     )
     labels: Literal["answer", "majority"] = field(

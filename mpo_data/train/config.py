@@ -14,10 +14,10 @@ from typing import Any
 
 from mpo_data.config import apply_overrides, build, load_yaml
 from mpo_data.errors import InputError, OnError
-from mpo_data.prompts import PROMPT_VERSIONS
+from mpo_data.sampling.prompts import PROMPT_VERSIONS
 
 # The MPO paper's loss mix, as the TRL cookbook sets it: preference (sigmoid), quality (bco_pair), generation (sft);
-# `TrainConfig.bco_delta` makes bco_pair the paper's (reward shift delta, mpo_data/mpo_trainer.py).
+# `TrainConfig.bco_delta` makes bco_pair the paper's (reward shift delta, mpo_data/train/mpo_trainer.py).
 MPO_DEFAULTS: dict[str, Any] = {
     "loss_type": ["sigmoid", "bco_pair", "sft"],
     "loss_weights": [0.8, 0.2, 1.0],

@@ -20,7 +20,7 @@ from transformers import ProcessorMixin
 from trl.data_utils import apply_chat_template
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DataCollatorForVisionPreference
 
-from mpo_data.jsonl import atomic_write_bytes
+from mpo_data.records.jsonl import atomic_write_bytes
 
 
 def collate(rows: list[dict[str, Any]], processing_class) -> dict[str, torch.Tensor]:
@@ -108,7 +108,7 @@ def score(policy, reference, rows: list[dict], processing_class, batch_size: int
 
 
 @torch.no_grad()
-def generate(model, processing_class, row: dict[str, Any], max_new_tokens: int) -> str:
+def greedy_answer(model, processing_class, row: dict[str, Any], max_new_tokens: int) -> str:
     """Greedy answer to one held-out prompt (cookbook section 4)."""
     device = next(model.parameters()).device
     if isinstance(processing_class, ProcessorMixin):
@@ -131,7 +131,7 @@ def prompt_text(row: dict[str, Any]) -> str:
     return content if isinstance(content, str) else " ".join(p.get("text") or "<image>" for p in content)
 
 
-def evaluate(policy, reference, processing_class, rows: list[dict], beta: float, eval_args) -> dict[str, Any]:
+def evaluate_preferences(policy, reference, processing_class, rows: list[dict], beta: float, eval_args) -> dict[str, Any]:
     """The eval.json body: preference metrics and before/after generations on held-out rows."""
     scored = rows[: eval_args.pairs]
     result: dict[str, Any] = {"pairs": len(scored), "beta": beta}
@@ -145,8 +145,8 @@ def evaluate(policy, reference, processing_class, rows: list[dict], beta: float,
     generations = []
     for row in rows[: eval_args.generations]:
         with reference_of(policy, reference) as ref:
-            before = generate(ref, processing_class, row, eval_args.max_new_tokens)
-        after = generate(policy, processing_class, row, eval_args.max_new_tokens)
+            before = greedy_answer(ref, processing_class, row, eval_args.max_new_tokens)
+        after = greedy_answer(policy, processing_class, row, eval_args.max_new_tokens)
         generations.append({"prompt": prompt_text(row), "chosen": prompt_text({"prompt": row["chosen"]}),
                             "before": before, "after": after})
     result["generations"] = generations

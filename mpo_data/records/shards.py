@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import orjson
 
 from mpo_data.errors import InputError, output_error
-from mpo_data.jsonl import atomic_write_bytes, dumps, make_dir, read_jsonl, write_jsonl
+from mpo_data.records.jsonl import atomic_write_bytes, dumps, make_dir, read_jsonl, write_jsonl
 
 PART_RE = re.compile(r"^part-(\d+)\.jsonl$")
 GROUP_RE = re.compile(r"^g(\d+)$")

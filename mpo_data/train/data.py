@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpo_data import images
+from mpo_data.records import images
 from mpo_data.errors import ON_ERROR, InputError
-from mpo_data.formats import TRL_ROW_SCHEMA, content_parts, image_list, read_meta
-from mpo_data.inputs import Problem, Quarantine, iter_records, record_problems
-from mpo_data.jsonl import Line
+from mpo_data.records.formats import TRL_ROW_SCHEMA, content_parts, image_list, read_meta
+from mpo_data.records.inputs import Problem, Quarantine, iter_records, record_problems
+from mpo_data.records.jsonl import Line
 
 
 def repeat_indices(length: int, repeat_time: float, rng: random.Random) -> list[int]:
-    """Row indices for one meta.json entry, by InternVL's loader rule (`mpo_data.meta.active_rows`).
+    """Row indices for one meta.json entry, by InternVL's loader rule (`mpo_data.preference.meta.active_rows`).
 
     Below 1: a seeded random `int(length * r)` rows without replacement; from 1 up: `int(r)` whole
     copies (1.5 -> one copy, as InternVL reads it; `mpo-data meta` writes such shares as two entries).

@@ -1,15 +1,15 @@
 """`mpo-data dropout-ntp` and `mpo-data correctness`: sampling with vLLM engines on Ray Data, into resumable shards.
 
-The two stages share all the machinery (prompt reading, InternVL's item selection, resume bookkeeping,
-Ray Data engine actors, atomic parts, progress, summary) and differ only in a small stage object: how an
-item becomes a `GenerationRequest`, and how a completion becomes an output line (or a counted drop).
+The two stages share all the machinery here (prompt reading, InternVL's item selection, resume bookkeeping,
+Ray Data engine actors, atomic parts, progress, summary) and differ only in a small stage object, one module
+each (dropout_ntp.py, correctness.py): how an item becomes a `GenerationRequest`, and how a completion becomes
+an output line (or a counted drop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import sys
 import time
 import warnings
@@ -22,121 +22,18 @@ from typing import Any, ClassVar
 import orjson
 import pyarrow as pa
 
-from mpo_data import images as image_io
-from mpo_data import ray_logs, watchdog
-from mpo_data.engine import Completion, EngineFeeder, GenerationRequest, GenerationResult, request_seed, start_engine
+from mpo_data.records import images as image_io
+from mpo_data.sampling import ray_logs, watchdog
+from mpo_data.sampling.engine import EngineFeeder, GenerationResult, request_seed, start_engine
 from mpo_data.errors import ClusterError, InputError
-from mpo_data.formats import PromptItem, Sample, image_list, strip_placeholders
-from mpo_data.inputs import Problem, PromptReader, Quarantine
-from mpo_data.progress import EngineProgress, Snapshot, StageProgress, start_counter
-from mpo_data.prompts import user_prompt
+from mpo_data.records.formats import PromptItem, image_list
+from mpo_data.records.inputs import Problem, PromptReader, Quarantine
+from mpo_data.sampling.progress import EngineProgress, Snapshot, StageProgress, start_counter
 from mpo_data.runlock import holds
-from mpo_data.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
-
-
-# ---- what differs between the stages: requests in, lines out ----
-
-
-def normalize(text: str) -> str:
-    """Whitespace-insensitive form of a text, for comparing continuations."""
-    return " ".join(text.split())
-
-
-def cut_prefix(chosen: str, start_ratio: float) -> tuple[str, str]:
-    """(prefix, rest) with prefix + rest == chosen: the cut falls after the first int(words x ratio) words,
-    so the prefix is chosen's own text byte for byte (newlines, list markup, double spaces kept) and ends
-    on a word, and the rest starts with the whitespace that followed it."""
-    ends = [m.end() for m in re.finditer(r"\S+", chosen)]
-    keep = int(len(ends) * start_ratio)
-    cut = ends[keep - 1] if keep else 0
-    return chosen[:cut], chosen[cut:]
-
-
-def join_continuation(prefix: str, continuation: str) -> str:
-    """`rejected` text. The prefix ends on a word with no trailing space (a trailing space would make the
-    model start on a lone-space token), so the continuation carries its own leading space, as decoded."""
-    return prefix + continuation if prefix else continuation.lstrip()
-
-
-def drop_reason(completion: Completion, rest: str) -> str | None:
-    """Why a DropoutNTP continuation makes no usable `rejected`, or None if it does."""
-    if not completion.text.strip():
-        return "empty"
-    if completion.finish_reason in ("length", "context"):  # cut at max_new_tokens or by a full context
-        return "max_tokens"
-    if normalize(completion.text) == normalize(rest):
-        return "same_as_chosen"
-    return None
-
-
-class DropoutNTPStage:
-    """Requests continue a prefix of `chosen`; continuations become `rejected` or counted drops."""
-
-    def __init__(self, config: DropoutNTPConfig):
-        self.config = config
-        self.wants_images = config.load_image
-        self.provenance = {
-            "model": config.model_name,
-            "stage": config.stage,
-            "start_ratio": config.start_ratio,
-            "load_image": config.load_image,
-            "sampling": config.sampling_config().as_dict(),
-        }
-
-    def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
-        prefix, _ = cut_prefix(item["chosen"], self.config.start_ratio)
-        # without the image its placeholders go too: a VLM tokenizer reads `<image>` as an image token
-        question = item["question"] if self.config.load_image else strip_placeholders(item["question"])
-        # an empty prefix is a plain answer: continuing an empty assistant turn is template-dependent
-        return GenerationRequest([{"role": "user", "content": question}], pil, prefix or None)
-
-    def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
-        prefix, rest = cut_prefix(item["chosen"], self.config.start_ratio)
-        reason = drop_reason(completion, rest)
-        if reason:
-            return {**key, "reason": reason, "finish_reason": completion.finish_reason, "text": completion.text}, reason
-        line = {
-            **item,
-            **key,
-            "rejected": join_continuation(prefix, completion.text),
-            "finish_reason": completion.finish_reason,
-            "output_tokens": completion.output_tokens,
-            "provenance": self.provenance,
-        }
-        return line, None
-
-
-class CorrectnessStage:
-    """Requests ask the templated question with the images; every sample is kept (the judge decides)."""
-
-    def __init__(self, config: CorrectnessConfig):
-        self.config = config
-        self.wants_images = True
-        self.sampling = config.sampling_config().as_dict()
-
-    def user_text(self, item: dict[str, Any]) -> str:
-        """The user turn exactly as sampled (stored in each sample as `prompt`)."""
-        return user_prompt(item["question"], len(image_list(item.get("image"))), self.config.prompt_version)
-
-    def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
-        return GenerationRequest([{"role": "user", "content": self.user_text(item)}], pil)
-
-    def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
-        sample = Sample(
-            item_id=key["item_id"],
-            sample_index=key["sample_index"],
-            item=item,
-            prompt=self.user_text(item),
-            response=completion.text,
-            finish_reason=completion.finish_reason,
-            prompt_tokens=prompt_tokens,
-            output_tokens=completion.output_tokens,
-            prompt_version=self.config.prompt_version,
-            model=self.config.model_name,
-            sampling=self.sampling,
-        )
-        return sample.to_dict(), None
+from mpo_data.records.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
+from mpo_data.sampling.correctness import CorrectnessStage
+from mpo_data.sampling.dropout_ntp import DropoutNTPStage
+from mpo_data.sampling.stage_config import DropoutNTPConfig, StageConfig
 
 
 def make_stage(config: StageConfig) -> DropoutNTPStage | CorrectnessStage:
@@ -382,7 +279,7 @@ def work_dataset(work: list[dict[str, Any]], batch_size: int) -> Any:
     return ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(table), batch_size)])
 
 
-def generate(config: StageConfig, work: list[dict[str, Any]], store: ShardStore, quarantine: Quarantine) -> Tally:
+def generate_on_ray(config: StageConfig, work: list[dict[str, Any]], store: ShardStore, quarantine: Quarantine) -> Tally:
     """Run `work` through engine actors, writing one atomic part per finished chunk of items as it arrives."""
     import ray
 
@@ -546,7 +443,7 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     work = plan_work(items, done, config.sampling.n)
     generated_from, generated_from_at = time.monotonic(), time.time()
     try:
-        tally = generate(config, work, store, reader.quarantine) if work else Tally()
+        tally = generate_on_ray(config, work, store, reader.quarantine) if work else Tally()
     finally:
         reader.quarantine.close()
     generation_s = time.monotonic() - generated_from

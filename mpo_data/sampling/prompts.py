@@ -1,6 +1,6 @@
 """Chain-of-thought prompt templates of the correctness stage, one per `prompt_version` (InternVL's names).
 
-Each version names the answer format its template asks for, and the judge (mpo_data.judge.extract_answer)
+Each version names the answer format its template asks for, and the judge (mpo_data.preference.judge.extract_answer)
 enforces exactly that format, so a template and its format change together here. The wording is ours;
 the names and formats follow InternVL's reasoning_data_pipeline: en/zh a final-answer line, en_v2/zh_v2 a
 boxed answer, en_r1/zh_r1 a think block then a boxed answer (`r1` is kept as another name for en_r1).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mpo_data.formats import with_placeholders
+from mpo_data.records.formats import with_placeholders
 
 AnswerFormat = Literal["line", "boxed", "think_boxed"]
 

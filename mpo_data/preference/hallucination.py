@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from typing import Literal
 
-from mpo_data.answer_accuracy import wilson
+from mpo_data.stats import wilson
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")  # easy-VQA's eight

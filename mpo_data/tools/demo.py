@@ -18,7 +18,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from mpo_data.jsonl import write_jsonl
+from mpo_data.records.jsonl import write_jsonl
 
 # SmolLM2-135M-Instruct, "en" template, T=0.3, 20-24 items x 8 samples each, share of samples right with the
 # earlier template / with the one that asks for one last "Final answer:" line: one-digit sums and differences

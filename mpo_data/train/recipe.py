@@ -1,6 +1,6 @@
 """MPO training with TRL's DPOTrainer (loss_type sigmoid + bco_pair + sft), then the before/after evaluation.
 
-The trainer is `MPOTrainer` (mpo_data/mpo_trainer.py): TRL's DPOTrainer with the paper's bco_pair (delta).
+The trainer is `MPOTrainer` (mpo_data/train/mpo_trainer.py): TRL's DPOTrainer with the paper's bco_pair (delta).
 
 The recipe is deliberately thin: TRL loads the model (and the reference copy for full fine-tuning), peft
 adds LoRA/DoRA, bitsandbytes quantizes for QLoRA, accelerate handles devices and launchers. What lives
@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from mpo_data.errors import InputError
-from mpo_data.train_config import RUN_CONFIG, TrainConfig
-from mpo_data.train_data import PairLoader, summary
+from mpo_data.train.config import RUN_CONFIG, TrainConfig
+from mpo_data.train.data import PairLoader, summary
 
 
 def cuda_available() -> bool:
@@ -111,7 +111,7 @@ def split_by_source(rows: list[dict], sources: list[str], eval_size: float, seed
 
 def prepare_rows(config: TrainConfig, processing_class, max_length: int | None) -> tuple[list, list, dict]:
     """(train rows, held-out rows, data summary) from the meta.json or data set the config names."""
-    from mpo_data import evaluate  # torch/TRL: imported only when training or evaluating
+    from mpo_data.train import preference_eval  # torch/TRL: imported only when training or evaluating
     out = Path(config.output_dir)
     loader = PairLoader(config.data.on_error, out / "quarantine.jsonl", text_only=not is_vlm(processing_class))
     if config.data.meta:
@@ -119,7 +119,7 @@ def prepare_rows(config: TrainConfig, processing_class, max_length: int | None) 
     else:
         loader.read_dataset(config.data.dataset, config.data.image_root)
     if max_length is not None:
-        lengths = [evaluate.pair_length(row, processing_class) for row in loader.out.rows]
+        lengths = [preference_eval.pair_length(row, processing_class) for row in loader.out.rows]
         loader.drop_too_long(lengths, max_length)
     rows = loader.close()
     if not rows.rows:
@@ -140,8 +140,8 @@ def to_dataset(rows: list[dict]):
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train, save adapter or model plus processor, evaluate; returns the run summary (also in summary.json)."""
-    from mpo_data import evaluate  # torch/TRL: imported only when training or evaluating
-    from mpo_data.mpo_trainer import MPOTrainer
+    from mpo_data.train import preference_eval  # torch/TRL: imported only when training or evaluating
+    from mpo_data.train.mpo_trainer import MPOTrainer
 
     cuda = cuda_available()
     args = dpo_config(config, cuda)
@@ -169,7 +169,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     processing_class.save_pretrained(out)
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    report = evaluate.evaluate(policy, trainer.ref_model, processing_class, held, args.beta, config.eval)
+    report = preference_eval.evaluate_preferences(policy, trainer.ref_model, processing_class, held, args.beta, config.eval)
     run = {
         "output_dir": str(out), "finetune": config.model.finetune, "model": config.model.path, "device": "cuda" if cuda else "cpu",
         "processes": trainer.accelerator.num_processes, "steps": result.global_step, "train_seconds": round(seconds, 2), "steps_per_second": round(result.global_step / seconds, 4),
@@ -181,8 +181,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         import torch
 
         run["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    evaluate.write(out / "eval.json", {**report, "run": run})
-    evaluate.write(out / "summary.json", run)
+    preference_eval.write(out / "eval.json", {**report, "run": run})
+    preference_eval.write(out / "summary.json", run)
     return run
 
 
@@ -204,13 +204,13 @@ def load_run(run_dir: str | Path, config: TrainConfig):
     return policy, reference, processing_class
 
 
-def preference_eval(run_dir: str | Path, config: TrainConfig) -> Path:
+def rescore_run(run_dir: str | Path, config: TrainConfig) -> Path:
     """Rebuild the same held-out split and score the saved run's pairs again; returns RUN/eval.json."""
-    from mpo_data import evaluate  # torch/TRL: imported only when training or evaluating
+    from mpo_data.train import preference_eval  # torch/TRL: imported only when training or evaluating
     policy, reference, processing_class = load_run(run_dir, config)
     args = dpo_config(config, cuda_available())
     _, held, _ = prepare_rows(config, processing_class, args.max_length)
-    report = evaluate.evaluate(policy, reference, processing_class, held, args.beta, config.eval)
+    report = preference_eval.evaluate_preferences(policy, reference, processing_class, held, args.beta, config.eval)
     path = Path(run_dir) / "eval.json"
     kept = {k: v for k, v in json.loads(path.read_text()).items() if k in ("run", "answer_accuracy")} if path.is_file() else {}
-    return evaluate.write(path, {**report, **kept})  # the run summary and answer accuracy stay
+    return preference_eval.write(path, {**report, **kept})  # the run summary and answer accuracy stay

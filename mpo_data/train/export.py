@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from mpo_data import images as image_io
+from mpo_data.records import images as image_io
 from mpo_data.errors import InputError
-from mpo_data.formats import image_list
-from mpo_data.train_data import MixtureLine, PairLoader, assistant_turn, user_turn
+from mpo_data.records.formats import image_list
+from mpo_data.train.data import MixtureLine, PairLoader, assistant_turn, user_turn
 
 EXPORT_FORMATS = ("hf", "parquet")
 PARQUET_FILE = "train.parquet"

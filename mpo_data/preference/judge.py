@@ -33,9 +33,9 @@ from typing import Any, ClassVar, Iterable, Iterator
 from rapidfuzz.distance import Levenshtein
 
 from mpo_data.errors import InputError
-from mpo_data.formats import JUDGE_INPUT_SCHEMA
-from mpo_data.jsonl import AtomicFile, dumps, iter_lines
-from mpo_data.prompts import DEFAULT_PROMPT_VERSION, prompt_version
+from mpo_data.records.formats import JUDGE_INPUT_SCHEMA
+from mpo_data.records.jsonl import AtomicFile, dumps, iter_lines
+from mpo_data.sampling.prompts import DEFAULT_PROMPT_VERSION, prompt_version
 
 MODES = ("vqa", "mc", "number", "relaxed", "anls", "math")  # exact match after normalisation always applies
 

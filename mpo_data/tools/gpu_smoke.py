@@ -20,8 +20,8 @@ from pathlib import Path
 import orjson
 from PIL import Image
 
-from mpo_data.models import TINY_INTERNVL, TINY_QWEN
-from mpo_data.shards import samples_root, stage_dir
+from mpo_data.tools.model_folders import TINY_INTERNVL, TINY_QWEN
+from mpo_data.records.shards import samples_root, stage_dir
 
 MODELS = (TINY_QWEN, TINY_INTERNVL)
 STAGES = ("correctness", "dropout-ntp")

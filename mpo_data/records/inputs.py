@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from mpo_data import images
+from mpo_data.records import images
 from mpo_data.errors import ON_ERROR, InputError
-from mpo_data.formats import PromptItem, image_list, internvl_reading, meta_problems, pair_problems, prompt_problems
-from mpo_data.jsonl import AtomicFile, Line, atomic_write_bytes, dumps, iter_lines
+from mpo_data.records.formats import PromptItem, image_list, internvl_reading, meta_problems, pair_problems, prompt_problems
+from mpo_data.records.jsonl import AtomicFile, Line, atomic_write_bytes, dumps, iter_lines
 
 
 

@@ -19,8 +19,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from mpo_data.errors import InputError
-from mpo_data.formats import REST_SUFFIX, MetaEntry, internvl_reading, pair_problems, read_meta
-from mpo_data.jsonl import iter_lines
+from mpo_data.records.formats import REST_SUFFIX, MetaEntry, internvl_reading, pair_problems, read_meta
+from mpo_data.records.jsonl import iter_lines
 
 
 def active_rows(length: int, repeat_time: float) -> int:

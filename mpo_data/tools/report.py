@@ -18,11 +18,11 @@ from typing import Any, Iterator
 import orjson
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from mpo_data import images
+from mpo_data.records import images
 from mpo_data.errors import InputError
-from mpo_data.formats import image_list, iter_pairs, read_meta
-from mpo_data.jsonl import read_jsonl
-from mpo_data.shards import HISTORY, shard_folders
+from mpo_data.records.formats import image_list, iter_pairs, read_meta
+from mpo_data.records.jsonl import read_jsonl
+from mpo_data.records.shards import HISTORY, shard_folders
 
 HIST_BINS = 12
 SAMPLE_PAIRS = 20

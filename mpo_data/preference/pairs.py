@@ -2,7 +2,7 @@
 
 Memory stays bounded whatever the input size: correctness samples are judged as they stream in and
 spilled into hash buckets by item_id (one bucket of ~`bucket_bytes` is in memory at a time), and the
-global dedup keeps only an 8-byte digest per written pair. Judging runs on all cores (`mpo_data.judge`).
+global dedup keeps only an 8-byte digest per written pair. Judging runs on all cores (`mpo_data.preference.judge`).
 
 Labels: an item's label is its ground truth `answer`, or, for a dataset sampled with `labels: majority`
 (its run.json says so), the majority final answer of its samples, answers voting together where the judge
@@ -36,19 +36,19 @@ from typing import Any, Callable, Iterator
 import orjson
 from tqdm import tqdm
 
-from mpo_data import hallucination
+from mpo_data.preference import hallucination
 from mpo_data.errors import InputError, OnError
-from mpo_data.formats import (
+from mpo_data.records.formats import (
     DROPOUT_SAMPLE_SCHEMA, FINISH_REASONS, SAMPLE_SCHEMA, Pair, Sample, Schema, image_list, placeholder_problems,
     with_placeholders,
 )
-from mpo_data.inputs import Problem, Quarantine
-from mpo_data.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
-from mpo_data.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_version, extract_answer, modes_for_dataset
-from mpo_data.prompts import DEFAULT_PROMPT_VERSION, user_prompt
+from mpo_data.records.inputs import Problem, Quarantine
+from mpo_data.records.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
+from mpo_data.preference.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_version, extract_answer, modes_for_dataset
+from mpo_data.sampling.prompts import DEFAULT_PROMPT_VERSION, user_prompt
 from mpo_data.runlock import holds
-from mpo_data.shards import DROPPED, ShardStore, shard_folder
-from mpo_data.stages import cut_prefix
+from mpo_data.records.shards import DROPPED, ShardStore, shard_folder
+from mpo_data.sampling.dropout_ntp import cut_prefix
 
 STAGES = ("correctness", "dropout-ntp")
 # Keys a judged correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
@@ -452,7 +452,7 @@ def check_dropout(loc: str, raw: Any) -> float:
 def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: Dedup, out: Outputs,
                   quarantine: Quarantine | None) -> Counter:
     """DropoutNTP lines -> `<ds>_prefix_pair_sr<ratio>_{wo,with}_image.jsonl`; chosen is the original answer.
-    Every continuation is also scored for shape/colour hallucinations (mpo_data.hallucination)."""
+    Every continuation is also scored for shape/colour hallucinations (mpo_data.preference.hallucination)."""
     counts: Counter = Counter()
     scored: Counter = Counter()
     with_image: set[bool] = set()

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from mpo_data.errors import InputError
-from mpo_data.jsonl import atomic_write_bytes, read_jsonl
+from mpo_data.records.jsonl import atomic_write_bytes, read_jsonl
 
 Image = str | list[str] | None  # as in MMPR: one path, a list (multi-image), or absent (text-only)
 
