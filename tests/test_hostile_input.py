@@ -29,7 +29,7 @@ from mpo_data.preference.judge import Judge, JudgeConfig, JudgeItem
 from mpo_data.preference.pairs import PairsConfig, build_pairs
 from mpo_data.pipeline import load_pipeline
 from mpo_data.records.shards import ShardStore, stage_dir
-from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig, StageConfig
+from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
 from mpo_data.sampling.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]

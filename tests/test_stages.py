@@ -12,7 +12,7 @@ import sys
 import subprocess
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import orjson
@@ -56,6 +56,33 @@ def keys_of(rows: list[dict]) -> Counter:
 
 
 # ---- pure logic ----
+
+
+def test_one_stage_contract_every_list_of_stage_names_reads():
+    from mpo_data import pipeline
+    from mpo_data.preference import pairs
+    from mpo_data.records.formats import PROMPT_KINDS
+    from mpo_data.sampling.stage_config import STAGE_CONFIGS, SampleConfig
+    from mpo_data.sampling.stages import STRATEGIES, make_stage
+    from mpo_data.tools import gpu_smoke
+
+    assert set(STAGE_CONFIGS) == {"correctness", "dropout-ntp"} == set(STRATEGIES)
+    assert pairs.STAGES == gpu_smoke.STAGES == tuple(STAGE_CONFIGS)
+    for name in ("stage", "kind"):
+        cls = pipeline.DatasetSpec if name == "stage" else SampleConfig
+        assert next(f for f in fields(cls) if f.name == name).metadata["choices"] == tuple(STAGE_CONFIGS)
+    for name, cls in STAGE_CONFIGS.items():
+        config = cls("p", EngineConfig("m"))
+        assert cls.stage == name and config.prompt_kind in PROMPT_KINDS
+        strategy = make_stage(config)
+        assert isinstance(strategy.wants_images, bool) and callable(strategy.request) and callable(strategy.outcome)
+    assert isinstance(make_stage(DropoutNTPConfig("p", EngineConfig("m"))), DropoutNTPStage)
+    assert isinstance(make_stage(CorrectnessConfig("p", EngineConfig("m"))), CorrectnessStage)
+
+
+def test_an_engine_spans_tp_times_pp_devices():
+    assert EngineConfig("m").devices == 1
+    assert EngineConfig("m", tensor_parallel_size=2, pipeline_parallel_size=3).devices == 6
 
 
 MULTILINE = "The picture shows:\n1. a red  circle\n2. a blue square\n\n- on a white background\n- nothing else"
@@ -241,10 +268,20 @@ def test_dropout_ntp_continues_chosens_exact_prefix_without_image_placeholders(t
     prefix, _ = cut_prefix(MULTILINE, 0.5)
     assert "<image>" not in seen and "Describe the picture." in seen  # the image and its placeholder both dropped
     assert seen.endswith(prefix)  # the model continued chosen's own text, newlines and double spaces kept
+    kept = 0
     for index, completion in enumerate(result.completions):
         line, reason = stage.outcome(item, {"item_id": "i", "sample_index": index}, completion, result.prompt_tokens)
         if reason is None:
             assert line["rejected"] == MULTILINE[: len(prefix)] + completion.text
+            kept += 1
+        else:  # a drop is one of the counted kinds; the same continuation, had it stopped, joins the same way
+            assert reason in {"empty", "max_tokens", "same_as_chosen"}
+            if reason == "max_tokens":
+                line, reason = stage.outcome(item, {"item_id": "i", "sample_index": index},
+                                             replace(completion, finish_reason="stop"), result.prompt_tokens)
+                assert reason is None and line["rejected"] == MULTILINE[: len(prefix)] + completion.text
+                kept += 1
+    assert kept  # the join was checked on at least one real continuation
 
 
 @pytest.mark.engine

@@ -49,8 +49,9 @@ from mpo_data.sampling.prompts import DEFAULT_PROMPT_VERSION, user_prompt
 from mpo_data.runlock import holds
 from mpo_data.records.shards import DROPPED, ShardStore, shard_folder
 from mpo_data.sampling.dropout_ntp import cut_prefix
+from mpo_data.sampling.stage_config import STAGE_CONFIGS
 
-STAGES = ("correctness", "dropout-ntp")
+STAGES = tuple(STAGE_CONFIGS)  # a sample folder is OUT/samples/<stage>/<dataset>/
 # Keys a judged correctness sample adds to its prompt item (what neg_items/ strips to get the prompt back).
 SAMPLE_KEYS = Sample.added_keys() | set(Verdict.KEYS)
 

@@ -19,7 +19,6 @@ from mpo_data.records.jsonl import atomic_write_bytes, read_jsonl
 
 Image = str | list[str] | None  # as in MMPR: one path, a list (multi-image), or absent (text-only)
 
-PROMPT_KINDS = ("correctness", "correctness-majority", "dropout-ntp")
 # Why a sample ended: its own end (or a stop string), max_new_tokens, or the context (max_model_len) filling up.
 FINISH_REASONS = ("stop", "length", "context")
 
@@ -141,6 +140,7 @@ PROMPT_SCHEMAS = {  # what a prompt set's lines hold, per stage
     "correctness-majority": Schema({"image": IMAGE, "question": TEXT, "answer": OPTIONAL_ANSWER}),
     "dropout-ntp": Schema({"image": IMAGE, "question": TEXT, "chosen": TEXT}),
 }
+PROMPT_KINDS = tuple(PROMPT_SCHEMAS)  # each stage config's `prompt_kind` is one of them
 # what the stages write: the prompt line plus the keys of `Sample` / DropoutNTPStage.outcome (`pairs` requires
 # `answer` where the dataset's labels are the ground truth)
 SAMPLE_SCHEMA = PROMPT_SCHEMAS["correctness-majority"].extend(

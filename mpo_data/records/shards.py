@@ -28,7 +28,7 @@ import sys
 import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 

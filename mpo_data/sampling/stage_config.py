@@ -95,6 +95,11 @@ class EngineConfig:
         architectures = self.model_config().get("architectures") or []
         return next((TILING_NAMES[a] for a in architectures if a in TILING_NAMES), None)
 
+    @property
+    def devices(self) -> int:
+        """Devices one engine spans (GPUs, or worker processes on CPU): tensor x pipeline parallel degree."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
     def tiling_kwargs(self) -> dict[str, Any]:
         """InternVL tiling under the names of the model's own processor, chosen from its config.json; {} for a
         model without it, whose processor sizes images its own way (`tiling_note` says so)."""
@@ -288,6 +293,11 @@ class CorrectnessConfig(StageConfig):
         return "correctness-majority" if self.labels == "majority" else "correctness"
 
 
+# The stage contract, declared once: stage name -> its config (and, in stages.STRATEGIES, its strategy). Every
+# list of stage names reads it: pipeline YAML, `pairs`' sample folders, gpu-smoke, `sample --kind`.
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {c.stage: c for c in (CorrectnessConfig, DropoutNTPConfig)}
+
+
 @dataclass
 class SampleConfig:
     """`mpo-data sample`: plain answers to a prompt file, to smoke-test a model and the engine."""
@@ -296,7 +306,7 @@ class SampleConfig:
     out: str = field(metadata={"help": "Output JSONL, written atomically."})
     engine: EngineConfig = field(metadata={"help": "The vLLM engine that generates."})
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "How samples are drawn."})
-    kind: Literal["correctness", "dropout-ntp"] = field(default="correctness", metadata={"help": "Prompt line schema."})
+    kind: str = field(default="correctness", metadata={"help": "Prompt line schema.", "choices": tuple(STAGE_CONFIGS)})
     image_root: str | None = field(default=None, metadata={"help": "Root of image paths (default: the prompt file's folder)."})
     on_error: OnError = field(default="fail", metadata={"help": "Bad lines: fail naming FILE:LINE, or skip them to --quarantine."})
     quarantine: str | None = field(

@@ -17,14 +17,14 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import orjson
 import pyarrow as pa
 
 from mpo_data.records import images as image_io
 from mpo_data.sampling import ray_logs, watchdog
-from mpo_data.sampling.engine import EngineFeeder, GenerationResult, request_seed, start_engine
+from mpo_data.sampling.engine import Completion, EngineFeeder, GenerationRequest, GenerationResult, request_seed, start_engine
 from mpo_data.errors import ClusterError, InputError
 from mpo_data.records.formats import PromptItem, image_list
 from mpo_data.records.inputs import Problem, PromptReader, Quarantine
@@ -33,11 +33,32 @@ from mpo_data.runlock import holds
 from mpo_data.records.shards import ShardStore, missing_indices, quarantine_path, select_range, stage_dir
 from mpo_data.sampling.correctness import CorrectnessStage
 from mpo_data.sampling.dropout_ntp import DropoutNTPStage
-from mpo_data.sampling.stage_config import DropoutNTPConfig, StageConfig
+from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
 
 
-def make_stage(config: StageConfig) -> DropoutNTPStage | CorrectnessStage:
-    return DropoutNTPStage(config) if isinstance(config, DropoutNTPConfig) else CorrectnessStage(config)
+class StageStrategy(Protocol):
+    """What one stage adds to the shared machinery below (one module each: dropout_ntp.py, correctness.py)."""
+
+    wants_images: bool  # whether requests carry the item's images (decoded on the engine actor)
+
+    def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
+        """The generation request for one prompt line (`pil`: its decoded images, or [])."""
+        ...
+
+    def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
+        """(the output line, None) for a kept sample, or (the dropped line, why) for a counted drop."""
+        ...
+
+
+# stage name (STAGE_CONFIGS) -> its strategy, built from the stage's config
+STRATEGIES: dict[str, Callable[[Any], StageStrategy]] = {
+    CorrectnessConfig.stage: CorrectnessStage,
+    DropoutNTPConfig.stage: DropoutNTPStage,
+}
+
+
+def make_stage(config: StageConfig) -> StageStrategy:
+    return STRATEGIES[config.stage](config)
 
 
 # ---- the shared machinery: engine actors on Ray Data ----
@@ -178,7 +199,7 @@ def actor_resources(config: StageConfig, cluster_gpus: float, groups: PlacementG
     """map_batches resources of one engine actor: tp x pp GPUs (from `groups` when > 1), or one CPU on a CPU-only cluster."""
     if not cluster_gpus:
         return {"num_cpus": 1}
-    if config.engine.tensor_parallel_size * config.engine.pipeline_parallel_size == 1:
+    if config.engine.devices == 1:
         return {"num_gpus": 1}
     return {"num_gpus": 0, "ray_remote_args_fn": groups}
 
@@ -287,8 +308,7 @@ def generate_on_ray(config: StageConfig, work: list[dict[str, Any]], store: Shar
     started_ray = connect_ray(config.address)
     watchdog.install_signal_handlers()
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    pipeline = config.engine.pipeline_parallel_size
-    groups = PlacementGroups(config.num_engines, config.engine.tensor_parallel_size * pipeline, pipeline > 1)
+    groups = PlacementGroups(config.num_engines, config.engine.devices, config.engine.pipeline_parallel_size > 1)
     engine_seed = store.next_engine_seed(config.engine.seed)
     counter = start_counter()  # the engines' progress, read by the bar and the watchdog
     dog = watchdog.Watchdog(f"{config.stage} {config.dataset_name}", config.watchdog_report_s, config.watchdog_timeout_s,

@@ -22,9 +22,10 @@ from PIL import Image
 
 from mpo_data.tools.model_folders import TINY_INTERNVL, TINY_QWEN
 from mpo_data.records.shards import samples_root, stage_dir
+from mpo_data.sampling.stage_config import STAGE_CONFIGS
 
 MODELS = (TINY_QWEN, TINY_INTERNVL)
-STAGES = ("correctness", "dropout-ntp")
+STAGES = tuple(STAGE_CONFIGS)
 ITEMS = 4
 SAMPLING = ["--num-return-sequences", "2", "--max-new-tokens", "16"]
 TRAIN_CONFIG = "training/configs/tiny_vlm_full_cpu.yaml"
