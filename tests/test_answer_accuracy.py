@@ -170,4 +170,4 @@ def test_adapter_run_answers_judged_before_and_after(models_dir, text_engine, tm
             extraction = extract_answer(line[f"{when}_response"], "en")
             if not extraction.format_ok or extraction.answer == line["answer"]:
                 assert line[f"{when}_correct"] == extraction.format_ok
-    assert summary["gained"] == sum(l["after_correct"] and not l["before_correct"] for l in lines)
+    assert summary["gained"] == sum(row["after_correct"] and not row["before_correct"] for row in lines)
