@@ -59,6 +59,14 @@ def vlm_engine(models_dir: Path):
     yield from _engine(models_dir / "tiny-smolvlm")
 
 
+@pytest.fixture
+def torch_threads():
+    """torch on 2 threads: the suite runs on a shared 2-core machine (the training tests ask for it)."""
+    import torch
+
+    torch.set_num_threads(2)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the session (2 CPUs, no dashboard); stage runs join it."""
