@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from mpo_data import ablate
-from mpo_data.answer_accuracy import paired_difference_ci
+from mpo_data.train import ablate
+from mpo_data.stats import paired_difference_ci
 from mpo_data.errors import InputError
-from mpo_data.formats import MetaEntry, write_meta
-from mpo_data.jsonl import write_jsonl
-from mpo_data.train_config import load
+from mpo_data.records.formats import MetaEntry, write_meta
+from mpo_data.records.jsonl import write_jsonl
+from mpo_data.train.config import load
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "training" / "configs" / "smollm2_lora_cpu.yaml"
@@ -76,7 +76,8 @@ def test_table_pairs_each_variant_with_sft_over_questions_and_seeds(tmp_path):
 def test_tiny_ablation_trains_answers_and_continues_after_a_stop(models_dir, tmp_path, monkeypatch):
     """Real: 1 LoRA step per run on SmolLM2 (sft and mpo, one seed), vLLM answers, our judge; then the same
     command again after one run's answers were lost trains nothing and answers only that run's set."""
-    from mpo_data import cli, train
+    from mpo_data import cli
+    from mpo_data.train import recipe
 
     questions = tmp_path / "held.jsonl"
     rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in ((2, 3), (4, 1))]
@@ -100,7 +101,7 @@ def test_tiny_ablation_trains_answers_and_continues_after_a_stop(models_dir, tmp
     assert json.loads((out / "sft-s0" / "summary.json").read_text())["bco_delta"] is None
 
     (out / "mpo-s0" / "answers_held.jsonl").unlink()  # stopped while answering
-    monkeypatch.setattr(train, "train", lambda config: pytest.fail(f"trained {config.output_dir} again"))
+    monkeypatch.setattr(recipe, "train", lambda config: pytest.fail(f"trained {config.output_dir} again"))
     assert cli.main(argv) == 0
     assert (out / "mpo-s0" / "answers_held.jsonl").is_file()
     assert json.loads((out / "ablation.json").read_text())["sets"] == result["sets"]  # greedy: the same answers

@@ -8,10 +8,10 @@ import orjson
 import pytest
 
 from mpo_data.cli import main
-from mpo_data.judge import JudgeConfig
-from mpo_data.formats import pair_problems
-from mpo_data.pairs import PairsConfig, build_pairs, is_degenerate
-from mpo_data.prompts import user_prompt
+from mpo_data.preference.judge import JudgeConfig
+from mpo_data.records.formats import pair_problems
+from mpo_data.preference.pairs import PairsConfig, build_pairs, is_degenerate
+from mpo_data.sampling.prompts import user_prompt
 
 N_PAIRS = 3
 
