@@ -12,17 +12,17 @@ import pytest
 from mpo_data.cli import build_parser
 from mpo_data.config import config_from_args
 from mpo_data.errors import InputError
-from mpo_data.inputs import PromptReader
-from mpo_data.judge import JudgeConfig
-from mpo_data.pairs import PairsConfig, build_pairs
-from mpo_data.shards import ShardStore, sample_group, stage_dir
-from mpo_data.stage_config import (
+from mpo_data.records.inputs import PromptReader
+from mpo_data.preference.judge import JudgeConfig
+from mpo_data.preference.pairs import PairsConfig, build_pairs
+from mpo_data.records.shards import ShardStore, sample_group, stage_dir
+from mpo_data.sampling.stage_config import (
     CorrectnessConfig,
     DropoutNTPConfig,
     EngineConfig,
     SamplingConfig,
 )
-from mpo_data.stages import WORK_COLUMNS, plan_work, run_stage, work_rows, work_table
+from mpo_data.sampling.stages import WORK_COLUMNS, plan_work, run_stage, work_rows, work_table
 
 
 def _lines(folder: Path) -> list[dict]:
