@@ -50,7 +50,7 @@ ablate: venv models demo-data
 # the arithmetic set, 24 items x 8) + training (make train's config at 12 steps, 64 held-out questions) into
 # out/rounds/round-{1,2}/, round 2 sampling with round 1's merged model and training from it (a rerun resumes).
 # Measured 2026-12-03 on 2 cores, under the shared heavy-job lock: 390 s in all (base answers 29 s, round 1 161 s,
-# round 2 194 s); held-out table in docs/design.md (Rounds, measured).
+# round 2 194 s); held-out table in docs/results.md (Rounds).
 ROUNDS_TRAIN_SET = --train-set dpo.max_steps=12 --train-set dpo.eval_steps=12 --train-set eval.answers.max_questions=64
 rounds: venv models demo-data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data rounds --pipeline pipelines/rounds_demo.yaml \
