@@ -35,7 +35,7 @@ class VlmRecipe:
     lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of the text model."})
     vision_lr: float = field(default=1e-2, metadata={"help": "Peak learning rate of the vision tower and connector."})
     warmup: int = field(default=30, metadata={"help": "Linear warm-up steps, then cosine decay to 10%."})
-    describe_first: int = field(default=150, metadata={"help": "Steps of short descriptions only ('The image shows a red circle.') first."})
+    describe_first: int = field(default=150, metadata={"help": "Steps of short descriptions only ('a red circle': the image's words alone) first."})
     describe_share: float = field(default=0.25, metadata={"help": "Share of description examples after that phase."})
     images: int = field(default=4000, metadata={"help": "easy-VQA train images used (those with known shape and colour)."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights, the data order and the sampling."})
@@ -70,7 +70,7 @@ def image_truth(qas: list[tuple[str, str]]) -> tuple[str | None, str | None]:
 
 
 def seen(shape: str, colour: str) -> str:
-    """The one sentence on what the image shows: the short description, and the reasoning line of an answer."""
+    """The sentence on what the image shows: the reasoning line of an answer."""
     return f"The image shows a {colour} {shape}."
 
 
@@ -118,7 +118,7 @@ class _Batcher:
         for k, r in enumerate(rows):
             for question, answer in r["qas"]:
                 self.qa.append((self._prompt(question, version), self._answer(reasoning(r["shape"], r["colour"], answer, version)), k))
-            self.short.append((self._prompt(DESCRIBE_QUESTION, None), self._answer(seen(r["shape"], r["colour"])), k))
+            self.short.append((self._prompt(DESCRIBE_QUESTION, None), self._answer(f"a {r['colour']} {r['shape']}"), k))
             self.long.append((self._prompt(DESCRIBE_QUESTION, None), self._answer(describe(r["shape"], r["colour"])), k))
 
     def _prompt(self, question: str, version: str | None) -> list[int]:
