@@ -30,12 +30,12 @@ _WORD = re.compile(r"[a-z]+")
 class VlmRecipe:
     """How the easy-VQA VLM is trained (defaults: what `mpo-data models` builds)."""
 
-    steps: int = field(default=600, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=700, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=16, metadata={"help": "Examples a step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of the text model."})
     vision_lr: float = field(default=1e-2, metadata={"help": "Peak learning rate of the vision tower and connector."})
     warmup: int = field(default=30, metadata={"help": "Linear warm-up steps, then cosine decay to 10%."})
-    describe_first: int = field(default=150, metadata={"help": "Steps of short descriptions only ('a red circle': the image's words alone) first."})
+    describe_first: int = field(default=250, metadata={"help": "Steps of short descriptions only ('a red circle': the image's words alone) first."})
     describe_share: float = field(default=0.25, metadata={"help": "Share of description examples after that phase."})
     images: int = field(default=4000, metadata={"help": "easy-VQA train images used (those with known shape and colour)."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights, the data order and the sampling."})
