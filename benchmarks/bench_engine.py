@@ -34,7 +34,7 @@ def timed(fn) -> tuple[int, float]:
 def bench_vllm(model: str, conversations: list, n: int, max_new_tokens: int, rounds: int) -> dict[str, tuple[int, float]]:
     from vllm import SamplingParams
 
-    from mpo_data.engine import Engine, EngineConfig, GenerationRequest, SamplingConfig
+    from mpo_data.sampling.engine import Engine, EngineConfig, GenerationRequest, SamplingConfig
 
     engine = Engine(EngineConfig(model=model, max_model_len=2048))
     sampling = SamplingConfig(n=n, max_new_tokens=max_new_tokens)

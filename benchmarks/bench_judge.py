@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from mpo_data.judge import Judge, JudgeConfig, JudgeItem
+from mpo_data.preference.judge import Judge, JudgeConfig, JudgeItem
 
 CASES = Path(__file__).resolve().parent.parent / "tests" / "judge_cases.jsonl"
 

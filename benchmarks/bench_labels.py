@@ -18,9 +18,9 @@ from pathlib import Path
 
 import orjson
 
-from mpo_data.judge import JudgeConfig, answers_match, modes_for_dataset
-from mpo_data.jsonl import iter_lines
-from mpo_data.pairs import PairsConfig, build_pairs
+from mpo_data.preference.judge import JudgeConfig, answers_match, modes_for_dataset
+from mpo_data.records.jsonl import iter_lines
+from mpo_data.preference.pairs import PairsConfig, build_pairs
 
 
 def _lines(path: Path) -> list[dict]:

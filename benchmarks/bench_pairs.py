@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 import psutil  # comes with ray
 
-from mpo_data.formats import make_item_id
+from mpo_data.records.formats import make_item_id
 
 SHAPES = ["triangle", "rectangle", "circle", "square"]
 

@@ -53,15 +53,15 @@ def make_prompts(path: Path, count: int) -> Path:
 
 def user_turns(prompts: Path) -> list[str]:
     """The user turn of each prompt line exactly as our correctness stage sends it (default prompt version)."""
-    from mpo_data.prompts import user_prompt
+    from mpo_data.sampling.prompts import user_prompt
 
     return [user_prompt(orjson.loads(line)["question"], 0) for line in prompts.read_bytes().splitlines()]
 
 
 def engine_kwargs(model: str, max_model_len: int) -> dict:
     """vllm.LLM's keyword arguments exactly as our Engine builds them."""
-    from mpo_data.engine import _engine_kwargs
-    from mpo_data.stage_config import EngineConfig
+    from mpo_data.sampling.engine import _engine_kwargs
+    from mpo_data.sampling.stage_config import EngineConfig
 
     return _engine_kwargs(EngineConfig(model, max_model_len=max_model_len))
 

@@ -51,9 +51,9 @@ def make_prompts(folder: Path, prompts: int, distinct_images: int) -> Path:
 
 def plan_step(prompts: Path) -> dict:
     """What run_stage does before any engine starts: read and check every line, select, plan the work."""
-    from mpo_data.inputs import PromptReader
-    from mpo_data.stage_config import CorrectnessConfig, EngineConfig
-    from mpo_data.stages import plan_work, read_items
+    from mpo_data.records.inputs import PromptReader
+    from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig
+    from mpo_data.sampling.stages import plan_work, read_items
 
     began = time.perf_counter()
     config = CorrectnessConfig(str(prompts), EngineConfig(str(ROOT)), image_root=str(prompts.parent / "images"))
@@ -66,8 +66,8 @@ def plan_step(prompts: Path) -> dict:
 
 def make_shards(folder: Path, items: int, samples_per_item: int, lines_per_part: int = 4000) -> list:
     """A shard folder holding items x samples_per_item sample lines, as write_part writes them."""
-    from mpo_data.formats import PromptItem
-    from mpo_data.shards import ShardStore
+    from mpo_data.records.formats import PromptItem
+    from mpo_data.records.shards import ShardStore
 
     store = ShardStore(folder)
     prompts = [PromptItem(dataset="bench", question=f"Question {i}?", answer=str(i % 97)) for i in range(items)]
@@ -84,9 +84,9 @@ def make_shards(folder: Path, items: int, samples_per_item: int, lines_per_part:
 
 
 def resume_step(folder: Path, items: int, samples_per_item: int) -> dict:
-    from mpo_data.formats import PromptItem
-    from mpo_data.shards import ShardStore
-    from mpo_data.stages import plan_work
+    from mpo_data.records.formats import PromptItem
+    from mpo_data.records.shards import ShardStore
+    from mpo_data.sampling.stages import plan_work
 
     prompts = [PromptItem(dataset="bench", question=f"Question {i}?", answer=str(i % 97)) for i in range(items)]
     began = time.perf_counter()
@@ -98,7 +98,7 @@ def resume_step(folder: Path, items: int, samples_per_item: int) -> dict:
 
 def part_write_ms(folder: Path, present: int, writes: int = 1000) -> float:
     """Mean ms of a part write (its first one lists the folder) with `present` parts already there."""
-    from mpo_data.shards import ShardStore
+    from mpo_data.records.shards import ShardStore
 
     store = ShardStore(folder)
     for i in range(present):  # the files only need to exist, with the names write_part gives them

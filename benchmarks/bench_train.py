@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageDraw
 
-from mpo_data.formats import MetaEntry, write_meta
-from mpo_data.jsonl import write_jsonl
+from mpo_data.records.formats import MetaEntry, write_meta
+from mpo_data.records.jsonl import write_jsonl
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square"]

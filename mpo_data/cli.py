@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {output_error(e, 'cannot use')}", file=sys.stderr)  # a write our own writers did not name
         return 1
     except KeyboardInterrupt:
-        from mpo_data import watchdog
+        from mpo_data.sampling import watchdog
 
         signum = watchdog.received()  # a stage run printed its line as the signal came
         if signum is None:

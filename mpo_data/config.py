@@ -244,8 +244,11 @@ def _convert(hint: Any, value: Any, source: str, key: str, loc: str | None = Non
         return value
     if hint is Path and isinstance(value, str):
         return Path(value)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise InputError(f"{where}: expected {len(args)} values, got {len(value)}")
+        types_ = [args[0]] * len(value) if args and args[-1] is Ellipsis else list(args) or [Any] * len(value)
+        return tuple(_convert(t, v, source, f"{key}[{i}]", loc) for i, (t, v) in enumerate(zip(types_, value)))
     if dataclasses.is_dataclass(hint):
         return build(hint, value, source, key)
     if origin is list:
@@ -315,6 +318,8 @@ def _flag_kwargs(hint: Any, f: dataclasses.Field) -> dict[str, Any]:
         return {"action": argparse.BooleanOptionalAction}
     if origin is dict:
         return {"action": "append", "type": _key_value, "metavar": "KEY=VALUE"}
+    if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed-size tuple: `--flag LO HI`
+        return {"nargs": len(args), "type": args[0] if args[0] in (int, float, str) else _scalar}
     if origin in (list, tuple):
         return {"action": "append", "type": args[0] if args and args[0] in (str, int, float) else _scalar}
     if hint in (int, float, str):
@@ -360,7 +365,7 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
             kwargs["default"] = default
             help_text += f" (default: {default})"
         if "choices" not in kwargs and kwargs.get("action") is not argparse.BooleanOptionalAction:
-            kwargs.setdefault("metavar", f.name.upper())
+            kwargs.setdefault("metavar", f.metadata.get("metavar", f.name.upper()))
         parser.add_argument(*_flags(f), dest=prefix + f.name, help=help_text, **kwargs)
 
 

@@ -10,31 +10,28 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 from mpo_data.config import apply_overrides, at, build, canonical, load_yaml, merge, unknown_keys
 from mpo_data.errors import InputError
-from mpo_data.formats import write_meta
-from mpo_data.inputs import validate_file
-from mpo_data.jsonl import atomic_write_bytes, writable_problem
-from mpo_data.meta import MetaConfig, build_meta, count_pairs
-from mpo_data.pairs import PairsConfig, build_pairs
+from mpo_data.records.formats import write_meta
+from mpo_data.records.inputs import validate_file
+from mpo_data.records.jsonl import atomic_write_bytes, writable_problem
+from mpo_data.preference.meta import MetaConfig, build_meta, count_pairs
+from mpo_data.preference.pairs import PairsConfig, build_pairs
 from mpo_data.runlock import holds
-from mpo_data.shards import ShardStore, samples_root, shard_folders
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
-from mpo_data.stages import check_context, connect_ray, run_stage
-
-STAGES = {"correctness": CorrectnessConfig, "dropout-ntp": DropoutNTPConfig}
-
+from mpo_data.records.shards import ShardStore, samples_root, shard_folders
+from mpo_data.sampling.stage_config import STAGE_CONFIGS, StageConfig
+from mpo_data.sampling.stages import check_context, connect_ray, run_stage
 
 @dataclass
 class DatasetSpec:
     """One prompt set and how it is sampled."""
 
     name: str = field(metadata={"help": "Dataset name: sample folder, pair file prefix, meta entry prefix."})
-    stage: Literal["correctness", "dropout-ntp"] = field(metadata={"help": "Which sampling stage builds its pairs."})
+    stage: str = field(metadata={"help": "Which sampling stage builds its pairs.", "choices": tuple(STAGE_CONFIGS)})
     settings: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "Stage settings (fields of CorrectnessConfig/DropoutNTPConfig, engine: and sampling: "
@@ -78,14 +75,14 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
     if len(set(names)) != len(names):
         raise InputError(f"{source}: datasets: names must be unique, got {names}")
     # every unknown key at once: the shared defaults' once, then each dataset's own
-    problems = unknown_keys(StageConfig, config.defaults, source, "defaults", tuple({STAGES[d.stage]: 0 for d in config.datasets}))
+    problems = unknown_keys(StageConfig, config.defaults, source, "defaults", tuple({STAGE_CONFIGS[d.stage]: 0 for d in config.datasets}))
     for i, spec in enumerate(config.datasets):
-        problems += unknown_keys(STAGES[spec.stage], spec.settings, source, f"datasets[{i}].settings")
+        problems += unknown_keys(STAGE_CONFIGS[spec.stage], spec.settings, source, f"datasets[{i}].settings")
     if problems:
         raise InputError("\n".join(problems))
     stages = []
     for i, spec in enumerate(config.datasets):  # every dataset's problems, not only the first one's
-        cls, fixed = STAGES[spec.stage], {"out_dir": config.out_dir, "dataset": spec.name, "address": config.address}
+        cls, fixed = STAGE_CONFIGS[spec.stage], {"out_dir": config.out_dir, "dataset": spec.name, "address": config.address}
         try:
             given = merge(canonical(cls, config.defaults, source, "defaults"), canonical(cls, spec.settings, source, f"datasets[{i}].settings"))
             clash = sorted(set(given) & set(fixed))

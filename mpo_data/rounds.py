@@ -24,7 +24,7 @@ from typing import Any, Literal
 import orjson
 
 from mpo_data.errors import InputError
-from mpo_data.jsonl import atomic_write_bytes, read_jsonl, write_jsonl
+from mpo_data.records.jsonl import atomic_write_bytes, read_jsonl, write_jsonl
 from mpo_data.runlock import holds
 
 RECORD = "round.json"  # written last in a round folder: the round is done
@@ -53,7 +53,7 @@ class RoundsConfig:
 def load_round(config: RoundsConfig, k: int, previous: dict[str, Any] | None):
     """Round k's pipeline, stage configs and training config, given round k-1's record (None for round 1)."""
     from mpo_data.pipeline import load_pipeline
-    from mpo_data.train_config import load
+    from mpo_data.train.config import load
 
     folder = config.round_dir(k)
     init = (previous["model"] if config.init == "previous" else previous["base"]) if previous else None
@@ -91,7 +91,7 @@ def check_settings(config: RoundsConfig) -> dict[str, Any]:
 def held_out(model: str | Path, args, folder: Path) -> list[bool]:
     """`model`'s verdicts on the held-out questions, answered and judged as `mpo-data eval` does; kept in
     FOLDER/answers.jsonl and read back from there on a rerun."""
-    from mpo_data.answer_accuracy import answer, judge, read_questions
+    from mpo_data.train.answer_accuracy import answer, judge, read_questions
 
     path = folder / "answers.jsonl"
     if path.is_file():
@@ -114,9 +114,9 @@ def disconnect_ray() -> None:
 
 def run_round(config: RoundsConfig, k: int, previous: dict[str, Any] | None, base_verdicts: list[bool] | None) -> dict[str, Any]:
     """One round: the pipeline sampled with the previous round's model, training, merge, held-out answers."""
-    from mpo_data.answer_accuracy import summarize, trained_model
+    from mpo_data.train.answer_accuracy import summarize, trained_model
     from mpo_data.pipeline import run_pipeline
-    from mpo_data.train import train
+    from mpo_data.train.recipe import train
 
     folder = config.round_dir(k)
     if (folder / RECORD).is_file():

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mpo_data.errors import InputError, output_error
-from mpo_data.jsonl import make_dir
+from mpo_data.records.jsonl import make_dir
 
 LOCK_NAME = ".mpo-data.lock"
 _held: dict[str, int] = {}  # folders this process holds -> nesting depth (a pipeline's stages nest)

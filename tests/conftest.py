@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mpo_data.formats import MetaEntry, write_meta
+from mpo_data.records.formats import MetaEntry, write_meta
 
 # Every Ray the tests start (in-process, in CLI subprocesses, `ray start` under the Slurm stand-ins)
 # stays on 127.0.0.1; Ray reads this before any test imports it.
@@ -24,7 +24,7 @@ MODELS = ROOT / "models"
 def demo_dir() -> Path:
     """The demo prompt sets (`make test` builds them first; built here if missing)."""
     if not (DEMO / "easy_vqa_describe.jsonl").exists():
-        from mpo_data import demo
+        from mpo_data.tools import demo
 
         demo.build(DEMO)
     return DEMO
@@ -33,14 +33,14 @@ def demo_dir() -> Path:
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The local models (`make test` builds them first; built here if missing, cached otherwise)."""
-    from mpo_data import models
+    from mpo_data.tools import model_folders
 
-    models.build_all(MODELS)
+    model_folders.build_all(MODELS)
     return MODELS
 
 
 def _engine(model: Path):
-    from mpo_data.engine import Engine, EngineConfig
+    from mpo_data.sampling.engine import Engine, EngineConfig
 
     engine = Engine(EngineConfig(model=str(model), max_model_len=2048))
     yield engine
@@ -57,6 +57,14 @@ def text_engine(models_dir: Path):
 def vlm_engine(models_dir: Path):
     """One real vLLM engine on the tiny SmolVLM for the whole session."""
     yield from _engine(models_dir / "tiny-smolvlm")
+
+
+@pytest.fixture
+def torch_threads():
+    """torch on 2 threads: the suite runs on a shared 2-core machine (the training tests ask for it)."""
+    import torch
+
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

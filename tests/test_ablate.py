@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from mpo_data import ablate
-from mpo_data.answer_accuracy import paired_difference_ci
+from mpo_data.train import ablate
+from mpo_data.stats import paired_difference_ci
 from mpo_data.errors import InputError
-from mpo_data.formats import MetaEntry, write_meta
-from mpo_data.jsonl import write_jsonl
-from mpo_data.train_config import load
+from mpo_data.records.formats import MetaEntry, write_meta
+from mpo_data.records.jsonl import write_jsonl
+from mpo_data.train.config import load
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "training" / "configs" / "smollm2_lora_cpu.yaml"
@@ -40,10 +40,13 @@ def test_variant_names_are_checked_and_sft_comes_first():
         ablate.check(ablate.AblationConfig(config="c", variants=["ipo"]))
 
 
-def _fake_run(folder: Path, question_set: str, correct: list[bool]) -> None:
+def _fake_run(folder: Path, question_set: str, correct: list[bool], chosen: tuple[float, float] = (-20.0, -20.0)) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(ablate.answers_path(folder, question_set), ({"question": str(i), "correct": c} for i, c in enumerate(correct)))
     (folder / "summary.json").write_text(json.dumps({"train_seconds": 12.0, "steps": 4}))
+    (folder / "eval.json").write_text(json.dumps({  # chosen: mean summed log-prob of chosen (before, after)
+        "pairs": 8, "before": {"mean_chosen_logp": chosen[0], "mean_rejected_logp": -30.0},
+        "after": {"mean_chosen_logp": chosen[1], "mean_rejected_logp": -40.0}}))
 
 
 def test_table_pairs_each_variant_with_sft_over_questions_and_seeds(tmp_path):
@@ -51,8 +54,9 @@ def test_table_pairs_each_variant_with_sft_over_questions_and_seeds(tmp_path):
     _fake_run(tmp_path / "base", q, [False, False, True, False])
     runs = {("sft", 0): [True, False, True, False], ("sft", 1): [True, True, False, False],
             ("mpo", 0): [True, True, True, False], ("mpo", 1): [True, True, True, True]}
+    chosen = {("sft", 0): (-20.0, -15.0), ("sft", 1): (-20.0, -17.0), ("mpo", 0): (-20.0, -26.0), ("mpo", 1): (-20.0, -30.0)}
     for (variant, seed), correct in runs.items():
-        _fake_run(tmp_path / f"{variant}-s{seed}", q, correct)
+        _fake_run(tmp_path / f"{variant}-s{seed}", q, correct, chosen[variant, seed])
     result = ablate.table_data(tmp_path, ["sft", "mpo"], [0, 1], [q])
     held = result["sets"]["held"]
     assert (held["questions"], held["base"]) == (4, 0.25)
@@ -60,8 +64,10 @@ def test_table_pairs_each_variant_with_sft_over_questions_and_seeds(tmp_path):
     assert mpo["accuracy"] == {"0": 0.75, "1": 1.0} and mpo["mean"] == 0.875 and mpo["diff_vs_sft"] == 0.375
     pooled_sft, pooled_mpo = runs["sft", 0] + runs["sft", 1], runs["mpo", 0] + runs["mpo", 1]
     assert mpo["diff_vs_sft_ci"] == pytest.approx(paired_difference_ci(pooled_sft, pooled_mpo), abs=1e-4)
+    # chosen log-probs: sft raised them by 4 on average, mpo lowered them by 8 (likelihood displacement)
+    assert (held["variants"]["sft"]["chosen_logp_change"], mpo["chosen_logp_change"], mpo["rejected_logp_change"]) == (4.0, -8.0, -10.0)
     table = ablate.describe(result)
-    assert re.search(r"\| held \| mpo \| 75\.0 \| 100\.0 \| 87\.5 \| \+37\.5 \[", table)
+    assert re.search(r"\| held \| mpo \| 75\.0 \| 100\.0 \| 87\.5 \| \+37\.5 \[.*\] \| -8\.0 / -10\.0 \| 4, 12 \|", table)
     assert "| held (4) | base |" in table
 
 
@@ -70,7 +76,8 @@ def test_table_pairs_each_variant_with_sft_over_questions_and_seeds(tmp_path):
 def test_tiny_ablation_trains_answers_and_continues_after_a_stop(models_dir, tmp_path, monkeypatch):
     """Real: 1 LoRA step per run on SmolLM2 (sft and mpo, one seed), vLLM answers, our judge; then the same
     command again after one run's answers were lost trains nothing and answers only that run's set."""
-    from mpo_data import cli, train
+    from mpo_data import cli
+    from mpo_data.train import recipe
 
     questions = tmp_path / "held.jsonl"
     rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in ((2, 3), (4, 1))]
@@ -94,7 +101,7 @@ def test_tiny_ablation_trains_answers_and_continues_after_a_stop(models_dir, tmp
     assert json.loads((out / "sft-s0" / "summary.json").read_text())["bco_delta"] is None
 
     (out / "mpo-s0" / "answers_held.jsonl").unlink()  # stopped while answering
-    monkeypatch.setattr(train, "train", lambda config: pytest.fail(f"trained {config.output_dir} again"))
+    monkeypatch.setattr(recipe, "train", lambda config: pytest.fail(f"trained {config.output_dir} again"))
     assert cli.main(argv) == 0
     assert (out / "mpo-s0" / "answers_held.jsonl").is_file()
     assert json.loads((out / "ablation.json").read_text())["sets"] == result["sets"]  # greedy: the same answers

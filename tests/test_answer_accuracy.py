@@ -1,10 +1,9 @@
-"""Answer accuracy before/after training: the statistics (pure logic), the held-out split, and one real run
+"""Answer accuracy before/after training: the summary (pure logic), the held-out split, and one real run
 (real LoRA adapter merged, real vLLM engine, real judge) on a handful of questions."""
 
 from __future__ import annotations
 
 import json
-import math
 import re
 
 from pathlib import Path
@@ -12,46 +11,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mpo_data import answer_accuracy as aa
+from mpo_data.train import answer_accuracy as aa
 from mpo_data.errors import InputError
-from mpo_data.train_config import load_run_config
+from mpo_data.train.config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PIPELINE, DEMO_TRAIN = ROOT / "pipelines" / "demo.yaml", ROOT / "training" / "configs" / "smollm2_lora_cpu.yaml"
 
 
-def test_wilson_matches_published_values():
-    # Newcombe (1998), single proportion, method 3: 0/10 -> (0, 0.2775), 5/10 -> (0.2366, 0.7634)
-    assert aa.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert aa.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    assert aa.wilson(10, 10)[1] == pytest.approx(1.0) and aa.wilson(10, 10)[0] == pytest.approx(0.7225, abs=1e-4)
-
-
-def _verdicts(both: int, gained: int, lost: int, neither: int) -> tuple[list[bool], list[bool]]:
-    before = [True] * both + [False] * gained + [True] * lost + [False] * neither
-    after = [True] * both + [True] * gained + [False] * lost + [False] * neither
-    return before, after
-
-
-def test_paired_interval_without_correlation_is_square_and_add_of_wilson():
-    # ad - bc = 0: phi is 0 and the interval is the plain square-and-add of the two Wilson intervals
-    before, after = _verdicts(both=10, gained=10, lost=10, neither=10)
-    (l1, u1), (l2, u2) = aa.wilson(20, 40), aa.wilson(20, 40)
-    low, high = aa.paired_difference_ci(before, after)
-    assert low == pytest.approx(-math.hypot(0.5 - l1, u2 - 0.5)) and high == pytest.approx(math.hypot(u1 - 0.5, 0.5 - l2))
-
-
-def test_paired_interval_narrows_with_correlation_and_mirrors_when_swapped():
-    before, after = _verdicts(both=60, gained=25, lost=5, neither=110)
-    low, high = aa.paired_difference_ci(before, after)
-    assert low < 0.1 < high and low > 0  # 20 more right out of 200, correlated verdicts: clearly above zero
-    (l1, u1), (l2, u2) = aa.wilson(85, 200), aa.wilson(65, 200)
-    assert high - low < math.hypot(0.425 - l1, u2 - 0.325) + math.hypot(u1 - 0.425, 0.325 - l2)  # narrower than independent
-    assert aa.paired_difference_ci(after, before) == pytest.approx((-high, -low))
-
-
 def test_summary_counts_gained_and_lost():
-    before, after = _verdicts(both=3, gained=2, lost=1, neither=4)
+    # 3 right both times, 2 gained, 1 lost, 4 never right
+    before = [True] * 3 + [False] * 2 + [True] + [False] * 4
+    after = [True] * 3 + [True] * 2 + [False] + [False] * 4
     s = aa.summarize(before, after)
     assert (s["questions"], s["before"], s["after"], s["gained"], s["lost"]) == (10, 0.4, 0.5, 2, 1)
     assert s["before_ci"][0] < 0.4 < s["before_ci"][1] and s["diff_ci"][0] < 0.1 < s["diff_ci"][1]
@@ -62,7 +33,7 @@ def test_summary_counts_gained_and_lost():
 
 def test_training_config_checks_the_answer_settings_before_training(tmp_path):
     from mpo_data.commands import train as train_command
-    from mpo_data.train_config import load
+    from mpo_data.train.config import load
 
     config = load(DEMO_TRAIN)
     assert config.eval.answers.questions == "data/demo/arithmetic_heldout.jsonl" and config.eval.answers.temperature == 0
@@ -75,13 +46,13 @@ def test_training_config_checks_the_answer_settings_before_training(tmp_path):
 
 def test_evaluate_without_questions_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="eval.answers.questions"):
-        aa.evaluate("base", "trained", aa.AnswerEvalArgs(), tmp_path)
+        aa.evaluate_answers("base", "trained", aa.AnswerEvalArgs(), tmp_path)
     with pytest.raises(InputError, match="not a training run folder"):
         load_run_config(tmp_path)  # what `mpo-data eval` reads first
 
 
 def test_held_out_questions_share_no_fact_with_the_sampled_ones():
-    from mpo_data import demo
+    from mpo_data.tools import demo
 
     train, held = demo.arithmetic_problems(48, seed=0, held_out=256)
     assert (len(train), len(held)) == (48, 256)
@@ -101,7 +72,7 @@ def test_held_out_questions_share_no_fact_with_the_sampled_ones():
 
 
 def test_tuning_and_reworded_sets_are_never_sampled_and_reworded_never_uses_a_trained_wording():
-    from mpo_data import demo
+    from mpo_data.tools import demo
 
     train, held = demo.arithmetic_problems(48, seed=0, held_out=256)
     tune, reworded = demo.tuning_and_reworded(48, seed=0, held_out=256)
@@ -143,7 +114,7 @@ def test_adapter_run_answers_judged_before_and_after(models_dir, text_engine, tm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mpo_data.judge import extract_answer
+    from mpo_data.preference.judge import extract_answer
 
     run = tmp_path / "run"
     base = _random_adapter_run(models_dir, run)
@@ -158,7 +129,7 @@ def test_adapter_run_answers_judged_before_and_after(models_dir, text_engine, tm
     rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in ((2, 3), (4, 4), (6, 1))]
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = aa.AnswerEvalArgs(questions=str(questions), max_new_tokens=48)
-    summary = aa.evaluate(text_engine, merged, args, tmp_path)
+    summary = aa.evaluate_answers(text_engine, merged, args, tmp_path)
 
     lines = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [line["answer"] for line in lines] == ["5", "8", "7"]
@@ -169,4 +140,4 @@ def test_adapter_run_answers_judged_before_and_after(models_dir, text_engine, tm
             extraction = extract_answer(line[f"{when}_response"], "en")
             if not extraction.format_ok or extraction.answer == line["answer"]:
                 assert line[f"{when}_correct"] == extraction.format_ok
-    assert summary["gained"] == sum(l["after_correct"] and not l["before_correct"] for l in lines)
+    assert summary["gained"] == sum(row["after_correct"] and not row["before_correct"] for row in lines)

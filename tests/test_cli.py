@@ -10,8 +10,8 @@ import pytest
 
 from mpo_data.cli import COMMANDS, build_parser, main
 from mpo_data.config import build, config_from_args
-from mpo_data.pairs import PairsConfig
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig, StageConfig
+from mpo_data.preference.pairs import PairsConfig
+from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig, StageConfig
 
 HEAVY = ("torch", "transformers", "vllm", "ray")
 
@@ -93,7 +93,8 @@ def test_each_stage_setting_is_declared_once(cls):
     nested = [f.name for section in (EngineConfig, SamplingConfig) for f in fields(section)]
     assert not set(names) & set(nested) and len(set(nested)) == len(nested)
     assert {f.name for f in fields(StageConfig)} <= set(names)
-    assert cls("p", EngineConfig("M")).engine_config() is not None
+    engine = EngineConfig("M", max_model_len=1234, tensor_parallel_size=2)
+    assert cls("p", engine).engine_config() == EngineConfig("M", max_model_len=1234, tensor_parallel_size=2)
 
 
 def test_bad_flag_values_are_usage_errors(capsys):

@@ -22,12 +22,14 @@ class Outer:
     inner: Inner
     items: list[Inner] = field(default_factory=list)
     weights: dict[str, float] = field(default_factory=dict)
+    span: tuple[float, float] | None = None
 
 
 def test_nested_build_converts_and_defaults():
     got = build(Outer, {"inner": {"x": 1}, "items": [{"x": 2, "y": 3}], "weights": {"a": 1}}, "c.yaml")
     assert got == Outer(Inner(1), [Inner(2, 3.0)], {"a": 1.0})
     assert isinstance(got.items[0].y, float)
+    assert build(Outer, {"inner": {"x": 1}, "span": [0, 0.8]}, "c.yaml").span == (0.0, 0.8)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,8 @@ def test_nested_build_converts_and_defaults():
         ({"inner": {"x": 1}, "items": {"x": 1}}, "c.yaml: items: expected a list, got dict"),
         ({"inner": {"x": 1, "z": 3}}, "c.yaml: inner.z: expected str, got int 3"),
         ({}, "c.yaml: missing key 'inner'"),
+        ({"inner": {"x": 1}, "span": [0.2]}, "c.yaml: span: expected 2 values, got 1"),
+        ({"inner": {"x": 1}, "span": [0.2, "a"]}, "c.yaml: span[1]: expected float, got str 'a'"),
     ],
 )
 def test_build_errors_name_file_and_key(data, message):

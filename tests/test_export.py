@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from mpo_data.cli import main
-from mpo_data.export import PARQUET_FILE, ExportConfig, export
-from mpo_data.formats import MetaEntry, write_meta
-from mpo_data.train_data import PairLoader
+from mpo_data.train.export import PARQUET_FILE, ExportConfig, export
+from mpo_data.records.formats import MetaEntry, write_meta
+from mpo_data.train.data import PairLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VLM = ROOT / "models" / "tiny-smolvlm"

@@ -7,11 +7,12 @@ import orjson
 import pytest
 import torch
 
-from mpo_data import cli, gpu_smoke
+from mpo_data import cli
+from mpo_data.tools import gpu_smoke
 from mpo_data.config import config_from_args
-from mpo_data.gpu_smoke import Outcome, Step
-from mpo_data.models import TINY_INTERNVL, TINY_QWEN
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig
+from mpo_data.tools.gpu_smoke import Outcome, Step
+from mpo_data.tools.model_folders import TINY_INTERNVL, TINY_QWEN
+from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig
 
 
 def stage_runs(steps: list[Step]) -> list[tuple[str, str, int]]:

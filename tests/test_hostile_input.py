@@ -19,17 +19,18 @@ import pytest
 import yaml
 from PIL import Image
 
-from mpo_data import cli, jsonl
+from mpo_data import cli
+from mpo_data.records import jsonl
 from mpo_data.config import add_config_arguments, build, load_yaml, yaml_names
 from mpo_data.errors import InputError
-from mpo_data.inputs import PromptReader, validate_file
-from mpo_data.jsonl import read_jsonl, write_jsonl
-from mpo_data.judge import Judge, JudgeConfig, JudgeItem
-from mpo_data.pairs import PairsConfig, build_pairs
+from mpo_data.records.inputs import PromptReader, validate_file
+from mpo_data.records.jsonl import read_jsonl, write_jsonl
+from mpo_data.preference.judge import Judge, JudgeConfig, JudgeItem
+from mpo_data.preference.pairs import PairsConfig, build_pairs
 from mpo_data.pipeline import load_pipeline
-from mpo_data.shards import ShardStore, stage_dir
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig, StageConfig
-from mpo_data.stages import run_stage
+from mpo_data.records.shards import ShardStore, stage_dir
+from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
+from mpo_data.sampling.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "smollm2-135m-instruct"

@@ -16,10 +16,10 @@ import orjson
 import pytest
 from PIL import Image
 
-from mpo_data import images
-from mpo_data.inputs import PromptReader
-from mpo_data.jsonl import current_umask
-from mpo_data.train_data import PairLoader
+from mpo_data.records import images
+from mpo_data.records.inputs import PromptReader
+from mpo_data.records.jsonl import current_umask
+from mpo_data.train.data import PairLoader
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -10,11 +10,11 @@ import orjson
 import pytest
 from PIL import Image
 
-from mpo_data import images
+from mpo_data.records import images
 from mpo_data.errors import InputError
-from mpo_data.formats import MetaEntry, PromptItem, make_item_id, read_meta, write_meta
-from mpo_data.inputs import PromptReader, validate_file
-from mpo_data.jsonl import AtomicFile, write_jsonl
+from mpo_data.records.formats import MetaEntry, PromptItem, make_item_id, read_meta, write_meta
+from mpo_data.records.inputs import PromptReader, validate_file
+from mpo_data.records.jsonl import AtomicFile, write_jsonl
 
 
 @pytest.fixture
@@ -113,8 +113,8 @@ def test_reader_skip_quarantines_with_reasons_and_counts(tmp_path, root):
     assert items[0].extra == {"extra": {"k": 1}} and items[1].answer == "7"
     assert reader.read == 4
     assert dict(reader.quarantine.counts) == {"invalid JSON": 1, "image missing": 1}
-    lines = [orjson.loads(l) for l in quarantine.read_text().splitlines()]
-    assert [l["loc"] for l in lines] == [f"{path}:2", f"{path}:3"]
+    lines = [orjson.loads(text) for text in quarantine.read_text().splitlines()]
+    assert [row["loc"] for row in lines] == [f"{path}:2", f"{path}:3"]
     assert "not found" in lines[1]["reasons"][0] and lines[1]["line"]["image"] == "gone.png"
 
 
@@ -221,7 +221,7 @@ def test_cli_validate_prints_three_problems_and_exits_1(tmp_path, root):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    assert [l.split(": ", 1)[0] for l in lines] == [f"{path}:{n}" for n in (2, 3, 4)]
+    assert [line.split(": ", 1)[0] for line in lines] == [f"{path}:{n}" for n in (2, 3, 4)]
     assert "Traceback" not in result.stderr
     ok = subprocess.run(cmd[:4] + [str(tmp_path / "good.jsonl")] + cmd[5:], capture_output=True, text=True)
     assert ok.returncode == 1 and "no such file" in ok.stderr and "Traceback" not in ok.stderr
@@ -241,13 +241,13 @@ def test_pair_lines_need_one_placeholder_per_image(tmp_path, root):
 def test_each_record_writer_matches_its_schema():
     from dataclasses import fields
 
-    from mpo_data.engine import Completion
-    from mpo_data.formats import (
+    from mpo_data.sampling.engine import Completion
+    from mpo_data.records.formats import (
         DROPOUT_SAMPLE_SCHEMA, META_ENTRY_SCHEMA, PAIR_SCHEMA, PROMPT_SCHEMAS, SAMPLE_SCHEMA, Pair, Sample,
     )
-    from mpo_data.judge import Verdict
-    from mpo_data.stage_config import DropoutNTPConfig, EngineConfig
-    from mpo_data.stages import DropoutNTPStage
+    from mpo_data.preference.judge import Verdict
+    from mpo_data.sampling.stage_config import DropoutNTPConfig, EngineConfig
+    from mpo_data.sampling.dropout_ntp import DropoutNTPStage
 
     prompt = {"image": "a.png", "question": "q?", "answer": "1"}
     sample = Sample("id", 0, prompt, "<image>\nq?", "r", "stop", 3, 4, "en_v2", "m", {"n": 1}).to_dict()

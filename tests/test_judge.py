@@ -8,10 +8,10 @@ import orjson
 import pytest
 
 from mpo_data.cli import main
-from mpo_data.judge import (
+from mpo_data.preference.judge import (
     DEFAULT_MODES, Judge, JudgeConfig, JudgeItem, answers_match, extract_answer, modes_for_dataset, question_options,
 )
-from mpo_data.prompts import PROMPT_VERSIONS, render
+from mpo_data.sampling.prompts import PROMPT_VERSIONS, render
 
 OPTIONS_Q = "Which shape is shown?\nA. triangle\nB. rectangle\nC. circle"
 

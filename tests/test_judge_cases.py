@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from mpo_data.judge import MODES, Judge, JudgeConfig, JudgeItem
-from mpo_data.prompts import PROMPT_VERSIONS
+from mpo_data.preference.judge import MODES, Judge, JudgeConfig, JudgeItem
+from mpo_data.sampling.prompts import PROMPT_VERSIONS
 
 CASES = Path(__file__).parent / "judge_cases.jsonl"
 KEYS = {"id", "category", "source", "modes", "prompt_version", "answer", "response", "expected"}

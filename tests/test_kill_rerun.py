@@ -11,10 +11,10 @@ from pathlib import Path
 
 import orjson
 
-from mpo_data.formats import write_meta
-from mpo_data.judge import JudgeConfig
-from mpo_data.meta import MetaConfig, build_meta
-from mpo_data.pairs import PairsConfig, build_pairs
+from mpo_data.records.formats import write_meta
+from mpo_data.preference.judge import JudgeConfig
+from mpo_data.preference.meta import MetaConfig, build_meta
+from mpo_data.preference.pairs import PairsConfig, build_pairs
 
 MPO = [sys.executable, "-m", "mpo_data"]
 

@@ -9,10 +9,10 @@ import pytest
 
 from mpo_data.cli import main
 from mpo_data.errors import InputError
-from mpo_data.inputs import PromptReader
-from mpo_data.judge import JudgeConfig
-from mpo_data.pairs import PairsConfig, build_pairs
-from mpo_data.stage_config import CorrectnessConfig, EngineConfig
+from mpo_data.records.inputs import PromptReader
+from mpo_data.preference.judge import JudgeConfig
+from mpo_data.preference.pairs import PairsConfig, build_pairs
+from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -122,9 +122,9 @@ def test_prompt_rows_without_answer_are_read_only_where_the_dataset_says_so(tmp_
 @pytest.mark.engine
 @pytest.mark.ray
 def test_unanswered_prompts_sampled_and_paired_by_majority(tmp_path, models_dir, ray_local):
-    from mpo_data.shards import stage_dir
-    from mpo_data.stage_config import SamplingConfig
-    from mpo_data.stages import run_stage
+    from mpo_data.records.shards import stage_dir
+    from mpo_data.sampling.stage_config import SamplingConfig
+    from mpo_data.sampling.stages import run_stage
 
     prompts = tmp_path / "open.jsonl"
     _write(prompts, [{"question": f"What is {a} + {b}?"} for a, b in ((2, 3), (4, 4), (1, 6))])

@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from mpo_data.cli import main
-from mpo_data.formats import MetaEntry, read_meta, write_meta
-from mpo_data.meta import MetaConfig, active_rows, build_meta, repeat_for, share_rows, split_share
+from mpo_data.records.formats import MetaEntry, read_meta, write_meta
+from mpo_data.preference.meta import MetaConfig, active_rows, build_meta, repeat_for, share_rows, split_share
 
 
 def _pairs(folder: Path, name: str, n: int) -> Path:

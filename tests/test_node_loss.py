@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from mpo_data.jsonl import read_jsonl
-from mpo_data.shards import stage_dir
+from mpo_data.records.jsonl import read_jsonl
+from mpo_data.records.shards import stage_dir
 
 ITEMS, PER_ITEM = 12, 2
 
@@ -46,8 +46,10 @@ def test_worker_node_killed_mid_run_then_rerun_exactly_once(tmp_path, demo_dir, 
         while not list(folder.glob("part-*.jsonl")):
             assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
             time.sleep(0.05)
-        parts_at_kill = len(list(folder.glob("part-*.jsonl")))
         cluster.remove_node(worker, allow_graceful=False)  # SIGKILL the node's raylet and its workers
+        parts_at_kill = len(list(folder.glob("part-*.jsonl")))
+        # the kill landed before the end: the run was still going and had not written every part (one per item)
+        assert run.poll() is None and parts_at_kill < ITEMS, f"the run ended before the kill ({parts_at_kill} parts)"
         _, stderr = run.communicate(timeout=300)  # it must end: no wait for an engine that cannot come back
         print(f"node killed after {parts_at_kill} part(s); first run exit {run.returncode}: {last_line(stderr)}")
         assert "Traceback" not in stderr

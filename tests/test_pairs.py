@@ -8,10 +8,10 @@ import orjson
 import pytest
 
 from mpo_data.cli import main
-from mpo_data.judge import JudgeConfig
-from mpo_data.formats import pair_problems
-from mpo_data.pairs import PairsConfig, build_pairs, is_degenerate
-from mpo_data.prompts import user_prompt
+from mpo_data.preference.judge import JudgeConfig
+from mpo_data.records.formats import pair_problems
+from mpo_data.preference.pairs import PairsConfig, build_pairs, is_degenerate
+from mpo_data.sampling.prompts import user_prompt
 
 N_PAIRS = 3
 
@@ -115,6 +115,32 @@ def test_answer_fix_and_max_lines(samples, tmp_path):
     capped = build_pairs(_config(samples / "correctness", tmp_path / "q", max_lines=4))
     assert capped["correctness/toy"]["lines"] == 4 and capped["correctness/toy"]["lines_over_max_lines"] == 11
     assert summary["correctness/fix"]["pairs_correctness"] == 1
+
+
+@pytest.mark.parametrize(
+    "bounds, outside, pairs",
+    [
+        ((0.5, 0.8), 1, 0),  # item 0 (4 of 10 correct) is out; item 1 (2 of 3) is in but has no usable chosen
+        ((0.4, 0.4), 1, N_PAIRS),  # inclusive: item 0 is in, item 1 is out
+        (None, 0, N_PAIRS),  # off
+    ],
+)
+def test_accuracy_range_keeps_items_by_sampled_accuracy(samples, tmp_path, bounds, outside, pairs):
+    out = tmp_path / "pairs"
+    counts = build_pairs(_config(samples / "correctness", out, accuracy_range=bounds))["correctness/toy"]
+    assert counts.get("items_outside_accuracy_range", 0) == outside and counts.get("pairs_correctness", 0) == pairs
+    assert counts.get("pairs_format", 0) == pairs  # both rules, 4 chosen x 4 wrong or x 2 malformed, capped
+    assert counts["items_never_correct"] == 1  # the never-correct item is counted as before, not as out of range
+    assert len(_read(out / "pos_items" / "toy.jsonl")) == 6  # correct samples are kept whatever the range
+
+
+def test_cli_accuracy_range_two_values_checked(samples, tmp_path, capsys):
+    args = ["pairs", "--data-dir", str(samples / "correctness"), "--save-dir", str(tmp_path / "o"), "--workers", "1"]
+    assert main([*args, "--accuracy-range", "0.8", "0.2"]) == 1
+    assert "--accuracy-range must be LO HI with 0 <= LO <= HI <= 1, got [0.8, 0.2]" in capsys.readouterr().err
+    assert main([*args, "--accuracy-range", "0.5", "0.8"]) == 0
+    summary = orjson.loads((tmp_path / "o" / "pairs_summary.json").read_bytes())
+    assert summary["correctness/toy"]["items_outside_accuracy_range"] == 1
 
 
 def test_degenerate_repetition():

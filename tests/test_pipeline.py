@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mpo_data.errors import InputError
-from mpo_data.formats import REST_SUFFIX, read_meta
+from mpo_data.records.formats import REST_SUFFIX, read_meta
 from mpo_data.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

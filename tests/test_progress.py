@@ -7,8 +7,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from mpo_data.engine import Completion, GenerationResult
-from mpo_data.progress import EngineProgress, ProgressCounter, Snapshot, WindowedRate
+from mpo_data.sampling.engine import Completion, GenerationResult
+from mpo_data.sampling.progress import EngineProgress, ProgressCounter, Snapshot, WindowedRate
 
 
 def test_windowed_rate_needs_two_points_at_different_times():

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from mpo_data import ray_logs
+from mpo_data.sampling import ray_logs
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from PIL import Image
 
-from mpo_data.formats import MetaEntry, Pair, write_meta
-from mpo_data.jsonl import write_jsonl
+from mpo_data.records.formats import MetaEntry, Pair, write_meta
+from mpo_data.records.jsonl import write_jsonl
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -104,7 +104,7 @@ def test_report_overview_first_numbers_and_images_in_chromium(tmp_path):
 def test_report_marks_missing_image_and_bad_folder(tmp_path):
     out = make_run(tmp_path)
     (tmp_path / "images" / "2.png").unlink()
-    from mpo_data.report import build_report
+    from mpo_data.tools.report import build_report
 
     text = build_report(out)
     assert text.count("<img ") == 4 and "image &#39;2.png&#39; not found" in text

@@ -13,7 +13,7 @@ import yaml
 
 from mpo_data.errors import InputError
 from mpo_data.rounds import RoundsConfig, check_settings, run_rounds, swap_model, table
-from mpo_data.stage_config import EngineConfig, DropoutNTPConfig
+from mpo_data.sampling.stage_config import EngineConfig, DropoutNTPConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = ROOT / "models" / "smollm2-135m-instruct"

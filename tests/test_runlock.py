@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from mpo_data.errors import InputError
-from mpo_data.pairs import PairsConfig, build_pairs
+from mpo_data.preference.pairs import PairsConfig, build_pairs
 from mpo_data.pipeline import load_pipeline, run_pipeline
 from mpo_data.runlock import run_lock
-from mpo_data.stage_config import CorrectnessConfig, EngineConfig
-from mpo_data.stages import run_stage
+from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig
+from mpo_data.sampling.stages import run_stage
 
 HOLD = "import sys; from mpo_data.runlock import run_lock\nwith run_lock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()"
 

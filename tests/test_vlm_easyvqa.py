@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mpo_data import models, vlm_easyvqa
-from mpo_data.judge import extract_answer
+from mpo_data.tools import model_folders as models
+from mpo_data.tools import vlm_easyvqa
+from mpo_data.preference.judge import extract_answer
 
 
 def test_image_truth_reads_yes_no_questions():
@@ -51,7 +52,7 @@ def test_builder_trains_seeded(models_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def easyvqa_engine(models_dir):
-    from mpo_data.engine import Engine, EngineConfig
+    from mpo_data.sampling.engine import Engine, EngineConfig
 
     models.build_all(models_dir, [models.TINY_VLM_EASYVQA])
     engine = Engine(EngineConfig(model=str(models_dir / models.TINY_VLM_EASYVQA), max_model_len=2048))

@@ -9,15 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import orjson
 import pytest
 
-from mpo_data import watchdog
-from mpo_data.jsonl import read_jsonl, write_jsonl
-from mpo_data.shards import stage_dir
-from mpo_data.stage_config import CorrectnessConfig, EngineConfig
+from mpo_data.sampling import watchdog
+from mpo_data.records.jsonl import read_jsonl, write_jsonl
+from mpo_data.records.shards import stage_dir
+from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig
 
 
 @pytest.fixture
@@ -63,10 +62,11 @@ def test_watchdog_settings_are_checked():
 # on the same cluster samples until the test sends it SIGTERM.
 _STALL_THEN_RUN = """
 import sys, ray
-from mpo_data import cli, ray_logs
+from mpo_data import cli
+from mpo_data.sampling import ray_logs
 from mpo_data.errors import ClusterError
-from mpo_data.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
-from mpo_data.stages import run_stage
+from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig, SamplingConfig
+from mpo_data.sampling.stages import run_stage
 ray_logs.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
 model, prompts, out = sys.argv[1:4]
 blocker = ray.util.placement_group([{"CPU": 2}])

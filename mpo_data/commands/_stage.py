@@ -7,7 +7,7 @@ import sys
 
 from mpo_data.commands import internvl
 from mpo_data.config import add_config_arguments, config_from_args
-from mpo_data.stage_config import StageConfig
+from mpo_data.sampling.stage_config import StageConfig
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> None:
@@ -17,7 +17,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig])
 
 
 def run_stage_command(cls: type[StageConfig], args: argparse.Namespace) -> int:
-    from mpo_data.stages import run_stage  # Ray Data machinery: only once the command really runs
+    from mpo_data.sampling.stages import run_stage  # Ray Data machinery: only once the command really runs
 
     internvl.report_given(args, internvl.SAMPLING_FLAGS)
     summary = run_stage(config_from_args(cls, args))

@@ -10,7 +10,7 @@ from mpo_data.config import add_config_arguments, config_from_args
 
 
 def add_arguments(parser) -> None:
-    from mpo_data.ablate import AblationConfig
+    from mpo_data.train.ablate import AblationConfig
 
     add_config_arguments(parser, AblationConfig)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.ablate import AblationConfig, ablate, describe
+    from mpo_data.train.ablate import AblationConfig, ablate, describe
 
     config = config_from_args(AblationConfig, args)
     result = ablate(config, args.overrides)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mpo_data.commands._stage import add_stage_arguments, run_stage_command
-from mpo_data.stage_config import CorrectnessConfig
+from mpo_data.sampling.stage_config import CorrectnessConfig
 
 
 def add_arguments(parser) -> None:

@@ -13,7 +13,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.demo import build
+    from mpo_data.tools.demo import build
 
     counts = build(args.out, args.num_arithmetic, args.num_vqa, args.num_describe, args.seed, args.num_heldout)
     print(f"demo prompt sets under {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))

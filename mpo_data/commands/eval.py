@@ -15,12 +15,12 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.answer_accuracy import describe, evaluate_run
-    from mpo_data.train import preference_eval
-    from mpo_data.train_config import load_run_config
+    from mpo_data.train.answer_accuracy import describe, evaluate_run
+    from mpo_data.train.recipe import rescore_run
+    from mpo_data.train.config import load_run_config
 
     config = load_run_config(args.run, args.overrides)
-    path = preference_eval(args.run, config)  # first: vLLM then gets the memory its models held
+    path = rescore_run(args.run, config)  # first: vLLM then gets the memory its models held
     if config.eval.answers.questions:
         evaluate_run(args.run, config)
     report = json.loads(path.read_text())

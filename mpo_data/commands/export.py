@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from mpo_data.config import add_config_arguments, config_from_args
-from mpo_data.export import PARQUET_FILE, ExportConfig
+from mpo_data.train.export import PARQUET_FILE, ExportConfig
 
 
 def add_arguments(parser) -> None:
@@ -13,7 +13,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.export import export
+    from mpo_data.train.export import export
 
     config = config_from_args(ExportConfig, args)
     summary = export(config)

@@ -17,6 +17,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.gpu_smoke import run
+    from mpo_data.tools.gpu_smoke import run
 
     return run(Path(args.out), Path(args.models), args.timeout, args.skip_stages)

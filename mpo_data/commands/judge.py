@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from mpo_data.config import add_config_arguments, config_from_args
-from mpo_data.judge import JudgeConfig, judge_file
+from mpo_data.preference.judge import JudgeConfig, judge_file
 
 
 def add_arguments(parser) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mpo_data.models import BUILDERS, DEFAULT_MODELS, build_all
+from mpo_data.tools.model_folders import BUILDERS, DEFAULT_MODELS, build_all
 
 
 def add_arguments(parser) -> None:

@@ -7,7 +7,7 @@ import sys
 
 from mpo_data.commands import internvl
 from mpo_data.config import add_config_arguments, config_from_args
-from mpo_data.pairs import PairsConfig, build_pairs
+from mpo_data.preference.pairs import PairsConfig, build_pairs
 
 
 def add_arguments(parser) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mpo_data.jsonl import atomic_write_bytes
-from mpo_data.report import build_report
+from mpo_data.records.jsonl import atomic_write_bytes
+from mpo_data.tools.report import build_report
 
 
 def add_arguments(parser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from mpo_data.config import add_config_arguments, config_from_args
-from mpo_data.stage_config import SampleConfig
+from mpo_data.sampling.stage_config import SampleConfig
 
 
 def add_arguments(parser) -> None:
@@ -13,7 +13,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.engine import sample_file
+    from mpo_data.sampling.sample import sample_file
 
     config = config_from_args(SampleConfig, args)
     count, reader = sample_file(config)

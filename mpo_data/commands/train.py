@@ -14,8 +14,8 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.train import train
-    from mpo_data.train_config import load
+    from mpo_data.train.recipe import train
+    from mpo_data.train.config import load
 
     config = load(args.config, args.overrides)
     questions = config.eval.answers.questions
@@ -28,7 +28,7 @@ def main(args) -> int:
     what = "model" if config.model.finetune == "full" else "adapter"
     print(f"{what}: {out}\nevaluation: {out / 'eval.json'}\ntensorboard: {out / 'runs'}")
     if config.eval.answers.questions:  # after the trainer is gone, so vLLM gets its memory
-        from mpo_data.answer_accuracy import describe, evaluate_run
+        from mpo_data.train.answer_accuracy import describe, evaluate_run
 
         print(describe(evaluate_run(out, config)))
     return 0

@@ -1,0 +1,1 @@
+"""Tools around the pipeline: demo data, model folder builders, the GPU smoke test, the run report."""

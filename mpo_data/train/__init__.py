@@ -1,0 +1,1 @@
+"""Training on the pairs: the MPO recipe over TRL, its config and data, the evaluations, export, ablation."""

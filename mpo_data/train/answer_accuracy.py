@@ -1,0 +1,164 @@
+"""Answer accuracy on held-out questions, before vs after training: the number preference data is judged by.
+
+Both models answer every held-out question with vLLM (one answer each, greedy by default, so that a
+difference comes from the weights and not from the sampler), and our judge marks each answer exactly as
+correctness sampling does. Accuracies get 95% Wilson intervals. Since both models answer the same
+questions, the difference is paired: its interval is Newcombe's (1998, method 10), which combines the two
+Wilson intervals with the correlation of the verdicts, and `gained` / `lost` count the questions answered
+right only after / only before training.
+
+A LoRA run is merged into a float32 model folder (`RUN/merged`) first: vLLM loads it like any model, and
+float32 keeps the small adapter deltas that a bf16 merge would round away.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from mpo_data.errors import InputError
+from mpo_data.stats import paired_difference_ci, wilson
+from mpo_data.train.config import AnswerEvalArgs, TrainConfig
+
+
+# ------------------------------------------------------------------------------------------ the summary
+
+
+def summarize(before: list[bool], after: list[bool]) -> dict[str, Any]:
+    """The `answer_accuracy` body of eval.json from per-question verdicts (same questions, same order)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"need the same non-zero number of verdicts before and after, got {len(before)} and {len(after)}")
+    n = len(before)
+    rounded = lambda pair: [round(x, 4) for x in pair]  # noqa: E731
+    return {
+        "questions": n,
+        "before": round(sum(before) / n, 4),
+        "after": round(sum(after) / n, 4),
+        "before_ci": rounded(wilson(sum(before), n)),
+        "after_ci": rounded(wilson(sum(after), n)),
+        "diff_ci": rounded(paired_difference_ci(before, after)),
+        "gained": sum(a and not b for a, b in zip(after, before)),
+        "lost": sum(b and not a for a, b in zip(after, before)),
+    }
+
+
+def describe(acc: dict[str, Any]) -> str:
+    """Three lines for people: both accuracies with intervals, the difference with its interval."""
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    ci = lambda pair: f"[{pct(pair[0])}, {pct(pair[1])}]"  # noqa: E731
+    diff = acc["after"] - acc["before"]
+    return (
+        f"answer accuracy on {acc['questions']} held-out questions:\n"
+        f"  before {pct(acc['before'])} {ci(acc['before_ci'])}   after {pct(acc['after'])} {ci(acc['after_ci'])}\n"
+        f"  after - before {100 * diff:+.1f} points {ci(acc['diff_ci'])}; "
+        f"{acc['gained']} questions gained, {acc['lost']} lost"
+    )
+
+
+# ------------------------------------------------------------------------------------ answering, judging
+
+
+def read_questions(path: str | Path, limit: int | None) -> list:
+    """The held-out items; a bad line fails naming FILE:LINE (an evaluation set must be clean)."""
+    from mpo_data.records.inputs import PromptReader
+
+    reader = PromptReader(path, "correctness", Path(path).stem)
+    items = list(reader)[:limit]
+    if not items:
+        raise InputError(f"{path}: no questions to evaluate on")
+    return items
+
+
+def answer(model: str | Path | Any, items: list, args: AnswerEvalArgs, image_root: str | Path) -> list[str]:
+    """One answer per item, with the prompts correctness sampling uses, from a model folder (an engine is
+    started and closed here) or from a running `Engine`."""
+    from dataclasses import replace
+
+    from mpo_data.sampling.engine import Engine
+    from mpo_data.sampling.sample import item_request
+    from mpo_data.sampling.prompts import user_prompt
+    from mpo_data.sampling.stage_config import EngineConfig, SamplingConfig
+
+    prompts = [replace(i, question=user_prompt(i.question, len(i.images), args.prompt_version)) for i in items]
+    requests = [item_request(item, image_root) for item in prompts]
+    sampling = SamplingConfig(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    engine = model if isinstance(model, Engine) else Engine(EngineConfig(model=str(model)))
+    try:
+        return [result.completions[0].text for result in engine.generate(requests, sampling)]
+    finally:
+        if engine is not model:
+            engine.close()
+
+
+def judge(items: list, responses: list[str], prompt_version: str) -> list[bool]:
+    """Our judge's verdict per answer; a judge error (timeout) counts as wrong and is reported on stderr."""
+    from mpo_data.preference.judge import Judge, JudgeItem, modes_for_dataset
+
+    rows = [JudgeItem(i, r, item.answer, item.question, prompt_version, modes_for_dataset(item.dataset))
+            for i, (item, r) in enumerate(zip(items, responses))]
+    with Judge() as j:
+        verdicts = [v for _, v in j.judge_many(rows)]
+    errors = sum(v.judge_error is not None for v in verdicts)
+    if errors:
+        print(f"warning: {errors} answer(s) could not be judged (counted as wrong)", file=sys.stderr)
+    return [v.is_correct for v in verdicts]
+
+
+def evaluate_answers(base: str | Path | Any, trained: str | Path | Any, args: AnswerEvalArgs, out_dir: str | Path) -> dict[str, Any]:
+    """Answer the held-out questions with both models (folders or running engines), judge, write
+    OUT/answers.jsonl (every question with both answers and verdicts); returns the summary."""
+    from mpo_data.records.jsonl import write_jsonl
+
+    if not args.questions:
+        raise InputError("no held-out questions: set eval.answers.questions (a correctness prompt file)")
+    items = read_questions(args.questions, args.max_questions)
+    image_root = Path(args.questions).parent
+    responses = {name: answer(model, items, args, image_root) for name, model in (("before", base), ("after", trained))}
+    verdicts = {name: judge(items, r, args.prompt_version) for name, r in responses.items()}
+    write_jsonl(Path(out_dir) / "answers.jsonl", (
+        {"question": item.question, "answer": item.answer, "source": item.source,
+         **{f"{name}_{k}": v for name in responses for k, v in (("response", responses[name][i]), ("correct", verdicts[name][i]))}}
+        for i, item in enumerate(items)
+    ))
+    return summarize(verdicts["before"], verdicts["after"])
+
+
+def trained_model(run_dir: str | Path, base: str) -> Path:
+    """A folder vLLM can load: the run itself (full fine-tuning) or RUN/merged, the adapter merged in float32."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter_config.json").is_file():
+        return run_dir
+    merged = run_dir / "merged"
+    if (merged / "config.json").is_file() and (merged / "config.json").stat().st_mtime >= (run_dir / "adapter_config.json").stat().st_mtime:
+        return merged
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoProcessor
+    from trl.trainer.utils import create_model_from_path
+
+    model = PeftModel.from_pretrained(create_model_from_path(base, dtype=torch.float32), run_dir).merge_and_unload()
+    partial = run_dir / "merged.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    AutoProcessor.from_pretrained(run_dir).save_pretrained(partial)
+    shutil.rmtree(merged, ignore_errors=True)
+    partial.rename(merged)  # a folder with config.json is always complete
+    return merged
+
+
+def evaluate_run(run_dir: str | Path, config: TrainConfig) -> dict[str, Any]:
+    """Base vs trained model of a training run (`mpo-data train` and `eval`); adds `answer_accuracy` to RUN/eval.json."""
+    import json
+
+    from mpo_data.records.jsonl import atomic_write_bytes
+
+    run_dir = Path(run_dir)
+    accuracy = evaluate_answers(config.model.path, trained_model(run_dir, config.model.path), config.eval.answers, run_dir)
+    path = run_dir / "eval.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report["answer_accuracy"] = accuracy
+    atomic_write_bytes(path, json.dumps(report, indent=2, ensure_ascii=False).encode() + b"\n")
+    return accuracy
