@@ -42,10 +42,12 @@ def test_builder_trains_seeded(models_dir, tmp_path):
     first = models.build_tiny_smolvlm_easyvqa(tmp_path / "a", text, recipe)
     again = models.build_tiny_smolvlm_easyvqa(tmp_path / "b", text, recipe)
     untrained, _ = models.tiny_smolvlm(text, recipe.seed, models.EASYVQA_IMAGE_SIZE, models.EASYVQA_PATCH_SIZE)
+    untrained.save_pretrained(tmp_path / "init")  # saved alike: the same tensor names
     a, b = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same weights twice
-    init = untrained.state_dict()
-    changed = [k for k in a if k in init and not torch.equal(a[k], init[k])]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same weights twice
+    init = load_file(tmp_path / "init" / "model.safetensors")
+    assert init.keys() == a.keys()
+    changed = [k for k in a if not torch.equal(a[k], init[k])]
     assert any("vision_model" in k for k in changed) and any("text_model" in k for k in changed)
     assert (first / "training.json").exists() and (first / "preprocessor_config.json").exists()
 
