@@ -49,7 +49,10 @@ def test_builder_trains_seeded(models_dir, tmp_path):
     assert init.keys() == a.keys()
     changed = [k for k in a if not torch.equal(a[k], init[k])]
     assert any("vision_model" in k for k in changed) and any("text_model" in k for k in changed)
-    assert (first / "training.json").exists() and (first / "preprocessor_config.json").exists()
+    from transformers import AutoProcessor
+
+    assert (first / "training.json").exists()
+    assert AutoProcessor.from_pretrained(first).image_seq_len == 16  # 64 px, patch 8, pixel shuffle 2
 
 
 @pytest.fixture(scope="module")
