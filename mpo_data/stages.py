@@ -182,6 +182,7 @@ class GenerateBatch:
             return future
         request = self.stage.request(work["item"], images)
         seed = request_seed(work["item_id"], work["indices"][0])
+        self.progress.submitted()
         future = self.feeder.submit(request, self.config.sampling_config(len(work["indices"])), seed)
         future.add_done_callback(self.progress.finished)
         return future
@@ -514,8 +515,8 @@ def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[P
 
 def timings(tally: Tally, began_at: float, generated_from_at: float, wall_s: float) -> dict[str, Any]:
     """The summary's speed figures besides output_tokens_per_s (over generation_s: Ray start, engine start,
-    sampling and part writes). Engine time runs from the first engine ready to the last sample finished, as
-    the engines reported them; None where nothing was generated."""
+    sampling and part writes). Engine time runs from the first request handed to an engine to the last sample
+    finished, as the engines reported them; None where nothing was generated."""
     engine, tokens = tally.engine, tally.output_tokens
 
     def since(at: float | None, start: float) -> float | None:
@@ -524,6 +525,7 @@ def timings(tally: Tally, began_at: float, generated_from_at: float, wall_s: flo
     engine_s = engine.engine_s()
     return {
         "engine_start_s": since(engine.engine_ready_at, generated_from_at),  # Ray and the first engine starting
+        "first_request_s": since(engine.first_request_at, generated_from_at),  # and Ray Data's first call on it
         "time_to_first_sample_s": since(engine.first_sample_at, began_at),  # from the stage's start
         "engine_s": round(engine_s, 2) if engine_s is not None else None,
         "engine_output_tokens_per_s": round(tokens / engine_s, 2) if tokens and engine_s else None,
