@@ -10,14 +10,18 @@ stage renders it), the same engine settings (`engine._engine_kwargs` of one Engi
             copies of each row; batch_size x max_concurrent_batches = 256 rows in flight (our max_in_flight);
             its workers at nice 0 as ours (RAY_worker_niceness; Ray's default is 15); outputs written to
             JSONL by the driver
-Two figures per run: output tokens/s over engine time (from the engine ready to the last request finished,
-as each engine process saw it: raw around its chat call, ours from summary.json, Ray Data LLM from times
-its engine actor stamps: see `_stamp_ray_data_times`) and over the whole command (the process's wall time,
-Python start to exit). Rounds alternate the order (rotated each round). Goals: ours >= 1.0x Ray Data LLM
-on both figures at n=1 and n=4, ours >= 0.9x raw vLLM at n=4. Figures go to out/bench/peers.json and are
-printed as a table of ratios; nothing is asserted (tests check behaviour).
+Two figures per run: output tokens/s over engine time, the same window for all three: from the first
+request handed to the engine to the last output finished, as each engine process saw it (raw around its
+chat call, ours `engine_s` from summary.json, Ray Data LLM from times its engine actor stamps: see
+`_stamp_ray_data_times`), and over the whole command (the process's wall time, Python start to exit).
+Each run also records `ready_to_first_request_s`, the engine's idle time before its first request (not in
+either engine-time window). Rounds alternate the order (rotated each round). Goals: ours >= 1.0x Ray Data
+LLM on both figures at n=1 and n=4, ours >= 0.9x raw vLLM at n=4. Figures go to out/bench/peers.json (one
+block per n; an invocation for one n keeps the others' blocks) and are printed as a table; nothing is
+asserted (tests check behaviour). One invocation per n fits a 15-minute job on 2 cores:
 
-    make bench-peers BENCH_ARGS="--prompts 64 --max-new-tokens 128 --rounds 2"
+    make bench-peers BENCH_ARGS="--n 1 --prompts 96 --max-new-tokens 96"
+    make bench-peers BENCH_ARGS="--n 4 --prompts 32 --max-new-tokens 96"
 """
 
 from __future__ import annotations
@@ -74,15 +78,16 @@ def run_raw(args: argparse.Namespace) -> dict:
 
     llm = LLM(**engine_kwargs(args.model, args.max_model_len))
     params = SamplingParams(n=args.n, max_tokens=args.max_new_tokens, **SAMPLING)
-    ready = time.perf_counter()
-    outputs = llm.chat([[{"role": "user", "content": text}] for text in user_turns(Path(args.prompt_file))], params, use_tqdm=False)
-    engine_s = time.perf_counter() - ready
+    conversations = [[{"role": "user", "content": text}] for text in user_turns(Path(args.prompt_file))]
+    submitted = time.perf_counter()  # chat renders, tokenizes and adds every request, then steps the engine
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    engine_s = time.perf_counter() - submitted
     with open(Path(args.work) / "raw.jsonl", "wb") as f:
         for output in outputs:
             for o in output.outputs:
                 f.write(orjson.dumps({"text": o.text, "output_tokens": len(o.token_ids)}) + b"\n")
     return {"samples": sum(len(o.outputs) for o in outputs), "output_tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs),
-            "engine_s": engine_s, "niceness": os.nice(0)}
+            "engine_s": engine_s, "ready_to_first_request_s": 0.0, "niceness": os.nice(0)}
 
 
 ENGINE_STAGE = "ray.llm._internal.batch.stages.vllm_engine_stage"
@@ -107,8 +112,9 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 def _stamp_ray_data_times(udf: type) -> None:
-    """Each output row of Ray Data LLM's engine stage gets its actor's engine-ready time and its own finish
-    time (time.time()), as our engine actor reports them to our bar: no other change to the peer."""
+    """Each output row of Ray Data LLM's engine stage gets its actor's engine-ready time, the time its request
+    went to the engine and its finish time (time.time()), as our engine actor reports them to our counter:
+    no other change to the peer."""
     init, generate = udf.__init__, udf._generate_with_error_handling
 
     def __init__(self, *args, **kwargs):
@@ -116,8 +122,9 @@ def _stamp_ray_data_times(udf: type) -> None:
         self.bench_ready_at = time.time()
 
     async def _generate_with_error_handling(self, row, batch_uuid):
+        submitted = time.time()
         out = await generate(self, row, batch_uuid)
-        return {**out, "bench_ready_at": self.bench_ready_at, "bench_finished_at": time.time()}
+        return {**out, "bench_ready_at": self.bench_ready_at, "bench_submitted_at": submitted, "bench_finished_at": time.time()}
 
     udf.__init__, udf._generate_with_error_handling = __init__, _generate_with_error_handling
 
@@ -153,17 +160,19 @@ def run_ray_data(args: argparse.Namespace) -> dict:
         config,
         preprocess=lambda row: {"messages": [{"role": "user", "content": row["text"]}], "sampling_params": sampling},
         postprocess=lambda row: {"text": row["generated_text"], "output_tokens": row["num_generated_tokens"],
-                                 "ready_at": row["bench_ready_at"], "finished_at": row["bench_finished_at"]},
+                                 "ready_at": row["bench_ready_at"], "submitted_at": row["bench_submitted_at"],
+                                 "finished_at": row["bench_finished_at"]},
     )
     rows = [{"text": text} for text in user_turns(Path(args.prompt_file)) for _ in range(args.n)]  # n copies: it keeps outputs[0]
-    ready, finished, samples, tokens = float("inf"), 0.0, 0, 0
+    ready, submitted, finished, samples, tokens = float("inf"), float("inf"), 0.0, 0, 0
     with open(Path(args.work) / "ray-data.jsonl", "wb") as f:
         for row in processor(ray.data.from_items(rows)).iter_rows():
             f.write(orjson.dumps({"text": row["text"], "output_tokens": row["output_tokens"]}) + b"\n")
             ready, finished = min(ready, row["ready_at"]), max(finished, row["finished_at"])
+            submitted = min(submitted, row["submitted_at"])
             samples, tokens = samples + 1, tokens + int(row["output_tokens"])
     ray.shutdown()
-    return {"samples": samples, "output_tokens": tokens, "engine_s": finished - ready}
+    return {"samples": samples, "output_tokens": tokens, "engine_s": finished - submitted, "ready_to_first_request_s": submitted - ready}
 
 
 def ours_command(args: argparse.Namespace, out: Path) -> list[str]:
@@ -198,27 +207,34 @@ def one_run(system: str, args: argparse.Namespace, work: Path, n: int, run: int)
     if system == "ours":
         [summary_path] = (out / "samples").glob("correctness/*/summary.json")
         summary = orjson.loads(summary_path.read_bytes())
-        figures = {"samples": summary["samples_out"], "output_tokens": summary["output_tokens"], "engine_s": summary["engine_s"]}
+        figures = {"samples": summary["samples_out"], "output_tokens": summary["output_tokens"], "engine_s": summary["engine_s"],
+                   "ready_to_first_request_s": round(summary["first_request_s"] - summary["engine_start_s"], 2)}
     else:
         figures = json.loads((out / "result.json").read_text())
     return {**figures, "wall_s": round(wall, 2), "engine_tok_s": round(figures["output_tokens"] / figures["engine_s"], 2),
             "command_tok_s": round(figures["output_tokens"] / wall, 2)}
 
 
+FIGURES = {"engine_tok_s": "engine tok/s", "wall_s": "command s", "command_tok_s": "command tok/s"}
+
+
 def table(results: dict) -> str:
-    """Mean figures per system and the ratios ours / peer, one block per n."""
+    """Mean figures per system, one block per n, with the ratios ours / peer (of speeds: for the command's
+    seconds, peer's / ours)."""
     lines = []
     for n, runs in results.items():
         runs = {s: [r for r in rs if "error" not in r] for s, rs in runs.items()}
         runs = {s: rs for s, rs in runs.items() if rs}
-        mean = {s: {f: round(statistics.mean(r[f] for r in runs[s]), 2) for f in ("engine_tok_s", "command_tok_s")} for s in runs}
-        lines.append(f"n={n.removeprefix('n')}: tokens/s, mean of the runs (each run, engine / command: "
-                     + "; ".join(f"{s} {[r['engine_tok_s'] for r in runs[s]]} / {[r['command_tok_s'] for r in runs[s]]}" for s in runs) + ")")
+        mean = {s: {f: statistics.mean(r[f] for r in runs[s]) for f in FIGURES} for s in runs}
         peers = [p for p in runs if p != "ours" and "ours" in runs]
-        lines.append(f"  {'figure':<16}" + "".join(f"{s:>10}" for s in runs) + "".join(f"{'ours/' + p:>16}" for p in peers))
-        for figure in ("engine_tok_s", "command_tok_s"):
-            ratios = "".join(f"{mean['ours'][figure] / mean[p][figure]:>15.2f}x" for p in peers)
-            lines.append(f"  {figure:<16}" + "".join(f"{mean[s][figure]:>10.1f}" for s in runs) + ratios)
+        lines.append(f"n={n.removeprefix('n')}, mean of {', '.join(f'{len(rs)} {s}' for s, rs in runs.items())} run(s):")
+        lines.append(f"  {'':<14}" + "".join(f"{s:>10}" for s in runs) + "".join(f"{'ours/' + p:>16}" for p in peers)
+                     + "   each run")
+        for figure, label in FIGURES.items():
+            ratios = [mean[p][figure] / mean["ours"][figure] if figure == "wall_s" else mean["ours"][figure] / mean[p][figure] for p in peers]
+            each = "; ".join(f"{s} {', '.join(f'{r[figure]:.1f}' for r in runs[s])}" for s in runs)
+            lines.append(f"  {label:<14}" + "".join(f"{mean[s][figure]:>10.1f}" for s in runs) + "".join(f"{x:>15.2f}x" for x in ratios)
+                         + f"   {each}")
     return "\n".join(lines)
 
 

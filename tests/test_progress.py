@@ -70,6 +70,9 @@ def test_engine_progress_counts_generated_samples_and_tokens_only():
     counter = ProgressCounter()
     progress = EngineProgress(LocalHandle(counter), every_s=3600)  # pushes only when told, here
     assert counter.read().engine_ready_at is not None and progress.push() is None
+    assert counter.read().first_request_at is None  # ready, but no request yet: engine time has not begun
+    progress.submitted()
+    progress.submitted()  # only the first request's time counts
     progress.finished(_done(GenerationResult(7, [Completion("a", 3, "stop"), Completion("b", 5, "length")])))
     progress.finished(_done(GenerationResult(0, [], refused="vLLM refused the request: too long")))
     progress.finished(_done(error=RuntimeError("engine died")))  # the caller hears of it, the bar counts nothing
@@ -79,7 +82,7 @@ def test_engine_progress_counts_generated_samples_and_tokens_only():
     progress.push()
     s = counter.read()
     assert (s.samples, s.output_tokens) == (3, 10)
-    assert s.engine_ready_at <= s.first_sample_at <= s.last_sample_at
+    assert s.engine_ready_at <= s.first_request_at <= s.first_sample_at <= s.last_sample_at
     assert progress.push() is None  # nothing new
 
 
@@ -87,8 +90,11 @@ def test_counter_takes_the_first_engine_ready_and_the_span_of_all_engines():
     counter = ProgressCounter()
     counter.engine_ready(20.0)
     counter.engine_ready(10.0)
+    counter.first_request(21.0)
+    counter.first_request(11.0)
     counter.add(2, 30, 15.0, 18.0)
     counter.add(1, 10, 12.0, 25.0)
-    assert counter.read() == Snapshot(3, 40, 10.0, 12.0, 25.0)
-    assert counter.read().engine_s() == 15.0
+    assert counter.read() == Snapshot(3, 40, 10.0, 12.0, 25.0, 11.0)
+    assert counter.read().engine_s() == 14.0  # from the first request, not from the engine ready at 10.0
     assert Snapshot().engine_s() is None
+    assert Snapshot(engine_ready_at=1.0, last_sample_at=5.0).engine_s() is None  # no request: no engine time

@@ -29,8 +29,8 @@ class WindowedRate:
     """Units/s over the last `window_s` seconds, from (time, running total) points added in time order.
 
     The window starts at the newest point at least `window_s` old (so it spans window_s to window_s plus one
-    point spacing), or at the first point while fewer than `window_s` seconds have passed: add the engine's
-    ready time with its total first, and the rate covers engine time only, never its start-up.
+    point spacing), or at the first point while fewer than `window_s` seconds have passed: add the first
+    request's time with a total of 0 first, and the rate covers engine time only, never its start-up.
     """
 
     def __init__(self, window_s: float = WINDOW_S):
@@ -59,12 +59,15 @@ class Snapshot:
     engine_ready_at: float | None = None  # the first engine ready
     first_sample_at: float | None = None
     last_sample_at: float | None = None
+    first_request_at: float | None = None  # the first request handed to an engine
 
     def engine_s(self) -> float | None:
-        """Engine time: from the first engine ready to the last sample finished."""
-        if self.engine_ready_at is None or self.last_sample_at is None:
+        """Engine time: from the first request handed to an engine to the last sample finished. Not from the
+        engine ready: Ray Data starts the actor's calls a while after (`first_request_s` - `engine_start_s` in
+        summary.json), and a peer's figure (vllm.LLM's chat call, Ray Data LLM's engine calls) starts at its first request too."""
+        if self.first_request_at is None or self.last_sample_at is None:
             return None
-        return self.last_sample_at - self.engine_ready_at
+        return self.last_sample_at - self.first_request_at
 
 
 class ProgressCounter:
@@ -76,6 +79,10 @@ class ProgressCounter:
     def engine_ready(self, at: float) -> None:
         ready = self.snapshot.engine_ready_at
         self.snapshot.engine_ready_at = at if ready is None else min(ready, at)
+
+    def first_request(self, at: float) -> None:
+        first = self.snapshot.first_request_at
+        self.snapshot.first_request_at = at if first is None else min(first, at)
 
     def add(self, samples: int, output_tokens: int, first_at: float, last_at: float) -> None:
         s = self.snapshot
@@ -103,8 +110,17 @@ class EngineProgress:
         self._lock = threading.Lock()
         self._samples = self._tokens = 0
         self._first_at = self._last_at = 0.0
+        self._requested = False
         counter.engine_ready.remote(time.time())
         threading.Thread(target=self._push_every, args=(every_s,), name="progress-push", daemon=True).start()
+
+    def submitted(self) -> None:
+        """Before a request goes to the feeder: the first one's time goes to the counter (engine time starts there)."""
+        with self._lock:
+            if self._requested:
+                return
+            self._requested = True
+        self.counter.first_request.remote(time.time())
 
     def finished(self, future: Future) -> None:
         """A request future's done-callback (runs in the feeder thread): count its samples, if it made any."""
@@ -157,9 +173,9 @@ class StageProgress:
 
         with self._lock:  # the read too: two readers must not store their snapshots out of order
             snapshot = ray.get(self.counter.read.remote())
-            if snapshot.engine_ready_at is not None:
-                if not self.rate.points:  # engine time starts at the first engine ready
-                    self.rate.add(snapshot.engine_ready_at, 0)
+            if snapshot.first_request_at is not None:
+                if not self.rate.points:  # engine time starts at the first request
+                    self.rate.add(snapshot.first_request_at, 0)
                 self.rate.add(max(time.time(), snapshot.last_sample_at or 0.0), snapshot.output_tokens)
             self.snapshot = snapshot
             self._draw()

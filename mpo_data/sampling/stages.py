@@ -104,6 +104,7 @@ class GenerateBatch:
         if work["max_num"] is not None:  # this tile count's processor settings, for this request only
             request.processor_kwargs = self.config.engine.tiling_kwargs(work["max_num"])
         seed = request_seed(sample_group(work["item_id"], work["max_num"]), work["indices"][0])
+        self.progress.submitted()
         future = self.feeder.submit(request, self.config.sampling_config(len(work["indices"])), seed)
         future.add_done_callback(self.progress.finished)
         return future
@@ -465,8 +466,8 @@ def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[P
 
 def timings(tally: Tally, began_at: float, generated_from_at: float, wall_s: float) -> dict[str, Any]:
     """The summary's speed figures besides output_tokens_per_s (over generation_s: Ray start, engine start,
-    sampling and part writes). Engine time runs from the first engine ready to the last sample finished, as
-    the engines reported them; None where nothing was generated."""
+    sampling and part writes). Engine time runs from the first request handed to an engine to the last sample
+    finished, as the engines reported them; None where nothing was generated."""
     engine, tokens = tally.engine, tally.output_tokens
 
     def since(at: float | None, start: float) -> float | None:
@@ -475,6 +476,7 @@ def timings(tally: Tally, began_at: float, generated_from_at: float, wall_s: flo
     engine_s = engine.engine_s()
     return {
         "engine_start_s": since(engine.engine_ready_at, generated_from_at),  # Ray and the first engine starting
+        "first_request_s": since(engine.first_request_at, generated_from_at),  # and Ray Data's first call on it
         "time_to_first_sample_s": since(engine.first_sample_at, began_at),  # from the stage's start
         "engine_s": round(engine_s, 2) if engine_s is not None else None,
         "engine_output_tokens_per_s": round(tokens / engine_s, 2) if tokens and engine_s else None,
