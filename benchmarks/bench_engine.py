@@ -31,14 +31,18 @@ def timed(fn) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
-def bench_vllm(model: str, conversations: list, n: int, max_new_tokens: int, rounds: int) -> dict[str, tuple[int, float]]:
+def bench_vllm(
+    model: str, conversations: list, n: int, max_new_tokens: int, rounds: int
+) -> dict[str, tuple[int, float]]:
     from vllm import SamplingParams
 
     from mpo_data.sampling.engine import Engine, EngineConfig, GenerationRequest, SamplingConfig
 
     engine = Engine(EngineConfig(model=model, max_model_len=2048))
     sampling = SamplingConfig(n=n, max_new_tokens=max_new_tokens)
-    params = SamplingParams(n=n, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, max_tokens=max_new_tokens)
+    params = SamplingParams(
+        n=n, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, max_tokens=max_new_tokens
+    )
     requests = [GenerationRequest(messages=c) for c in conversations]
     tokenizer = engine.llm.get_tokenizer()
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
@@ -52,7 +56,7 @@ def bench_vllm(model: str, conversations: list, n: int, max_new_tokens: int, rou
     ours(), raw()  # warm-up: first-call allocations are no one's throughput
     totals = {"ours": [0, 0.0], "raw": [0, 0.0]}
     for round_ in range(rounds):
-        for name in (("ours", "raw") if round_ % 2 == 0 else ("raw", "ours")):
+        for name in ("ours", "raw") if round_ % 2 == 0 else ("raw", "ours"):
             engine.llm.reset_prefix_cache()
             tokens, seconds = timed(ours if name == "ours" else raw)
             totals[name][0] += tokens
@@ -74,9 +78,19 @@ def bench_transformers(model: str, conversations: list, n: int, max_new_tokens: 
     def loop() -> int:
         tokens = 0
         for conversation in conversations:
-            inputs = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            inputs = tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
             with torch.no_grad():
-                out = hf.generate(**inputs, do_sample=True, top_k=50, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n)
+                out = hf.generate(
+                    **inputs,
+                    do_sample=True,
+                    top_k=50,
+                    top_p=1.0,
+                    temperature=1.0,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=n,
+                )
             for row in out[:, inputs["input_ids"].shape[1] :].tolist():  # up to and with eos, as vLLM counts
                 tokens += row.index(eos) + 1 if eos in row else len(row)
         return tokens
@@ -85,7 +99,11 @@ def bench_transformers(model: str, conversations: list, n: int, max_new_tokens: 
     return timed(loop)
 
 
-LABELS = {"ours": "mpo_data Engine.generate", "raw": "raw vllm.LLM.generate", "transformers": "transformers generate loop"}
+LABELS = {
+    "ours": "mpo_data Engine.generate",
+    "raw": "raw vllm.LLM.generate",
+    "transformers": "transformers generate loop",
+}
 
 
 def report(results: dict[str, tuple[int, float]], *names: str) -> None:
@@ -101,13 +119,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds each for ours and raw vLLM (alternating)")
-    parser.add_argument("--hf-chats", type=int, default=None, help="the transformers loop runs only the first K chats (slow; default all)")
+    parser.add_argument(
+        "--hf-chats",
+        type=int,
+        default=None,
+        help="the transformers loop runs only the first K chats (slow; default all)",
+    )
     args = parser.parse_args()
     conversations = chats(args.chats)
     print(f"{args.chats} chats x n={args.n} x max {args.max_new_tokens} new tokens, model {args.model}", flush=True)
     results = bench_vllm(args.model, conversations, args.n, args.max_new_tokens, args.rounds)
     report(results, "ours", "raw")  # printed now: the transformers loop below takes minutes
-    results["transformers"] = bench_transformers(args.model, conversations[: args.hf_chats], args.n, args.max_new_tokens)
+    results["transformers"] = bench_transformers(
+        args.model, conversations[: args.hf_chats], args.n, args.max_new_tokens
+    )
     report(results, "transformers")
     rate = {name: tokens / seconds for name, (tokens, seconds) in results.items()}
     print(f"ours / raw vLLM      = {rate['ours'] / rate['raw']:.3f}  (target >= 0.95)")

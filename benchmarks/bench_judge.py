@@ -24,7 +24,10 @@ def judge_cases(path: Path, workers: int = 2) -> list[tuple[dict, bool, str | No
     """(case, is_correct, judge_error) for every case, judged as `mpo-data judge` would (a generous time
     bound: verdicts are measured here, not speed, and a loaded machine must not turn them into errors)."""
     cases = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-    items = (JudgeItem(c, c["response"], c["answer"], c.get("question"), c["prompt_version"], tuple(c["modes"])) for c in cases)
+    items = (
+        JudgeItem(c, c["response"], c["answer"], c.get("question"), c["prompt_version"], tuple(c["modes"]))
+        for c in cases
+    )
     with Judge(JudgeConfig(workers=workers, timeout=30.0)) as judge:
         return [(case, v.is_correct, v.judge_error) for case, v in judge.judge_many(items)]
 
@@ -58,14 +61,18 @@ def main() -> None:
             misses.append((kind, case))
     total, agree = len(results), sum(c["agree"] for c in by_category.values())
     print(f"judge agreement on {args.cases.name}: {agree}/{total} = {agree / total:.3f} ({seconds:.1f} s)")
-    print("errors: " + ", ".join(f"{k}={kinds[k]}" for k in ("wrong_called_right", "right_called_wrong", "judge_error")))
+    print(
+        "errors: " + ", ".join(f"{k}={kinds[k]}" for k in ("wrong_called_right", "right_called_wrong", "judge_error"))
+    )
     print(f"{'category':<22}{'cases':>6}{'agree':>8}  misses")
     for name, c in sorted(by_category.items()):
         detail = ", ".join(f"{k}={c[k]}" for k in ("wrong_called_right", "right_called_wrong", "judge_error") if c[k])
         print(f"{name:<22}{c['cases']:>6}{c['agree'] / c['cases']:>8.3f}  {detail}")
     for kind, case in misses[: args.show]:
-        print(f"  {kind}: [{case['id']} {case['prompt_version']} {case['source']}] answer={case['answer']!r} "
-              f"response={case['response'][-60:]!r}")
+        print(
+            f"  {kind}: [{case['id']} {case['prompt_version']} {case['source']}] answer={case['answer']!r} "
+            f"response={case['response'][-60:]!r}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from pathlib import Path
 import orjson
 
 from mpo_data.preference.judge import JudgeConfig, answers_match, modes_for_dataset
-from mpo_data.records.jsonl import iter_lines
 from mpo_data.preference.pairs import PairsConfig, build_pairs
+from mpo_data.records.jsonl import iter_lines
 
 
 def _lines(path: Path) -> list[dict]:
@@ -42,7 +42,11 @@ def _pairs(root: Path, save: Path, threshold: float) -> tuple[list[dict], dict, 
     summary = build_pairs(PairsConfig(root, save, majority_threshold=threshold, judge=JudgeConfig(workers=2)))
     [(key, counts)] = summary.items()
     name = key.split("/", 1)[1]
-    return _lines(save / f"{name}_pairs_vqa_correctness_rules.jsonl"), counts, _lines(save / "pos_items" / f"{name}.jsonl")
+    return (
+        _lines(save / f"{name}_pairs_vqa_correctness_rules.jsonl"),
+        counts,
+        _lines(save / "pos_items" / f"{name}.jsonl"),
+    )
 
 
 def _share(hits: int, total: int) -> str:
@@ -51,8 +55,12 @@ def _share(hits: int, total: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset_dir", type=Path, help="a correctness samples folder: OUT/samples/correctness/<dataset>")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5], help="--majority-threshold values to try")
+    parser.add_argument(
+        "dataset_dir", type=Path, help="a correctness samples folder: OUT/samples/correctness/<dataset>"
+    )
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", default=[0.5], help="--majority-threshold values to try"
+    )
     args = parser.parse_args()
     samples = [row for part in sorted(args.dataset_dir.glob("part-*.jsonl")) for row in _lines(part)]
     truth = {row["item_id"]: str(row["answer"]) for row in samples}
@@ -77,9 +85,11 @@ def main() -> None:
             pairs, counts, positives = _pairs(voted, tmp / f"vote-pairs-{threshold}", threshold)
             labels = {row["item_id"]: row["majority_answer"] for row in positives}
             correct = sum(right(label, item_id) for item_id, label in labels.items())
-            print(f"majority >= {threshold:g}: labelled {_share(len(labels), len(truth))} items "
-                  f"(under threshold {counts.get('items_below_majority_threshold', 0)}, tied {counts.get('items_majority_tied', 0)}); "
-                  f"label right {_share(correct, len(labels))}; {pair_figures(pairs)}")
+            print(
+                f"majority >= {threshold:g}: labelled {_share(len(labels), len(truth))} items "
+                f"(under threshold {counts.get('items_below_majority_threshold', 0)}, tied {counts.get('items_majority_tied', 0)}); "
+                f"label right {_share(correct, len(labels))}; {pair_figures(pairs)}"
+            )
 
 
 if __name__ == "__main__":

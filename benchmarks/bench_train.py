@@ -39,7 +39,13 @@ def make_pairs(folder: Path, count: int, image_size: int, seed: int = 0) -> Path
         colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
         wrong = rng.choice([c for c in COLOURS if c != colour])
         if i % 5 == 4:
-            rows.append({"question": f"What colour do you get by naming {colour}?", "chosen": f"It is {colour}.", "rejected": f"It is {wrong}."})
+            rows.append(
+                {
+                    "question": f"What colour do you get by naming {colour}?",
+                    "chosen": f"It is {colour}.",
+                    "rejected": f"It is {wrong}.",
+                }
+            )
             continue
         picture = Image.new("RGB", (image_size, image_size), "white")
         box = [image_size // 5, image_size // 5, 4 * image_size // 5, 4 * image_size // 5]
@@ -47,12 +53,14 @@ def make_pairs(folder: Path, count: int, image_size: int, seed: int = 0) -> Path
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
         picture.save(images / f"{i}.png")
         image = [f"{i}.png", f"{i}.png"] if i % 4 == 3 else f"{i}.png"
-        rows.append({
-            "image": image,
-            "question": "Describe the shape in the image and its colour.",
-            "chosen": f"The image shows a {colour} {shape} in the middle of a white background.",
-            "rejected": f"The image shows a {wrong} triangle next to a small {colour} star in the corner.",
-        })
+        rows.append(
+            {
+                "image": image,
+                "question": "Describe the shape in the image and its colour.",
+                "chosen": f"The image shows a {colour} {shape} in the middle of a white background.",
+                "rejected": f"The image shows a {wrong} triangle next to a small {colour} star in the corner.",
+            }
+        )
     write_jsonl(folder / "pairs.jsonl", rows)
     write_meta(folder / "meta.json", {"bench": MetaEntry(str(images), str(folder / "pairs.jsonl"), 1.0, len(rows))})
     return folder / "meta.json"
@@ -66,10 +74,17 @@ def train_config(model: str, meta: Path, method: str, args: argparse.Namespace, 
         "output_dir": str(out / method),
         "eval": {"pairs": 8, "generations": 1, "max_new_tokens": 8, "batch_size": 4},
         "dpo": {
-            "max_steps": args.steps, "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
-            "learning_rate": 1e-5 if method == "full" else 1e-4, "gradient_checkpointing": args.gradient_checkpointing == "on", "max_length": None,
-            "logging_steps": max(1, args.steps // 5), "save_strategy": "no", "eval_strategy": "no",
-            "dataloader_num_workers": 0, "seed": 0,
+            "max_steps": args.steps,
+            "per_device_train_batch_size": args.batch_size,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-5 if method == "full" else 1e-4,
+            "gradient_checkpointing": args.gradient_checkpointing == "on",
+            "max_length": None,
+            "logging_steps": max(1, args.steps // 5),
+            "save_strategy": "no",
+            "eval_strategy": "no",
+            "dataloader_num_workers": 0,
+            "seed": 0,
         },
     }
 
@@ -78,7 +93,9 @@ def run_method(config: dict, folder: Path) -> dict:
     """One `mpo-data train` process; its summary.json, or why it failed."""
     path = folder / f"{Path(config['output_dir']).name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "-m", "mpo_data", "train", "--config", str(path)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "mpo_data", "train", "--config", str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         output = (done.stderr or done.stdout).strip().splitlines()
         return {"error": output[-1][:300] if output else f"exit status {done.returncode}, no output"}
@@ -90,14 +107,24 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/tiny-smolvlm", help="VLM folder (make models; Qwen2.5-VL ones with --model on GPU)")
-    parser.add_argument("--methods", default="full,lora,qlora" if cuda else "full,lora", help="comma-separated: full, lora, dora, qlora")
+    parser.add_argument(
+        "--model", default="models/tiny-smolvlm", help="VLM folder (make models; Qwen2.5-VL ones with --model on GPU)"
+    )
+    parser.add_argument(
+        "--methods",
+        default="full,lora,qlora" if cuda else "full,lora",
+        help="comma-separated: full, lora, dora, qlora",
+    )
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per device per step")
     parser.add_argument("--pairs", type=int, default=64, help="generated pairs in the mixture")
     parser.add_argument("--image-size", type=int, default=224, help="side of the generated images, in pixels")
-    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on" if cuda else "off",
-                        help="recompute activations in the backward pass (default: on with CUDA, as the GPU recipe)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        choices=["on", "off"],
+        default="on" if cuda else "off",
+        help="recompute activations in the backward pass (default: on with CUDA, as the GPU recipe)",
+    )
     parser.add_argument("--out", default=None, help="keep the run folders here (default: a temp folder)")
     args = parser.parse_args()
 
@@ -105,8 +132,10 @@ def main() -> None:
         folder = Path(args.out or tmp)
         meta = make_pairs(folder / "data", args.pairs, args.image_size)
         device = torch.cuda.get_device_name() if cuda else "cpu"
-        print(f"model {args.model} on {device}; {args.steps} steps x {args.batch_size} pairs, {args.pairs} pairs of "
-              f"{args.image_size} px images; gradient checkpointing {args.gradient_checkpointing}")
+        print(
+            f"model {args.model} on {device}; {args.steps} steps x {args.batch_size} pairs, {args.pairs} pairs of "
+            f"{args.image_size} px images; gradient checkpointing {args.gradient_checkpointing}"
+        )
         memory = "GPU GiB" if cuda else "RSS GiB"  # peak allocated on the GPU, else the process's peak resident set
         print(f"{'method':8} {'steps':>5} {'steps/s':>8} {memory:>9} {'loss':>8}")
         for method in args.methods.split(","):
@@ -115,7 +144,10 @@ def main() -> None:
                 print(f"{method:8} failed: {run['error']}")
                 continue
             peak = run["peak_memory_gib"] if cuda else run["peak_rss_gib"]
-            print(f"{method:8} {run['steps']:>5} {run['steps_per_second']:>8.3f} {peak:>9.3f} {run['train_loss']:>8.4f}", flush=True)
+            print(
+                f"{method:8} {run['steps']:>5} {run['steps_per_second']:>8.3f} {peak:>9.3f} {run['train_loss']:>8.4f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -119,7 +119,9 @@ def _key_paths(cls: type, prefix: str = "") -> dict[str, list[str]]:
         if not f.init:
             continue
         for name in yaml_names(f):
-            paths.setdefault(name, []).append(f"{prefix}{name}" if name == f.name else f"{prefix}{name} ({prefix}{f.name})")
+            paths.setdefault(name, []).append(
+                f"{prefix}{name}" if name == f.name else f"{prefix}{name} ({prefix}{f.name})"
+            )
         if dataclasses.is_dataclass(hints[f.name]):
             for name, found in _key_paths(hints[f.name], f"{prefix}{f.name}.").items():
                 paths.setdefault(name, []).extend(found)
@@ -160,7 +162,9 @@ def unknown_keys(cls: type, data: Any, source: str, key: str = "", classes: tupl
     problems = []
     for name, value in data.items():
         if name not in keys:
-            problems.append(f"{at(source, data, name)}: {key + ': ' if key else ''}{_unknown_key(name, paths, fields)}")
+            problems.append(
+                f"{at(source, data, name)}: {key + ': ' if key else ''}{_unknown_key(name, paths, fields)}"
+            )
         elif dataclasses.is_dataclass(keys[name][1]):
             problems += unknown_keys(keys[name][1], value, source, f"{key}.{name}" if key else name)
     return problems
@@ -177,9 +181,15 @@ def canonical(cls: type, data: Any, source: str, key: str = "") -> Any:
     for name, value in data.items():
         field_name, hint = keys.get(name, (name, None))
         if field_name in out:
-            raise InputError(f"{at(source, data, name)}: {key + ': ' if key else ''}'{name}' and "
-                             f"'{out.written.get(field_name, field_name)}' set the same setting ({field_name}): keep one")
-        out[field_name] = canonical(hint, value, source, f"{key}.{name}" if key else name) if dataclasses.is_dataclass(hint) else value
+            raise InputError(
+                f"{at(source, data, name)}: {key + ': ' if key else ''}'{name}' and "
+                f"'{out.written.get(field_name, field_name)}' set the same setting ({field_name}): keep one"
+            )
+        out[field_name] = (
+            canonical(hint, value, source, f"{key}.{name}" if key else name)
+            if dataclasses.is_dataclass(hint)
+            else value
+        )
         if name != field_name:
             out.written[field_name] = name
         if name in getattr(data, "lines", {}):
@@ -206,7 +216,11 @@ def build(cls: type[T], data: Any, source: str, key: str = "", base: T | None = 
             raise InputError("\n".join(unknown))
         data = canonical(cls, data, source, key)
     values = {name: getattr(base, name) for name in fields} if base is not None else {}
-    missing = [name for name, f in fields.items() if name not in data and name not in values and _default(f, None) is dataclasses.MISSING]
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and name not in values and _default(f, None) is dataclasses.MISSING
+    ]
     if missing:
         raise InputError(f"{where}: missing key '{missing[0]}'")
     for name, value in data.items():
@@ -214,12 +228,16 @@ def build(cls: type[T], data: Any, source: str, key: str = "", base: T | None = 
         path = f"{key}.{written}" if key else written
         if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
             nested = values.get(name, _default(fields[name], None))
-            values[name] = build(hints[name], value, source, path, None if nested is dataclasses.MISSING else nested, True)
+            values[name] = build(
+                hints[name], value, source, path, None if nested is dataclasses.MISSING else nested, True
+            )
         else:
             values[name] = _convert(hints[name], value, source, path, at(source, data, name))
         choices = fields[name].metadata.get("choices")
         if choices and values[name] not in choices:
-            raise InputError(f"{at(source, data, name)}: {path}: expected one of {list(choices)}, got {values[name]!r}")
+            raise InputError(
+                f"{at(source, data, name)}: {path}: expected one of {list(choices)}, got {values[name]!r}"
+            )
     return cls(**values)
 
 
@@ -260,7 +278,9 @@ def _convert(hint: Any, value: Any, source: str, key: str, loc: str | None = Non
             raise InputError(f"{where}: expected a mapping, got {type(value).__name__}")
         if not args:
             return value
-        converted = YamlMap({k: _convert(args[1], v, source, f"{key}.{k}", at(source, value, k)) for k, v in value.items()})
+        converted = YamlMap(
+            {k: _convert(args[1], v, source, f"{key}.{k}", at(source, value, k)) for k, v in value.items()}
+        )
         converted.line, converted.lines = getattr(value, "line", None), getattr(value, "lines", {})
         return converted
     if hint is Any:
@@ -340,7 +360,9 @@ def _default(f: dataclasses.Field, base: Any) -> Any:
     return f.default
 
 
-def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, base: Any = None, prefix: str = "") -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, base: Any = None, prefix: str = ""
+) -> None:
     """One flag per field of dataclass `cls`, nested dataclass fields flattened (their flags carry no prefix).
 
     Flag, type, choices, default and help all come from the field; `base` (an instance) gives the defaults
@@ -354,14 +376,25 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         if dataclasses.is_dataclass(hints[f.name]):
             section = hints[f.name]
             # one help group per section (argparse groups do not nest: deeper sections join their parent's)
-            group = parser.add_argument_group(f"{prefix}{f.name}", section.__doc__) if isinstance(parser, argparse.ArgumentParser) else parser
-            add_config_arguments(group, section, default if default is not dataclasses.MISSING else None, f"{prefix}{f.name}.")
+            group = (
+                parser.add_argument_group(f"{prefix}{f.name}", section.__doc__)
+                if isinstance(parser, argparse.ArgumentParser)
+                else parser
+            )
+            add_config_arguments(
+                group, section, default if default is not dataclasses.MISSING else None, f"{prefix}{f.name}."
+            )
             continue
         kwargs = _flag_kwargs(hints[f.name], f)
         help_text = f.metadata.get("help", "").replace("%", "%%")
         if default is dataclasses.MISSING:
             kwargs["required"] = True
-        elif default is not None and default is not False and default not in ({}, []) and kwargs.get("action") != "append":
+        elif (
+            default is not None
+            and default is not False
+            and default not in ({}, [])
+            and kwargs.get("action") != "append"
+        ):
             kwargs["default"] = default
             help_text += f" (default: {default})"
         if "choices" not in kwargs and kwargs.get("action") is not argparse.BooleanOptionalAction:

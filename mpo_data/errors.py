@@ -20,7 +20,16 @@ class ClusterError(InputError):
 
 
 # OSErrors that mean "this output cannot be written here": one line for the user, never a traceback.
-OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+OUTPUT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EISDIR,
+}
 
 
 def output_error(e: OSError, what: str = "cannot write") -> InputError:

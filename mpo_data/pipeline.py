@@ -16,15 +16,16 @@ import orjson
 
 from mpo_data.config import apply_overrides, at, build, canonical, load_yaml, merge, unknown_keys
 from mpo_data.errors import InputError
+from mpo_data.preference.meta import MetaConfig, build_meta, count_pairs
+from mpo_data.preference.pairs import PairsConfig, build_pairs
 from mpo_data.records.formats import write_meta
 from mpo_data.records.inputs import validate_file
 from mpo_data.records.jsonl import atomic_write_bytes, writable_problem
-from mpo_data.preference.meta import MetaConfig, build_meta, count_pairs
-from mpo_data.preference.pairs import PairsConfig, build_pairs
-from mpo_data.runlock import holds
 from mpo_data.records.shards import ShardStore, samples_root, shard_folders
+from mpo_data.runlock import holds
 from mpo_data.sampling.stage_config import STAGE_CONFIGS, StageConfig
 from mpo_data.sampling.stages import check_context, connect_ray, run_stage
+
 
 @dataclass
 class DatasetSpec:
@@ -34,22 +35,35 @@ class DatasetSpec:
     stage: str = field(metadata={"help": "Which sampling stage builds its pairs.", "choices": tuple(STAGE_CONFIGS)})
     settings: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "Stage settings (fields of CorrectnessConfig/DropoutNTPConfig, engine: and sampling: "
-                  "sections included), merged over `defaults` section by section."},
+        metadata={
+            "help": "Stage settings (fields of CorrectnessConfig/DropoutNTPConfig, engine: and sampling: "
+            "sections included), merged over `defaults` section by section."
+        },
     )
-    weight: float = field(default=1.0, metadata={"help": "Relative share in the mixture when meta.target_total is set."})
+    weight: float = field(
+        default=1.0, metadata={"help": "Relative share in the mixture when meta.target_total is set."}
+    )
 
 
 @dataclass
 class PipelineConfig:
     out_dir: str = field(metadata={"help": "Run folder: samples/, pairs/, quarantine/, pipeline.json."})
     datasets: list[DatasetSpec] = field(metadata={"help": "Prompt sets, sampled in this order."})
-    meta: MetaConfig = field(metadata={"help": "The meta.json mixture (`mpo-data meta` settings; pairs_dir and image_root are the run's)."})
-    pairs: PairsConfig = field(metadata={"help": "Pair building (`mpo-data pairs` settings; data_dir and save_dir are the run's)."})
-    defaults: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "Stage settings shared by every dataset (engine: {model: ..., tensor_parallel_size: 4}, ...)."}
+    meta: MetaConfig = field(
+        metadata={"help": "The meta.json mixture (`mpo-data meta` settings; pairs_dir and image_root are the run's)."}
     )
-    address: str | None = field(default=None, metadata={"help": "Ray cluster to join; None: a local Ray on 127.0.0.1."})
+    pairs: PairsConfig = field(
+        metadata={"help": "Pair building (`mpo-data pairs` settings; data_dir and save_dir are the run's)."}
+    )
+    defaults: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Stage settings shared by every dataset (engine: {model: ..., tensor_parallel_size: 4}, ...)."
+        },
+    )
+    address: str | None = field(
+        default=None, metadata={"help": "Ray cluster to join; None: a local Ray on 127.0.0.1."}
+    )
 
 
 def _set_by_pipeline(data: dict[str, Any], section: str, values: dict[str, Any], source: str) -> None:
@@ -75,19 +89,29 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
     if len(set(names)) != len(names):
         raise InputError(f"{source}: datasets: names must be unique, got {names}")
     # every unknown key at once: the shared defaults' once, then each dataset's own
-    problems = unknown_keys(StageConfig, config.defaults, source, "defaults", tuple({STAGE_CONFIGS[d.stage]: 0 for d in config.datasets}))
+    problems = unknown_keys(
+        StageConfig, config.defaults, source, "defaults", tuple({STAGE_CONFIGS[d.stage]: 0 for d in config.datasets})
+    )
     for i, spec in enumerate(config.datasets):
         problems += unknown_keys(STAGE_CONFIGS[spec.stage], spec.settings, source, f"datasets[{i}].settings")
     if problems:
         raise InputError("\n".join(problems))
     stages = []
     for i, spec in enumerate(config.datasets):  # every dataset's problems, not only the first one's
-        cls, fixed = STAGE_CONFIGS[spec.stage], {"out_dir": config.out_dir, "dataset": spec.name, "address": config.address}
+        cls, fixed = (
+            STAGE_CONFIGS[spec.stage],
+            {"out_dir": config.out_dir, "dataset": spec.name, "address": config.address},
+        )
         try:
-            given = merge(canonical(cls, config.defaults, source, "defaults"), canonical(cls, spec.settings, source, f"datasets[{i}].settings"))
+            given = merge(
+                canonical(cls, config.defaults, source, "defaults"),
+                canonical(cls, spec.settings, source, f"datasets[{i}].settings"),
+            )
             clash = sorted(set(given) & set(fixed))
             if clash:
-                raise InputError(f"{at(source, given, clash[0])}: datasets[{i}]: '{clash[0]}' is set by the pipeline, not per dataset")
+                raise InputError(
+                    f"{at(source, given, clash[0])}: datasets[{i}]: '{clash[0]}' is set by the pipeline, not per dataset"
+                )
             stages.append(build(cls, merge(given, fixed), source, f"datasets[{i}].settings"))
         except InputError as e:
             problems.append(str(e))
@@ -116,16 +140,29 @@ def input_problems(config: PipelineConfig, stages: list[StageConfig]) -> list[st
             problems.append(f"{label}: image_root {image_root}: no such folder")
             continue
         try:
-            rows, bad = validate_file(stage.prompt_path, stage.stage, image_root, verify_images=False,
-                                      images_dir=Path(config.out_dir) / "images" / stage.dataset_name)
+            rows, bad = validate_file(
+                stage.prompt_path,
+                stage.stage,
+                image_root,
+                verify_images=False,
+                images_dir=Path(config.out_dir) / "images" / stage.dataset_name,
+            )
         except InputError as e:
             problems.append(f"{label}: {e}")
             continue
         if stage.on_error == "fail" and bad:
             more = len(bad) - MAX_PROBLEMS_PER_FILE
-            problems += bad[:MAX_PROBLEMS_PER_FILE] + ([f"... and {more} more in {stage.prompt_path} "
-                                                        f"(mpo-data validate {stage.prompt_path} --kind {stage.stage})"] if more > 0 else [])
-            problems.append(f"{label}: {len(bad)} bad line(s) in {stage.prompt_path} (on_error: skip quarantines them)")
+            problems += bad[:MAX_PROBLEMS_PER_FILE] + (
+                [
+                    f"... and {more} more in {stage.prompt_path} "
+                    f"(mpo-data validate {stage.prompt_path} --kind {stage.stage})"
+                ]
+                if more > 0
+                else []
+            )
+            problems.append(
+                f"{label}: {len(bad)} bad line(s) in {stage.prompt_path} (on_error: skip quarantines them)"
+            )
         elif rows == len(bad) and rows:
             problems.append(f"{label}: every one of the {rows} line(s) of {stage.prompt_path} is bad")
         elif not rows:
@@ -155,7 +192,9 @@ def run_pipeline(config: PipelineConfig, stages: list) -> dict[str, Any]:
     record = orjson.loads(record_path.read_bytes()) if record_path.exists() else {}
     problems = input_problems(config, stages)
     if problems:
-        raise InputError("\n".join(problems) + f"\n{len(problems)} problem(s) found before any engine started; nothing was run")
+        raise InputError(
+            "\n".join(problems) + f"\n{len(problems)} problem(s) found before any engine started; nothing was run"
+        )
     connect_ray(config.address)
     summaries = {f"{s.stage}/{s.dataset}": run_stage(s) for s in stages}
 

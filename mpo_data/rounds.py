@@ -35,17 +35,37 @@ RECORD = "round.json"  # written last in a round folder: the round is done
 class RoundsConfig:
     """`mpo-data rounds`: K rounds of sampling and training, each sampling with the previous round's model."""
 
-    pipeline: str = field(metadata={"help": "Pipeline YAML (`mpo-data run`); its out_dir and meta.out are set per round."})
-    train: str = field(metadata={"help": "Training YAML (`mpo-data train`); its model.path is the base, output_dir and data.meta are set per round."})
-    out_dir: str = field(default="out/rounds", metadata={"help": "Rounds folder: round-1/, round-2/, ..., base/ (the base's held-out answers), rounds.json."})
-    rounds: int = field(default=2, metadata={"help": "How many rounds (K); a rerun with a larger K adds rounds after the finished ones."})
+    pipeline: str = field(
+        metadata={"help": "Pipeline YAML (`mpo-data run`); its out_dir and meta.out are set per round."}
+    )
+    train: str = field(
+        metadata={
+            "help": "Training YAML (`mpo-data train`); its model.path is the base, output_dir and data.meta are set per round."
+        }
+    )
+    out_dir: str = field(
+        default="out/rounds",
+        metadata={"help": "Rounds folder: round-1/, round-2/, ..., base/ (the base's held-out answers), rounds.json."},
+    )
+    rounds: int = field(
+        default=2,
+        metadata={"help": "How many rounds (K); a rerun with a larger K adds rounds after the finished ones."},
+    )
     init: Literal["base", "previous"] = field(
         default="previous",
-        metadata={"help": "What round k > 1 trains from: previous (round k-1's merged model, also the DPO reference, as "
-                  "Iterative RPO) or base (the base model every round, on pairs sampled by round k-1's model)."},
+        metadata={
+            "help": "What round k > 1 trains from: previous (round k-1's merged model, also the DPO reference, as "
+            "Iterative RPO) or base (the base model every round, on pairs sampled by round k-1's model)."
+        },
     )
-    pipeline_set: list[str] = field(default_factory=list, metadata={"help": "KEY=VALUE override of the pipeline YAML (repeat), as `mpo-data run` takes."})
-    train_set: list[str] = field(default_factory=list, metadata={"help": "KEY=VALUE override of the training YAML (repeat), as `mpo-data train` takes."})
+    pipeline_set: list[str] = field(
+        default_factory=list,
+        metadata={"help": "KEY=VALUE override of the pipeline YAML (repeat), as `mpo-data run` takes."},
+    )
+    train_set: list[str] = field(
+        default_factory=list,
+        metadata={"help": "KEY=VALUE override of the training YAML (repeat), as `mpo-data train` takes."},
+    )
 
     def round_dir(self, k: int) -> Path:
         return Path(self.out_dir) / f"round-{k}"
@@ -58,9 +78,18 @@ def load_round(config: RoundsConfig, k: int, previous: dict[str, Any] | None):
 
     folder = config.round_dir(k)
     init = (previous["model"] if config.init == "previous" else previous["base"]) if previous else None
-    train_config = load(config.train, [*config.train_set, f"output_dir={folder / 'train'}", f"data.meta={folder / 'meta.json'}",
-                                       *([f"model.path={init}"] if init else [])])
-    pipeline, stages = load_pipeline(config.pipeline, [*config.pipeline_set, f"out_dir={folder}", f"meta.out={folder / 'meta.json'}"])
+    train_config = load(
+        config.train,
+        [
+            *config.train_set,
+            f"output_dir={folder / 'train'}",
+            f"data.meta={folder / 'meta.json'}",
+            *([f"model.path={init}"] if init else []),
+        ],
+    )
+    pipeline, stages = load_pipeline(
+        config.pipeline, [*config.pipeline_set, f"out_dir={folder}", f"meta.out={folder / 'meta.json'}"]
+    )
     if previous:
         stages = [swap_model(s, previous["base"], previous["model"]) for s in stages]
     return pipeline, stages, train_config
@@ -81,8 +110,10 @@ def check_settings(config: RoundsConfig) -> dict[str, Any]:
         recorded = orjson.loads(path.read_bytes())
         diff = sorted(k for k in settings if recorded.get(k) != settings[k])
         if diff:
-            raise InputError(f"{path}: these rounds were run with other settings ({', '.join(f'{k}: {recorded.get(k)!r}' for k in diff)}); "
-                             "use another --out-dir")
+            raise InputError(
+                f"{path}: these rounds were run with other settings ({', '.join(f'{k}: {recorded.get(k)!r}' for k in diff)}); "
+                "use another --out-dir"
+            )
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, orjson.dumps(settings, option=orjson.OPT_INDENT_2) + b"\n")
@@ -100,8 +131,20 @@ def held_out(model: str | Path, args, folder: Path) -> list[bool]:
     items = read_questions(args.questions, args.max_questions)
     responses = answer(model, items, args, Path(args.questions).parent)
     verdicts = judge(items, responses, args.prompt_version)
-    write_jsonl(path, ({"question": i.question, "answer": i.answer, "source": i.source, "model": str(model), "response": r, "correct": v}
-                       for i, r, v in zip(items, responses, verdicts)))
+    write_jsonl(
+        path,
+        (
+            {
+                "question": i.question,
+                "answer": i.answer,
+                "source": i.source,
+                "model": str(model),
+                "response": r,
+                "correct": v,
+            }
+            for i, r, v in zip(items, responses, verdicts)
+        ),
+    )
     return verdicts
 
 
@@ -113,10 +156,12 @@ def disconnect_ray() -> None:
         ray.shutdown()
 
 
-def run_round(config: RoundsConfig, k: int, previous: dict[str, Any] | None, base_verdicts: list[bool] | None) -> dict[str, Any]:
+def run_round(
+    config: RoundsConfig, k: int, previous: dict[str, Any] | None, base_verdicts: list[bool] | None
+) -> dict[str, Any]:
     """One round: the pipeline sampled with the previous round's model, training, merge, held-out answers."""
-    from mpo_data.train.answer_accuracy import summarize, trained_model
     from mpo_data.pipeline import run_pipeline
+    from mpo_data.train.answer_accuracy import summarize, trained_model
     from mpo_data.train.recipe import train
 
     folder = config.round_dir(k)
@@ -125,7 +170,10 @@ def run_round(config: RoundsConfig, k: int, previous: dict[str, Any] | None, bas
         return orjson.loads((folder / RECORD).read_bytes())
     began = time.monotonic()
     pipeline, stages, train_config = load_round(config, k, previous)
-    print(f"round {k}/{config.rounds}: sampling with {previous['model'] if previous else train_config.model.path}", file=sys.stderr)
+    print(
+        f"round {k}/{config.rounds}: sampling with {previous['model'] if previous else train_config.model.path}",
+        file=sys.stderr,
+    )
     run_pipeline(pipeline, stages)
     disconnect_ray()
     run_dir = Path(train_config.output_dir)
@@ -144,7 +192,9 @@ def run_round(config: RoundsConfig, k: int, previous: dict[str, Any] | None, bas
         "meta": str(pipeline.meta.out),
         "answer_accuracy": summarize(base_verdicts, held_out(model, answers, folder)) if answers.questions else None,
     }
-    record["wall_s"] = round(time.monotonic() - began, 1)  # this run's time on the round (a resumed one: its last run's)
+    record["wall_s"] = round(
+        time.monotonic() - began, 1
+    )  # this run's time on the round (a resumed one: its last run's)
     atomic_write_bytes(folder / RECORD, orjson.dumps(record, option=orjson.OPT_INDENT_2) + b"\n")
     return record
 
@@ -157,13 +207,17 @@ def run_rounds(config: RoundsConfig) -> list[dict[str, Any]]:
     _, stages, train_config = load_round(config, 1, None)  # every setting checked before anything runs
     base = os.path.realpath(train_config.model.path)
     if not any(os.path.realpath(s.engine.model) == base for s in stages):
-        raise InputError(f"{config.pipeline}: no dataset samples with {config.train}'s model.path ({train_config.model.path}): "
-                         "later rounds would not sample with the trained model")
+        raise InputError(
+            f"{config.pipeline}: no dataset samples with {config.train}'s model.path ({train_config.model.path}): "
+            "later rounds would not sample with the trained model"
+        )
     answers = train_config.eval.answers
     if answers.questions and not Path(answers.questions).is_file():
         raise InputError(f"{config.train}: eval.answers.questions: {answers.questions}: no such file")
     check_settings(config)
-    base_verdicts = held_out(train_config.model.path, answers, Path(config.out_dir) / "base") if answers.questions else None
+    base_verdicts = (
+        held_out(train_config.model.path, answers, Path(config.out_dir) / "base") if answers.questions else None
+    )
     records: list[dict[str, Any]] = []
     for k in range(1, config.rounds + 1):
         records.append(run_round(config, k, records[-1] if records else None, base_verdicts))

@@ -64,7 +64,9 @@ def run_lock(folder: str | Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                print(f"warning: {folder}: cannot lock ({e.strerror}); nothing stops a second run here", file=sys.stderr)
+                print(
+                    f"warning: {folder}: cannot lock ({e.strerror}); nothing stops a second run here", file=sys.stderr
+                )
             else:
                 raise InputError(
                     f"{folder}: in use by another run ({_holder(handle)}). One run per folder: wait for it to "
@@ -73,7 +75,11 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         handle.seek(0)
         handle.truncate()
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started, "command": " ".join(sys.argv)}))
+        handle.write(
+            json.dumps(
+                {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "command": " ".join(sys.argv)}
+            )
+        )
         handle.flush()
         _held[key] = 1
         try:
@@ -86,10 +92,13 @@ def run_lock(folder: str | Path) -> Iterator[None]:
 
 def holds(field: str):
     """Decorator: the call holds the folder named by its first argument's `field` (e.g. a config's out_dir)."""
+
     def wrap(run):
         @functools.wraps(run)
         def locked(config, *args, **kwargs):
             with run_lock(getattr(config, field)):
                 return run(config, *args, **kwargs)
+
         return locked
+
     return wrap

@@ -87,7 +87,12 @@ def pairs(tmp_path) -> Path:
     lines = [
         {"image": "red.png", "question": "What colour is it?", "chosen": "Red.", "rejected": "Blue."},
         {"image": "blue.png", "question": "What colour is it?", "chosen": "Blue.", "rejected": "Green."},
-        {"image": ["red.png", "blue.png"], "question": "<image><image>Same colour?", "chosen": "No.", "rejected": "Yes."},
+        {
+            "image": ["red.png", "blue.png"],
+            "question": "<image><image>Same colour?",
+            "chosen": "No.",
+            "rejected": "Yes.",
+        },
         {"image": "red.png", "question": "Is it red?", "chosen": "Yes.", "rejected": "No."},
         {"image": "blue.png", "question": "Is it red?", "chosen": "No.", "rejected": "Yes, it is red."},
         {"question": "What is 2 + 3?", "chosen": "5", "rejected": "6"},

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mpo_data.train import answer_accuracy as aa
 from mpo_data.errors import InputError
+from mpo_data.train import answer_accuracy as aa
 from mpo_data.train.config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +35,14 @@ def test_training_config_checks_the_answer_settings_before_training(tmp_path):
     from mpo_data.train.config import load
 
     config = load(DEMO_TRAIN)
-    assert config.eval.answers.questions == "data/demo/arithmetic_heldout.jsonl" and config.eval.answers.temperature == 0
+    assert (
+        config.eval.answers.questions == "data/demo/arithmetic_heldout.jsonl" and config.eval.answers.temperature == 0
+    )
     with pytest.raises(InputError, match="eval.answers.prompt_version: 'en3'"):
         load(DEMO_TRAIN, ["eval.answers.prompt_version=en3"])
-    args = type("Args", (), {"config": str(DEMO_TRAIN), "overrides": [f"eval.answers.questions={tmp_path / 'nope.jsonl'}"]})
+    args = type(
+        "Args", (), {"config": str(DEMO_TRAIN), "overrides": [f"eval.answers.questions={tmp_path / 'nope.jsonl'}"]}
+    )
     with pytest.raises(InputError, match="nope.jsonl: no such file"):
         train_command.main(args)
 
@@ -61,7 +64,9 @@ def test_held_out_questions_share_no_fact_with_the_sampled_ones():
     assert not {fact(r) for r in train} & {fact(r) for r in held}
     for row in train + held:  # exact answers
         left, op, right = terms(row)
-        assert op == row["op"] and int(row["answer"]) == (int(left) + int(right) if op == "+" else int(left) - int(right))
+        assert op == row["op"] and int(row["answer"]) == (
+            int(left) + int(right) if op == "+" else int(left) - int(right)
+        )
     assert demo.arithmetic_problems(48, seed=0, held_out=256) == (train, held)  # the same sets every time
     assert len({r["question"] for r in held}) == 256
     with pytest.raises(ValueError, match="disjoint"):
@@ -80,7 +85,9 @@ def test_tuning_and_reworded_sets_are_never_sampled_and_reworded_never_uses_a_tr
     fact = lambda row: (row["op"], *numbers(row))  # noqa: E731
     sampled = {fact(r) for r in train}
     assert tune and reworded and not ({fact(r) for r in tune} | {fact(r) for r in reworded}) & sampled
-    assert not {r["question"] for r in tune} & {r["question"] for r in held + train}  # never reported on, never trained
+    assert not {r["question"] for r in tune} & {
+        r["question"] for r in held + train
+    }  # never reported on, never trained
     shape = lambda q: re.sub(r"\d+", "N", q)  # noqa: E731
     trained_shapes = {shape(r["question"]) for r in train + held}
     assert not {shape(r["question"]) for r in reworded} & trained_shapes

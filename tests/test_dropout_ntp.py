@@ -7,7 +7,13 @@ from dataclasses import replace
 
 import pytest
 
-from mpo_data.sampling.dropout_ntp import DropoutNTPStage, collapse_whitespace, cut_prefix, drop_reason, join_continuation
+from mpo_data.sampling.dropout_ntp import (
+    DropoutNTPStage,
+    collapse_whitespace,
+    cut_prefix,
+    drop_reason,
+    join_continuation,
+)
 from mpo_data.sampling.engine import Completion
 from mpo_data.sampling.stage_config import DropoutNTPConfig, EngineConfig, SamplingConfig
 
@@ -62,8 +68,12 @@ def test_dropout_ntp_continues_chosens_exact_prefix_without_image_placeholders(t
         else:  # a drop is one of the counted kinds; the same continuation, had it stopped, joins the same way
             assert reason in {"empty", "max_tokens", "same_as_chosen"}
             if reason == "max_tokens":
-                line, reason = stage.outcome(item, {"item_id": "i", "sample_index": index},
-                                             replace(completion, finish_reason="stop"), result.prompt_tokens)
+                line, reason = stage.outcome(
+                    item,
+                    {"item_id": "i", "sample_index": index},
+                    replace(completion, finish_reason="stop"),
+                    result.prompt_tokens,
+                )
                 assert reason is None and line["rejected"] == MULTILINE[: len(prefix)] + completion.text
                 kept += 1
     assert kept  # the join was checked on at least one real continuation

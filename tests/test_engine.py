@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from mpo_data.errors import InputError
 from mpo_data.sampling.engine import (
     Engine,
     EngineConfig,
@@ -26,7 +27,6 @@ from mpo_data.sampling.engine import (
     own_compile_cache,
     request_seed,
 )
-from mpo_data.errors import InputError
 from mpo_data.tools.model_folders import IMAGE_SEQ_LEN
 
 ENGINES = ["text_engine", "vlm_engine"]
@@ -66,7 +66,9 @@ def model_dir(tmp_path, architecture: str) -> str:
 
 def test_explicit_settings_win_and_tiling_reaches_the_processor(tmp_path):
     model = model_dir(tmp_path, "InternVLChatModel")
-    config = EngineConfig(model=model, gpu_memory_utilization=0.5, enforce_eager=False, dtype="bfloat16", max_num=[6], dynamic=True)
+    config = EngineConfig(
+        model=model, gpu_memory_utilization=0.5, enforce_eager=False, dtype="bfloat16", max_num=[6], dynamic=True
+    )
     kwargs = _engine_kwargs(config)
     assert (kwargs["gpu_memory_utilization"], kwargs["enforce_eager"], kwargs["dtype"]) == (0.5, False, "bfloat16")
     assert kwargs["mm_processor_kwargs"] == {"dynamic_image_size": True, "max_dynamic_patch": 6}
@@ -77,8 +79,13 @@ def test_tiling_names_follow_the_model_architecture(tmp_path):
     hf = EngineConfig(model=model_dir(tmp_path / "hf", "InternVLForConditionalGeneration"), max_num=[12], dynamic=True)
     assert hf.tiling_kwargs() == {"crop_to_patches": True, "max_patches": 12}
     remote = EngineConfig(model=model_dir(tmp_path / "remote", "InternVLChatModel"), max_num=[6])
-    assert remote.tiling_kwargs() == {"dynamic_image_size": False, "max_dynamic_patch": 6} and remote.tiling_note() is None
-    assert EngineConfig(model=model_dir(tmp_path / "none", "InternVLChatModel")).tiling_kwargs() == {}  # the processor's own
+    assert (
+        remote.tiling_kwargs() == {"dynamic_image_size": False, "max_dynamic_patch": 6}
+        and remote.tiling_note() is None
+    )
+    assert (
+        EngineConfig(model=model_dir(tmp_path / "none", "InternVLChatModel")).tiling_kwargs() == {}
+    )  # the processor's own
 
 
 def test_tiling_on_a_model_without_it_has_no_effect_and_says_so(tmp_path):
@@ -106,7 +113,9 @@ def test_each_live_engine_gets_its_own_compile_cache(tmp_path, monkeypatch):
 
 
 def test_engine_kwargs_reach_vllm_untouched_and_win():
-    kwargs = _engine_kwargs(EngineConfig(model="m", max_model_len=8192, engine_kwargs={"max_num_seqs": 7, "max_model_len": 4096}))
+    kwargs = _engine_kwargs(
+        EngineConfig(model="m", max_model_len=8192, engine_kwargs={"max_num_seqs": 7, "max_model_len": 4096})
+    )
     assert kwargs["max_num_seqs"] == 7 and kwargs["max_model_len"] == 4096
 
 
@@ -165,7 +174,9 @@ def test_images_are_placed_by_the_chat_template_before_the_question(vlm_engine):
 
 @pytest.mark.engine
 def test_assistant_prefix_is_continued_inside_the_assistant_turn(engine):
-    plain, prefixed = engine.generate([ask("What is 12 + 7?"), ask("What is 12 + 7?", assistant_prefix=PREFIX)], SamplingConfig(max_new_tokens=4))
+    plain, prefixed = engine.generate(
+        [ask("What is 12 + 7?"), ask("What is 12 + 7?", assistant_prefix=PREFIX)], SamplingConfig(max_new_tokens=4)
+    )
     plain_prompt, prefixed_prompt = decode(engine, plain.prompt_token_ids), decode(engine, prefixed.prompt_token_ids)
     # The continued prompt is the generation prompt (which opens the assistant turn) plus the prefix: no
     # end-of-turn marker after it and no new turn opened.
@@ -176,13 +187,17 @@ def test_assistant_prefix_is_continued_inside_the_assistant_turn(engine):
 @pytest.mark.engine
 def test_real_model_continues_the_prefix(text_engine):
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
-    [result] = text_engine.generate([ask("What is the capital of France?", assistant_prefix="The capital of France is")], greedy)
+    [result] = text_engine.generate(
+        [ask("What is the capital of France?", assistant_prefix="The capital of France is")], greedy
+    )
     assert "Paris" in result.completions[0].text
 
 
 @pytest.mark.engine
 def test_n_samples_per_request(engine):
-    results = engine.generate([ask("Tell me a short story."), ask("Name a colour.")], SamplingConfig(n=4, max_new_tokens=12))
+    results = engine.generate(
+        [ask("Tell me a short story."), ask("Name a colour.")], SamplingConfig(n=4, max_new_tokens=12)
+    )
     for result in results:
         assert len(result.completions) == 4
         assert len({c.text for c in result.completions}) > 1  # sampled, not one answer copied
@@ -197,14 +212,19 @@ def test_finish_reason_length_when_max_new_tokens_is_hit(engine):
 
 @pytest.mark.engine
 def test_finish_reason_stop_when_the_model_ends_its_answer(text_engine):
-    [result] = text_engine.generate([ask("What is 2 + 2? Reply with the number only.")], SamplingConfig(temperature=0.0, max_new_tokens=64))
+    [result] = text_engine.generate(
+        [ask("What is 2 + 2? Reply with the number only.")], SamplingConfig(temperature=0.0, max_new_tokens=64)
+    )
     completion = result.completions[0]
     assert completion.finish_reason == "stop" and completion.output_tokens < 64
 
 
 @pytest.mark.engine
 def test_stop_strings_end_a_sample(text_engine):
-    [result] = text_engine.generate([ask("Count from 1 to 20, separated by commas.")], SamplingConfig(temperature=0.0, max_new_tokens=64, stop=["5"]))
+    [result] = text_engine.generate(
+        [ask("Count from 1 to 20, separated by commas.")],
+        SamplingConfig(temperature=0.0, max_new_tokens=64, stop=["5"]),
+    )
     completion = result.completions[0]
     assert completion.finish_reason == "stop" and "5" not in completion.text and completion.text.strip()
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from mpo_data import cli
-from mpo_data.tools import gpu_smoke
 from mpo_data.config import config_from_args
+from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig
+from mpo_data.tools import gpu_smoke
 from mpo_data.tools.gpu_smoke import Outcome, Step
 from mpo_data.tools.model_folders import TINY_INTERNVL, TINY_QWEN
-from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig
 
 
 def stage_runs(steps: list[Step]) -> list[tuple[str, str, int]]:
@@ -22,7 +22,9 @@ def stage_runs(steps: list[Step]) -> list[tuple[str, str, int]]:
 def test_one_gpu_runs_both_stages_of_both_models_at_tp1_and_says_tp2_is_skipped(tmp_path):
     steps, skipped = gpu_smoke.plan(tmp_path / "out", tmp_path / "models", gpus=1)
     assert [s.name for s in steps][0] == "models" and [s.name for s in steps][-3:] == ["pairs", "meta", "train"]
-    assert stage_runs(steps) == [(stage, model, 1) for model in (TINY_QWEN, TINY_INTERNVL) for stage in gpu_smoke.STAGES]
+    assert stage_runs(steps) == [
+        (stage, model, 1) for model in (TINY_QWEN, TINY_INTERNVL) for stage in gpu_smoke.STAGES
+    ]
     assert skipped == ["tp=2 skipped: 1 GPU(s) visible, it needs 2"]
 
 
@@ -35,8 +37,11 @@ def test_two_gpus_add_tp2_runs(tmp_path):
 def test_skip_stages_keeps_models_meta_and_train_and_lists_the_stage_rows_as_skipped(tmp_path):
     steps, skipped = gpu_smoke.plan(tmp_path / "out", tmp_path / "models", gpus=1, skip_stages=True)
     assert [s.name for s in steps] == ["models", "meta", "train"]
-    assert skipped == [f"{stage} {model} tp=1 skipped: --skip-stages" for model in (TINY_QWEN, TINY_INTERNVL) for stage in gpu_smoke.STAGES] + [
-        "pairs skipped: --skip-stages, no samples"]
+    assert skipped == [
+        f"{stage} {model} tp=1 skipped: --skip-stages"
+        for model in (TINY_QWEN, TINY_INTERNVL)
+        for stage in gpu_smoke.STAGES
+    ] + ["pairs skipped: --skip-stages, no samples"]
     meta = cli.build_parser("meta").parse_args(steps[1].argv)
     assert meta.pairs_dir == str(tmp_path / "out" / "pairs")  # where write_prompts puts the hand-made pairs
     assert len(gpu_smoke.plan(tmp_path / "out", tmp_path / "models", gpus=2, skip_stages=True)[1]) == 9
@@ -53,7 +58,9 @@ def test_every_planned_command_is_valid_for_our_cli(tmp_path):
 
 def test_the_prompts_and_pairs_are_valid_files(tmp_path, capsys):
     gpu_smoke.write_prompts(tmp_path, tmp_path / "pairs")
-    files = [(tmp_path / f"{stage}.jsonl", stage) for stage in gpu_smoke.STAGES] + [(tmp_path / "pairs" / "smoke_colours.jsonl", "pairs")]
+    files = [(tmp_path / f"{stage}.jsonl", stage) for stage in gpu_smoke.STAGES] + [
+        (tmp_path / "pairs" / "smoke_colours.jsonl", "pairs")
+    ]
     for path, kind in files:
         assert cli.main(["validate", str(path), "--kind", kind, "--image-root", str(tmp_path)]) == 0
         assert len(path.read_text().splitlines()) == gpu_smoke.ITEMS
@@ -64,8 +71,10 @@ def test_table_shows_speed_failures_and_the_verdict(tmp_path):
     summary.write_bytes(orjson.dumps({"output_tokens_per_s": 1234.567}))
     stage = Step("correctness", [], TINY_QWEN, 2, summary)
     assert gpu_smoke.speed(stage) == "1234.6 tok/s"
-    outcomes = [Outcome(stage, True, 12.34, gpu_smoke.speed(stage), ""),
-                Outcome(Step("train", [], TINY_QWEN), False, 3.0, "", "exit 1: CUDA out of memory")]
+    outcomes = [
+        Outcome(stage, True, 12.34, gpu_smoke.speed(stage), ""),
+        Outcome(Step("train", [], TINY_QWEN), False, 3.0, "", "exit 1: CUDA out of memory"),
+    ]
     text = gpu_smoke.table(outcomes, ["tp=2 skipped: 1 GPU(s) visible, it needs 2"])
     header, ok, failed, skipped, verdict = text.splitlines()
     assert ok.split() == ["correctness", TINY_QWEN, "2", "pass", "1234.6", "tok/s", "12.3"]

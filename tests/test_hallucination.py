@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from mpo_data.preference import hallucination as h
-from mpo_data.tools.demo import describe
 from mpo_data.sampling.dropout_ntp import cut_prefix
+from mpo_data.tools.demo import describe
 
 
 @pytest.mark.parametrize(

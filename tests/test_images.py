@@ -24,11 +24,14 @@ from mpo_data.train.data import PairLoader
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height with almost no pixel data: what a decompression bomb looks like."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grey
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -92,17 +95,31 @@ def rgb_at(image: Image.Image, x: int, y: int) -> tuple[int, int, int]:
 # name -> (file bytes, check of the loaded RGB image)
 CONVERTED = {
     "png_named.jpg": (GOOD_PNG, lambda im: im.size == (64, 48) and rgb_at(im, 1, 1) == (255, 0, 0)),
-    "cmyk.jpg": (encoded(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95),
-                 lambda im: rgb_at(im, 8, 8)[0] > 200 and max(rgb_at(im, 8, 8)[1:]) < 60),
-    "grey16.png": (encoded(Image.fromarray(np.full((8, 8), 0x8080, np.uint16)), "PNG"),
-                   lambda im: rgb_at(im, 0, 0) == (128, 128, 128)),  # PIL's own convert would give white
-    "palette_transparent.png": (palette_with_transparency(),
-                                lambda im: rgb_at(im, 6, 4) == (255, 255, 255) and rgb_at(im, 1, 4) == (0, 255, 0)),
-    "rgba.png": (encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG"), lambda im: rgb_at(im, 3, 3) == (255, 255, 255)),
-    "grey_alpha.png": (encoded(Image.new("LA", (8, 8), (0, 128)), "PNG"), lambda im: rgb_at(im, 3, 3) == (127, 127, 127)),
+    "cmyk.jpg": (
+        encoded(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95),
+        lambda im: rgb_at(im, 8, 8)[0] > 200 and max(rgb_at(im, 8, 8)[1:]) < 60,
+    ),
+    "grey16.png": (
+        encoded(Image.fromarray(np.full((8, 8), 0x8080, np.uint16)), "PNG"),
+        lambda im: rgb_at(im, 0, 0) == (128, 128, 128),
+    ),  # PIL's own convert would give white
+    "palette_transparent.png": (
+        palette_with_transparency(),
+        lambda im: rgb_at(im, 6, 4) == (255, 255, 255) and rgb_at(im, 1, 4) == (0, 255, 0),
+    ),
+    "rgba.png": (
+        encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG"),
+        lambda im: rgb_at(im, 3, 3) == (255, 255, 255),
+    ),
+    "grey_alpha.png": (
+        encoded(Image.new("LA", (8, 8), (0, 128)), "PNG"),
+        lambda im: rgb_at(im, 3, 3) == (127, 127, 127),
+    ),
     "animated.gif": (animated_gif(), lambda im: rgb_at(im, 8, 8) == (255, 0, 0)),  # first frame
-    "exif_rotated.jpg": (exif_rotated_jpeg(),  # upright: 20 wide x 40 high, red on top
-                         lambda im: im.size == (20, 40) and rgb_at(im, 10, 5)[0] > 200 and rgb_at(im, 10, 35)[0] < 60),
+    "exif_rotated.jpg": (
+        exif_rotated_jpeg(),  # upright: 20 wide x 40 high, red on top
+        lambda im: im.size == (20, 40) and rgb_at(im, 10, 5)[0] > 200 and rgb_at(im, 10, 35)[0] < 60,
+    ),
     "one_bit.png": (encoded(Image.new("1", (8, 8), 1), "PNG"), lambda im: rgb_at(im, 0, 0) == (255, 255, 255)),
     "ycbcr.jpg": (GOOD_JPEG, lambda im: im.mode == "RGB" and rgb_at(im, 4, 4)[0] > 240),
 }
@@ -137,7 +154,9 @@ def test_usable_images_become_the_rgb_a_viewer_shows(corpus, name):
 
 
 def prompt_file(tmp_path: Path) -> Path:
-    lines = [{"image": name, "question": f"What is in {name}?", "answer": "x"} for name in sorted({**REFUSED, **CONVERTED})]
+    lines = [
+        {"image": name, "question": f"What is in {name}?", "answer": "x"} for name in sorted({**REFUSED, **CONVERTED})
+    ]
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
     return path
@@ -146,8 +165,22 @@ def prompt_file(tmp_path: Path) -> Path:
 def test_validate_names_file_line_and_reason_for_each_refused_image(tmp_path, corpus):
     path = prompt_file(tmp_path)
     names = sorted({**REFUSED, **CONVERTED})
-    result = subprocess.run([sys.executable, "-m", "mpo_data", "validate", str(path), "--kind", "correctness",
-                             "--image-root", str(corpus)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpo_data",
+            "validate",
+            str(path),
+            "--kind",
+            "correctness",
+            "--image-root",
+            str(corpus),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     expected = [f"{path}:{names.index(n) + 1}" for n in sorted(REFUSED)]
     assert [line.split(": ", 1)[0] for line in result.stdout.splitlines()] == expected
@@ -165,7 +198,10 @@ def test_stage_reader_quarantines_each_refused_image(tmp_path, corpus):
 
 
 def test_training_loader_quarantines_each_refused_image(tmp_path, corpus):
-    pairs = [{"images": [name], "prompt": "What is it?", "chosen": "a", "rejected": "b"} for name in sorted({**REFUSED, **CONVERTED})]
+    pairs = [
+        {"images": [name], "prompt": "What is it?", "chosen": "a", "rejected": "b"}
+        for name in sorted({**REFUSED, **CONVERTED})
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(b"".join(orjson.dumps(p) + b"\n" for p in pairs))
     loader = PairLoader(on_error="skip", quarantine=tmp_path / "q.jsonl")

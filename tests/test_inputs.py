@@ -10,8 +10,8 @@ import orjson
 import pytest
 from PIL import Image
 
-from mpo_data.records import images
 from mpo_data.errors import InputError
+from mpo_data.records import images
 from mpo_data.records.formats import MetaEntry, PromptItem, make_item_id, read_meta, write_meta
 from mpo_data.records.inputs import PromptReader, validate_file
 from mpo_data.records.jsonl import AtomicFile, write_jsonl
@@ -48,7 +48,10 @@ BAD_LINES = [
     ('{"image": "/etc/hostname", "question": "q", "answer": "1"}', "is absolute"),
     ('{"image": "escape.png", "question": "q", "answer": "1"}', "resolves outside the image root"),
     ('["not", "an", "object"]', "expected a JSON object, got list"),
-    ('{"image": "ok.png", "question": "<image> vs <image>?", "answer": "1"}', "has 2 <image> placeholder(s) for 1 image(s)"),
+    (
+        '{"image": "ok.png", "question": "<image> vs <image>?", "answer": "1"}',
+        "has 2 <image> placeholder(s) for 1 image(s)",
+    ),
     ('{"question": "<image>\\nq", "answer": "1"}', "has 1 <image> placeholder(s) for 0 image(s)"),
     ('{"image": ["ok.png", "ok.png"], "question": "<image> q", "answer": "1"}', "for 2 image(s); expected 0 or 2"),
 ]
@@ -121,7 +124,10 @@ def test_reader_skip_quarantines_with_reasons_and_counts(tmp_path, root):
 def test_reader_checks_each_image_file_once_and_names_every_line_that_uses_a_bad_one(tmp_path, root, monkeypatch):
     checked, real = [], images.check
     monkeypatch.setattr(images, "check", lambda root, rel, **kw: checked.append(rel) or real(root, rel, **kw))
-    lines = [f'{{"image": "{name}", "question": "q{i}", "answer": "1"}}' for i, name in enumerate(["ok.png", "broken.png"] * 3)]
+    lines = [
+        f'{{"image": "{name}", "question": "q{i}", "answer": "1"}}'
+        for i, name in enumerate(["ok.png", "broken.png"] * 3)
+    ]
     reader = PromptReader(write_lines(tmp_path / "p.jsonl", lines), "correctness", "ds", root, on_error="skip")
     assert [i.question for i in reader] == ["q0", "q2", "q4"]
     assert sorted(checked) == ["broken.png", "ok.png"]
@@ -145,10 +151,12 @@ def test_datasets_image_columns_are_prompt_sets(tmp_path):
     import datasets
 
     red, blue = Image.new("RGB", (20, 10), "red"), Image.new("RGB", (10, 20), "blue")
-    data = datasets.Dataset.from_list([
-        {"image": red, "question": "Colour?", "answer": "red"},
-        {"image": blue, "question": "Colour?", "answer": "blue"},
-    ]).cast_column("image", datasets.Image())
+    data = datasets.Dataset.from_list(
+        [
+            {"image": red, "question": "Colour?", "answer": "red"},
+            {"image": blue, "question": "Colour?", "answer": "blue"},
+        ]
+    ).cast_column("image", datasets.Image())
     data.to_parquet(str(tmp_path / "p.parquet"))  # Image cells become {bytes, path} structs
     data.save_to_disk(str(tmp_path / "hf"))  # Image features, decoded to PIL by default
     seen = {}
@@ -166,8 +174,18 @@ def test_datasets_image_columns_are_prompt_sets(tmp_path):
 def test_item_id_is_stable_and_sensitive():
     base = make_item_id("ds", "a.png", "q", "1")
     assert base == make_item_id("ds", ["a.png"], "q", 1)
-    assert len({base, make_item_id("ds2", "a.png", "q", "1"), make_item_id("ds", "b.png", "q", "1"),
-                make_item_id("ds", "a.png", "q?", "1"), make_item_id("ds", "a.png", "q", "2")}) == 5
+    assert (
+        len(
+            {
+                base,
+                make_item_id("ds2", "a.png", "q", "1"),
+                make_item_id("ds", "b.png", "q", "1"),
+                make_item_id("ds", "a.png", "q?", "1"),
+                make_item_id("ds", "a.png", "q", "2"),
+            }
+        )
+        == 5
+    )
     item = PromptItem.from_raw({"image": "a.png", "question": "q", "answer": 1, "k": "v"}, "ds")
     assert item.item_id == base and item.to_dict() == {"k": "v", "image": "a.png", "question": "q", "answer": "1"}
 
@@ -202,7 +220,11 @@ def test_meta_roundtrip_and_messages(tmp_path):
 
 
 def test_demo_sets_validate_clean(demo_dir):
-    for name, kind in [("arithmetic", "correctness"), ("easy_vqa", "correctness"), ("easy_vqa_describe", "dropout-ntp")]:
+    for name, kind in [
+        ("arithmetic", "correctness"),
+        ("easy_vqa", "correctness"),
+        ("easy_vqa_describe", "dropout-ntp"),
+    ]:
         rows, problems = validate_file(demo_dir / f"{name}.jsonl", kind, demo_dir / "images")
         assert rows > 0 and problems == []
 
@@ -228,12 +250,15 @@ def test_cli_validate_prints_three_problems_and_exits_1(tmp_path, root):
 
 
 def test_pair_lines_need_one_placeholder_per_image(tmp_path, root):
-    path = write_lines(tmp_path / "pairs.jsonl", [
-        '{"image": ["ok.png", "ok.png"], "question": "Image-1: <image>\\nImage-2: <image>\\nSame?", "chosen": "a", "rejected": "b"}',
-        '{"image": "ok.png", "question": "Colour?", "chosen": "a", "rejected": "b"}',
-        '{"image": "ok.png", "question": "<image>\\nColour?", "chosen": "a", "rejected": "b"}',
-        '{"image": ["ok.png", "ok.png"], "question": "Same?", "chosen": "a", "rejected": "b"}',
-    ])
+    path = write_lines(
+        tmp_path / "pairs.jsonl",
+        [
+            '{"image": ["ok.png", "ok.png"], "question": "Image-1: <image>\\nImage-2: <image>\\nSame?", "chosen": "a", "rejected": "b"}',
+            '{"image": "ok.png", "question": "Colour?", "chosen": "a", "rejected": "b"}',
+            '{"image": "ok.png", "question": "<image>\\nColour?", "chosen": "a", "rejected": "b"}',
+            '{"image": ["ok.png", "ok.png"], "question": "Same?", "chosen": "a", "rejected": "b"}',
+        ],
+    )
     problems = validate_file(path, "pairs", root)[1]
     assert problems == [f"{path}:4: 'question' has 0 <image> placeholder(s) for 2 image(s); expected 2"]
 
@@ -241,13 +266,19 @@ def test_pair_lines_need_one_placeholder_per_image(tmp_path, root):
 def test_each_record_writer_matches_its_schema():
     from dataclasses import fields
 
-    from mpo_data.sampling.engine import Completion
-    from mpo_data.records.formats import (
-        DROPOUT_SAMPLE_SCHEMA, META_ENTRY_SCHEMA, PAIR_SCHEMA, PROMPT_SCHEMAS, SAMPLE_SCHEMA, Pair, Sample,
-    )
     from mpo_data.preference.judge import Verdict
-    from mpo_data.sampling.stage_config import DropoutNTPConfig, EngineConfig
+    from mpo_data.records.formats import (
+        DROPOUT_SAMPLE_SCHEMA,
+        META_ENTRY_SCHEMA,
+        PAIR_SCHEMA,
+        PROMPT_SCHEMAS,
+        SAMPLE_SCHEMA,
+        Pair,
+        Sample,
+    )
     from mpo_data.sampling.dropout_ntp import DropoutNTPStage
+    from mpo_data.sampling.engine import Completion
+    from mpo_data.sampling.stage_config import DropoutNTPConfig, EngineConfig
 
     prompt = {"image": "a.png", "question": "q?", "answer": "1"}
     sample = Sample("id", 0, prompt, "<image>\nq?", "r", "stop", 3, 4, "en_v2", "m", {"n": 1}).to_dict()

@@ -9,7 +9,14 @@ import pytest
 
 from mpo_data.cli import main
 from mpo_data.preference.judge import (
-    DEFAULT_MODES, Judge, JudgeConfig, JudgeItem, answers_match, extract_answer, modes_for_dataset, question_options,
+    DEFAULT_MODES,
+    Judge,
+    JudgeConfig,
+    JudgeItem,
+    answers_match,
+    extract_answer,
+    modes_for_dataset,
+    question_options,
 )
 from mpo_data.sampling.prompts import PROMPT_VERSIONS, render
 
@@ -131,8 +138,10 @@ def test_pool_verdicts_in_order_with_errors_reported(judge):
 def test_long_document_answers_get_a_verdict_not_a_timeout(judge):
     """ANLS over answers near MAX_COMPARE_CHARS: a pure-Python edit distance took ~9 s at 2000 chars here."""
     gt = "lorem ipsum dolor " * 110  # 1980 characters
-    rows = [JudgeItem(0, f"reading it\nFinal answer: {gt[:-1]}x", gt, None, "en", ("anls",)),
-            JudgeItem(1, f"reading it\n答案: {gt[::-1]}", gt, None, "zh", ("anls",))]
+    rows = [
+        JudgeItem(0, f"reading it\nFinal answer: {gt[:-1]}x", gt, None, "en", ("anls",)),
+        JudgeItem(1, f"reading it\n答案: {gt[::-1]}", gt, None, "zh", ("anls",)),
+    ]
     verdicts = [v for _, v in judge.judge_many(rows)]
     assert [(v.is_correct, v.judge_error) for v in verdicts] == [(True, None), (False, None)]
 
@@ -143,15 +152,26 @@ def _write(path, rows):
 
 def test_cli_adds_the_contract_fields(tmp_path, capsys):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    _write(src, [
-        {"response": "r\\boxed{2012}", "answer": 2012, "extra": 1},
-        {"response": "r\\boxed{2013}", "answer": "2012"},
-        {"response": "think\nFinal answer: B. rectangle", "answer": "B", "prompt_version": "en", "question": OPTIONS_Q},
-    ])
+    _write(
+        src,
+        [
+            {"response": "r\\boxed{2012}", "answer": 2012, "extra": 1},
+            {"response": "r\\boxed{2013}", "answer": "2012"},
+            {
+                "response": "think\nFinal answer: B. rectangle",
+                "answer": "B",
+                "prompt_version": "en",
+                "question": OPTIONS_Q,
+            },
+        ],
+    )
     assert main(["judge", "--input", str(src), "--output", str(dst), "--workers", "1"]) == 0
     rows = [orjson.loads(line) for line in dst.read_bytes().splitlines()]
     assert [(r["answer_pred"], r["format_ok"], r["is_correct"]) for r in rows] == [
-        ("2012", True, True), ("2013", True, False), ("B. rectangle", True, True)]
+        ("2012", True, True),
+        ("2013", True, False),
+        ("B. rectangle", True, True),
+    ]
     assert rows[0]["extra"] == 1
     assert "3 lines: 2 correct" in capsys.readouterr().err
 
@@ -179,8 +199,11 @@ def test_every_prompt_version_asks_for_the_format_the_judge_checks(name):
     version = PROMPT_VERSIONS[name]
     prompt = render("How many sides has a square?", name)
     assert "How many sides has a square?" in prompt and "{" not in prompt.replace("\\boxed{}", "")
-    response = {"line": "Count them.\n{label}: 4", "boxed": "Count them: \\boxed{{4}}",
-                "think_boxed": "<think>count</think> \\boxed{{4}}"}[version.answer_format].format(label=version.answer_label)
+    response = {
+        "line": "Count them.\n{label}: 4",
+        "boxed": "Count them: \\boxed{{4}}",
+        "think_boxed": "<think>count</think> \\boxed{{4}}",
+    }[version.answer_format].format(label=version.answer_label)
     assert extract_answer(response, name).answer == "4"
     if version.answer_format == "line":
         assert version.answer_label in prompt

@@ -35,8 +35,10 @@ def test_case_file_is_well_formed(cases):
 
 
 def test_no_wrong_answer_called_right_and_agreement(cases):
-    items = (JudgeItem(c, c["response"], c["answer"], c.get("question"), c["prompt_version"], tuple(c["modes"]))
-             for c in cases)
+    items = (
+        JudgeItem(c, c["response"], c["answer"], c.get("question"), c["prompt_version"], tuple(c["modes"]))
+        for c in cases
+    )
     with Judge(JudgeConfig(workers=2, timeout=30.0)) as judge:
         verdicts = [(case, v) for case, v in judge.judge_many(items)]
     wrong_called_right = [c["id"] for c, v in verdicts if v.is_correct and not c["expected"]]

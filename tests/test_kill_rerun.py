@@ -11,10 +11,10 @@ from pathlib import Path
 
 import orjson
 
-from mpo_data.records.formats import write_meta
 from mpo_data.preference.judge import JudgeConfig
 from mpo_data.preference.meta import MetaConfig, build_meta
 from mpo_data.preference.pairs import PairsConfig, build_pairs
+from mpo_data.records.formats import write_meta
 
 MPO = [sys.executable, "-m", "mpo_data"]
 
@@ -27,9 +27,18 @@ def make_samples(root: Path, items: int = 1500, per_item: int = 6) -> None:
     for item in range(items):
         for index in range(per_item):
             last = [f"Final answer: {item}", f"Final answer: {item + 1}", "I am not sure."][index % 3]
-            rows.append({"question": f"How many in box {item}?", "answer": str(item), "item_id": f"i{item}",
-                         "sample_index": index, "response": f"I count them one by one ({index}).\n{last}",
-                         "finish_reason": "stop", "prompt_version": "en", "model": "m"})
+            rows.append(
+                {
+                    "question": f"How many in box {item}?",
+                    "answer": str(item),
+                    "item_id": f"i{item}",
+                    "sample_index": index,
+                    "response": f"I count them one by one ({index}).\n{last}",
+                    "finish_reason": "stop",
+                    "prompt_version": "en",
+                    "model": "m",
+                }
+            )
     half = len(rows) // 2
     for number, chunk in enumerate((rows[:half], rows[half:])):
         (folder / f"part-{number:05d}.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in chunk))
@@ -37,8 +46,12 @@ def make_samples(root: Path, items: int = 1500, per_item: int = 6) -> None:
 
 def snapshot(*folders: Path) -> dict[str, bytes]:
     """Every visible file (temp files of a killed write are hidden and not output)."""
-    return {str(p): p.read_bytes() for f in folders for p in sorted(f.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(f).parts)}
+    return {
+        str(p): p.read_bytes()
+        for f in folders
+        for p in sorted(f.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(f).parts)
+    }
 
 
 def kill_when(cmd: list[str], ready, timeout: float = 120) -> None:
@@ -58,12 +71,14 @@ def kill_when(cmd: list[str], ready, timeout: float = 120) -> None:
 
 def has_open(folder: Path, suffix: str):
     """True once process `pid` has a file open under `folder` whose name ends with `suffix`."""
+
     def check(pid: int) -> bool:
         try:
             targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         except OSError:  # a descriptor closed while we looked
             return False
         return any(t.startswith(str(folder)) and t.endswith(suffix) for t in targets)
+
     return check
 
 
@@ -90,7 +105,17 @@ def test_driver_killed_during_pairs_or_meta_rerun_is_byte_identical(tmp_path):
     assert not [p for p in pairs.rglob(".*") if p.name != ".mpo-data.lock"]  # the rerun removed them
 
     meta.unlink()
-    meta_cmd = MPO + ["meta", "--pairs-dir", str(pairs), "--image-root", ".", "--out", str(meta), "--target-total", "999"]
+    meta_cmd = MPO + [
+        "meta",
+        "--pairs-dir",
+        str(pairs),
+        "--image-root",
+        ".",
+        "--out",
+        str(meta),
+        "--target-total",
+        "999",
+    ]
     kill_when(meta_cmd, has_open(pairs, "_rules.jsonl"))  # counting and checking the pair files
     assert not meta.exists()
     assert rerun() == reference

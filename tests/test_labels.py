@@ -9,9 +9,9 @@ import pytest
 
 from mpo_data.cli import main
 from mpo_data.errors import InputError
-from mpo_data.records.inputs import PromptReader
 from mpo_data.preference.judge import JudgeConfig
 from mpo_data.preference.pairs import PairsConfig, build_pairs
+from mpo_data.records.inputs import PromptReader
 from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig
 
 
@@ -27,8 +27,17 @@ def _read(path: Path) -> list[dict]:
 def _samples(item: int, responses: list[str], **row) -> list[dict]:
     question = f"Compute ({item})"
     return [
-        {"question": question, **row, "item_id": f"item{item}", "sample_index": k, "prompt": question, "response": r,
-         "finish_reason": "stop", "prompt_version": "en_v2", "model": "m"}
+        {
+            "question": question,
+            **row,
+            "item_id": f"item{item}",
+            "sample_index": k,
+            "prompt": question,
+            "response": r,
+            "finish_reason": "stop",
+            "prompt_version": "en_v2",
+            "model": "m",
+        }
         for k, r in enumerate(responses)
     ]
 
@@ -69,13 +78,17 @@ def test_majority_label_groups_equal_answers_and_drops_weak_votes(unlabelled, tm
             assert (pair["answer_gt"], chosen, rejected) == ("6", "6", "9")
             assert pair["provenance"]["majority_share"] == 0.75
         assert pair["provenance"]["label_source"] == "majority"
-    malformed = _read(out / "vote_pairs_vqa_format_rules.jsonl")  # each of the 5 majority answers x the one without a box
+    malformed = _read(
+        out / "vote_pairs_vqa_format_rules.jsonl"
+    )  # each of the 5 majority answers x the one without a box
     assert {(p["rejected"], p["chosen_meta"]["item_id"]) for p in malformed} == {("no box at all", "item0")}
     assert len(malformed) == 5
     positives = _read(out / "pos_items" / "vote.jsonl")
     assert len(positives) == 5 + 6 and {p["majority_answer"] for p in positives} == {"0.5", "6"}
     # a stricter threshold keeps only item3 (6/8)
-    strict = build_pairs(PairsConfig(unlabelled, tmp_path / "strict", majority_threshold=0.7, judge=JudgeConfig(workers=1)))
+    strict = build_pairs(
+        PairsConfig(unlabelled, tmp_path / "strict", majority_threshold=0.7, judge=JudgeConfig(workers=1))
+    )
     assert strict["correctness/vote"]["items_majority_labelled"] == 1
     assert strict["correctness/vote"]["items_below_majority_threshold"] == 3  # the tie too
 
@@ -84,8 +97,22 @@ def test_pairs_command_labels_by_majority_and_ground_truth_side_by_side(unlabell
     labelled = unlabelled / "correctness" / "truth"
     _write(labelled / "part-00000.jsonl", _samples(9, _boxed("6", "9", "9"), answer="6"))
     out = tmp_path / "pairs"
-    assert main(["pairs", "--data-dir", str(unlabelled), "--save-dir", str(out), "--workers", "1",
-                 "--majority-threshold", "0.6"]) == 0
+    assert (
+        main(
+            [
+                "pairs",
+                "--data-dir",
+                str(unlabelled),
+                "--save-dir",
+                str(out),
+                "--workers",
+                "1",
+                "--majority-threshold",
+                "0.6",
+            ]
+        )
+        == 0
+    )
     summary = orjson.loads((out / "pairs_summary.json").read_bytes())
     assert summary["correctness/vote"]["items_majority_labelled"] == 2  # 0.625 and 0.75 pass 0.6
     truth = _read(out / "truth_pairs_vqa_correctness_rules.jsonl")
@@ -99,8 +126,14 @@ def test_pairs_command_labels_by_majority_and_ground_truth_side_by_side(unlabell
 def test_sample_without_answer_needs_majority_labels(tmp_path, capsys):
     part = tmp_path / "samples" / "correctness" / "ds" / "part-00000.jsonl"
     _write(part, _samples(0, _boxed("1"), answer="1") + _samples(1, _boxed("1")))
-    assert main(["pairs", "--data-dir", str(tmp_path / "samples"), "--save-dir", str(tmp_path / "out"), "--workers", "1"]) == 1
-    assert f"{part}:2: missing key 'answer' (a prompt set without answers is sampled with labels: majority)" in capsys.readouterr().err
+    assert (
+        main(["pairs", "--data-dir", str(tmp_path / "samples"), "--save-dir", str(tmp_path / "out"), "--workers", "1"])
+        == 1
+    )
+    assert (
+        f"{part}:2: missing key 'answer' (a prompt set without answers is sampled with labels: majority)"
+        in capsys.readouterr().err
+    )
     (part.parent / "run.json").write_bytes(b'{"labels": "vote"}')
     with pytest.raises(InputError, match="'labels' must be one of"):
         build_pairs(PairsConfig(tmp_path / "samples", tmp_path / "out"))
@@ -129,14 +162,19 @@ def test_unanswered_prompts_sampled_and_paired_by_majority(tmp_path, models_dir,
     prompts = tmp_path / "open.jsonl"
     _write(prompts, [{"question": f"What is {a} + {b}?"} for a, b in ((2, 3), (4, 4), (1, 6))])
     config = CorrectnessConfig(
-        str(prompts), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
-        SamplingConfig(n=6, temperature=0.3, max_new_tokens=48), out_dir=str(tmp_path / "out"), prompt_version="en",
+        str(prompts),
+        EngineConfig(str(models_dir / "smollm2-135m-instruct")),
+        SamplingConfig(n=6, temperature=0.3, max_new_tokens=48),
+        out_dir=str(tmp_path / "out"),
+        prompt_version="en",
         labels="majority",
     )
     assert run_stage(config)["samples_out"] == 18
     folder = stage_dir(config.out_dir, "correctness", "open")
     assert orjson.loads((folder / "run.json").read_bytes())["labels"] == "majority"
-    counts = build_pairs(PairsConfig(tmp_path / "out", tmp_path / "pairs", judge=JudgeConfig(workers=1)))["correctness/open"]
+    counts = build_pairs(PairsConfig(tmp_path / "out", tmp_path / "pairs", judge=JudgeConfig(workers=1)))[
+        "correctness/open"
+    ]
     assert counts["samples"] == 18
     votes = ("items_majority_labelled", "items_below_majority_threshold", "items_majority_tied")
     assert sum(counts.get(k, 0) for k in votes) == 3

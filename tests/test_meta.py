@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from mpo_data.cli import main
-from mpo_data.records.formats import MetaEntry, read_meta, write_meta
 from mpo_data.preference.meta import MetaConfig, active_rows, build_meta, repeat_for, share_rows, split_share
+from mpo_data.records.formats import MetaEntry, read_meta, write_meta
 
 
 def _pairs(folder: Path, name: str, n: int) -> Path:
@@ -37,7 +37,9 @@ def _total(entries) -> int:
     return totals.pop()
 
 
-@pytest.mark.parametrize("repeat_time, rows", [(0.5, 5), (0.99, 9), (1, 10), (1.5, 10), (2, 20), (2.25, 20), (3.7, 30)])
+@pytest.mark.parametrize(
+    "repeat_time, rows", [(0.5, 5), (0.99, 9), (1, 10), (1.5, 10), (2, 20), (2.25, 20), (3.7, 30)]
+)
 def test_active_rows_is_internvls_rule(repeat_time, rows):
     assert active_rows(10, repeat_time) == internvl_rows(10, repeat_time) == rows
 
@@ -68,8 +70,26 @@ def test_lengths_fractional_repeats_and_target(tmp_path):
     _pairs(tmp_path / "p", "small", 7)
     _pairs(tmp_path / "p", "big", 13)
     out = tmp_path / "meta" / "mix.json"
-    assert main(["meta", "--pairs-dir", str(tmp_path / "p"), "--image-root", "imgs", "--out", str(out),
-                 "--target-total", "31", "--weight", "small=1", "--weight", "big=1"]) == 0
+    assert (
+        main(
+            [
+                "meta",
+                "--pairs-dir",
+                str(tmp_path / "p"),
+                "--image-root",
+                "imgs",
+                "--out",
+                str(out),
+                "--target-total",
+                "31",
+                "--weight",
+                "small=1",
+                "--weight",
+                "big=1",
+            ]
+        )
+        == 0
+    )
     meta = read_meta(out)
     # 15 or 16 rows each: whole copies + a NAME_rest entry below 1 over the same file, as InternVL reads them
     assert {n: e.length for n, e in meta.items()} == {"small": 7, "small_rest": 7, "big": 13, "big_rest": 13}
@@ -86,8 +106,11 @@ def test_default_weights_mean_equal_repeat_and_fixed_repeat(tmp_path):
     _pairs(tmp_path / "p", "a", 100)
     _pairs(tmp_path / "p", "b", 300)
     _pairs(tmp_path / "p", "c", 50)
-    entries = build_meta(MetaConfig(pairs_dir=tmp_path / "p", image_root="i", out=tmp_path / "m.json",
-                                    target_total=250, repeats={"c": 1.5}))
+    entries = build_meta(
+        MetaConfig(
+            pairs_dir=tmp_path / "p", image_root="i", out=tmp_path / "m.json", target_total=250, repeats={"c": 1.5}
+        )
+    )
     # --repeat c=1.5 means 75 rows: one whole copy plus 25 rows from a second entry
     assert (entries["c"].repeat_time, entries["c_rest"].repeat_time) == (1, 0.5)
     # 175 rows shared 100:300 (equal repeat 0.4375) -> 43.75 and 131.25 -> whole rows 44 + 131
@@ -102,8 +125,9 @@ def test_base_merge_keeps_entries_and_rescales(tmp_path):
     _pairs(tmp_path / "p", "new", 100)
     kept = build_meta(MetaConfig(pairs_dir=tmp_path / "p", image_root="i", out=tmp_path / "m.json", base=base))
     assert kept["mmpr_x"].repeat_time == 0.5 and kept["mmpr_x"].root == "MMPR/images" and kept["new"].repeat_time == 1
-    scaled = build_meta(MetaConfig(pairs_dir=tmp_path / "p", image_root="i", out=tmp_path / "m.json", base=base,
-                                   target_total=1200))
+    scaled = build_meta(
+        MetaConfig(pairs_dir=tmp_path / "p", image_root="i", out=tmp_path / "m.json", base=base, target_total=1200)
+    )
     assert _total(scaled) == 1200
     assert active_rows(1000, scaled["mmpr_x"].repeat_time) == 1000  # shares 500:100 of the union -> 1000:200
     assert active_rows(100, scaled["new"].repeat_time) == 200
@@ -119,14 +143,30 @@ def test_base_merge_keeps_entries_and_rescales(tmp_path):
 )
 def test_cli_bad_options(tmp_path, capsys, extra, message):
     _pairs(tmp_path / "p", "a", 10)
-    assert main(["meta", "--pairs-dir", str(tmp_path / "p"), "--image-root", "i", "--out", str(tmp_path / "m.json"), *extra]) == 1
+    assert (
+        main(
+            [
+                "meta",
+                "--pairs-dir",
+                str(tmp_path / "p"),
+                "--image-root",
+                "i",
+                "--out",
+                str(tmp_path / "m.json"),
+                *extra,
+            ]
+        )
+        == 1
+    )
     assert message in capsys.readouterr().err
 
 
 def test_cli_bad_pair_line_names_file_and_line(tmp_path, capsys):
     path = _pairs(tmp_path / "p", "a", 2)
     path.write_bytes(path.read_bytes() + b'{"question": "q", "chosen": "c"}\n')
-    assert main(["meta", "--pairs-dir", str(tmp_path / "p"), "--image-root", "i", "--out", str(tmp_path / "m.json")]) == 1
+    assert (
+        main(["meta", "--pairs-dir", str(tmp_path / "p"), "--image-root", "i", "--out", str(tmp_path / "m.json")]) == 1
+    )
     assert f"{path}:3: missing key 'rejected'" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mpo_data.tools import model_folders
 from mpo_data.cli import main
+from mpo_data.tools import model_folders
 
 
 def test_smollm2_is_the_real_instruct_model(models_dir):
@@ -42,7 +42,10 @@ def test_tiny_smolvlm_runs_in_transformers_with_an_image(models_dir):
 
 def test_tiny_smolvlm_rebuilds_identically(models_dir, tmp_path):
     rebuilt = model_folders.build_tiny_smolvlm(tmp_path / "again", models_dir / model_folders.SMOLLM2)
-    ours, again = load_file(models_dir / model_folders.TINY_VLM / "model.safetensors"), load_file(rebuilt / "model.safetensors")
+    ours, again = (
+        load_file(models_dir / model_folders.TINY_VLM / "model.safetensors"),
+        load_file(rebuilt / "model.safetensors"),
+    )
     assert ours.keys() == again.keys()
     assert all(torch.equal(ours[k], again[k]) for k in ours)
 

@@ -54,7 +54,9 @@ def _hand_mpo_loss(policy, reference, batch, beta: float, weights: tuple[float, 
     bco = (-F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))).mean()
     n = len(pc)
     sft = -pol[:n].sum() / mask[:n].sum()  # TRL's sft: the mean over every chosen token of the batch
-    return (weights[0] * sigmoid + weights[1] * bco + weights[2] * sft).item(), torch.cat([chosen_rewards, rejected_rewards]).mean().item()
+    return (weights[0] * sigmoid + weights[1] * bco + weights[2] * sft).item(), torch.cat(
+        [chosen_rewards, rejected_rewards]
+    ).mean().item()
 
 
 @pytest.mark.train
@@ -67,12 +69,20 @@ def test_mpo_trainer_loss_matches_the_hand_formula_on_fixed_batches(pairs, tmp_p
     config = load(CONFIG, [f"data.meta={pairs / 'meta.json'}", f"output_dir={tmp_path / 'run'}"])
     processor = load_processing_class(str(TINY_VLM))
     rows = PairLoader().read_meta(pairs / "meta.json", seed=0).rows
-    batches = [preference_eval.collate([rows[2], rows[5]], processor), preference_eval.collate([rows[4], rows[0]], processor)]
+    batches = [
+        preference_eval.collate([rows[2], rows[5]], processor),
+        preference_eval.collate([rows[4], rows[0]], processor),
+    ]
     losses = {}
     for bco_delta in (True, False):
         torch.manual_seed(0)
-        trainer = MPOTrainer(model=str(TINY_VLM), args=dpo_config(config, cuda=False), train_dataset=to_dataset(rows),
-                             processing_class=processor, bco_delta=bco_delta)
+        trainer = MPOTrainer(
+            model=str(TINY_VLM),
+            args=dpo_config(config, cuda=False),
+            train_dataset=to_dataset(rows),
+            processing_class=processor,
+            bco_delta=bco_delta,
+        )
         with torch.no_grad():  # move the policy off the reference, so that the rewards are not all 0
             for p in trainer.model.parameters():
                 p.add_(0.02 * torch.randn_like(p))
@@ -88,7 +98,10 @@ def test_mpo_trainer_loss_matches_the_hand_formula_on_fixed_batches(pairs, tmp_p
         losses[bco_delta] = got
         if bco_delta:
             assert trainer.delta.count == 2 and trainer.delta.mean == pytest.approx(sum(means) / 2, abs=1e-5)
-            assert abs(trainer.delta.mean) > 1e-3 and trainer._metrics["train"]["bco_pair/delta"][-1] == trainer.delta.mean
+            assert (
+                abs(trainer.delta.mean) > 1e-3
+                and trainer._metrics["train"]["bco_pair/delta"][-1] == trainer.delta.mean
+            )
         else:
             assert trainer.quality_weight is None and trainer.loss_types == ["sigmoid", "bco_pair", "sft"]
     assert losses[True][1] != pytest.approx(losses[False][1], abs=1e-5)

@@ -35,13 +35,33 @@ def test_worker_node_killed_mid_run_then_rerun_exactly_once(tmp_path, demo_dir, 
     try:
         worker = cluster.add_node(num_cpus=1)  # one CPU a node: the two engine actors land one on each
         out = tmp_path / "out"
-        cmd = [sys.executable, "-m", "mpo_data", "correctness", "--address", cluster.address,
-               "--checkpoint", str(models_dir / "tiny-smolvlm"), "--prompt-path", str(demo_dir / "arithmetic.jsonl"),
-               "--out-dir", str(out), "--sample-max-num", str(ITEMS), "--num-return-sequences", str(PER_ITEM),
-               "--max-new-tokens", "48", "--batch-size", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mpo_data",
+            "correctness",
+            "--address",
+            cluster.address,
+            "--checkpoint",
+            str(models_dir / "tiny-smolvlm"),
+            "--prompt-path",
+            str(demo_dir / "arithmetic.jsonl"),
+            "--out-dir",
+            str(out),
+            "--sample-max-num",
+            str(ITEMS),
+            "--num-return-sequences",
+            str(PER_ITEM),
+            "--max-new-tokens",
+            "48",
+            "--batch-size",
+            "1",
+        ]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
         folder = stage_dir(out, "correctness", "arithmetic")
-        run = subprocess.Popen(cmd + ["--num-engines", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = subprocess.Popen(
+            cmd + ["--num-engines", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         deadline = time.monotonic() + 300
         while not list(folder.glob("part-*.jsonl")):
             assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
@@ -64,6 +84,9 @@ def test_worker_node_killed_mid_run_then_rerun_exactly_once(tmp_path, demo_dir, 
             run.kill()
             run.wait()
         cluster.shutdown()
-    keys = Counter((row["item_id"], row["sample_index"]) for part in sorted(folder.glob("part-*.jsonl"))
-                   for _, row in read_jsonl(part))
+    keys = Counter(
+        (row["item_id"], row["sample_index"])
+        for part in sorted(folder.glob("part-*.jsonl"))
+        for _, row in read_jsonl(part)
+    )
     assert len(keys) == ITEMS * PER_ITEM and set(keys.values()) == {1}

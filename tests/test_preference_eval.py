@@ -53,14 +53,26 @@ def test_batched_logps_match_hand_computation_and_metrics(pairs):
         assert chosen[i].item() == pytest.approx(c, abs=1e-3)
         assert rejected[i].item() == pytest.approx(r, abs=1e-3)
 
-    s = preference_eval.Scores(policy_chosen=[-1.0, -5.0, -2.0], policy_rejected=[-2.0, -4.0, -2.0],
-                        ref_chosen=[-3.0, -4.0, -2.5], ref_rejected=[-2.0, -4.0, -2.0])
+    s = preference_eval.Scores(
+        policy_chosen=[-1.0, -5.0, -2.0],
+        policy_rejected=[-2.0, -4.0, -2.0],
+        ref_chosen=[-3.0, -4.0, -2.5],
+        ref_rejected=[-2.0, -4.0, -2.0],
+    )
     m = preference_eval.preference_metrics(s, beta=0.1)
     # before margins: -1, 0, -0.5 ; after: 1, -1, 0 ; rewards 0.1*(2, -1, 0.5)
-    assert m["before"] == {"logp_accuracy": 0.0, "mean_logp_margin": pytest.approx(-0.5), "reward_accuracy": 0.0,
-                           "mean_reward_margin": 0.0, "mean_chosen_logp": pytest.approx(-9.5 / 3),
-                           "mean_rejected_logp": pytest.approx(-8 / 3)}
-    assert (m["after"]["mean_chosen_logp"], m["after"]["mean_rejected_logp"]) == (pytest.approx(-8 / 3), pytest.approx(-8 / 3))
+    assert m["before"] == {
+        "logp_accuracy": 0.0,
+        "mean_logp_margin": pytest.approx(-0.5),
+        "reward_accuracy": 0.0,
+        "mean_reward_margin": 0.0,
+        "mean_chosen_logp": pytest.approx(-9.5 / 3),
+        "mean_rejected_logp": pytest.approx(-8 / 3),
+    }
+    assert (m["after"]["mean_chosen_logp"], m["after"]["mean_rejected_logp"]) == (
+        pytest.approx(-8 / 3),
+        pytest.approx(-8 / 3),
+    )
     assert m["after"]["logp_accuracy"] == pytest.approx(1 / 3)
     assert m["after"]["reward_accuracy"] == pytest.approx(2 / 3)
     assert m["after"]["mean_reward_margin"] == pytest.approx(0.05)

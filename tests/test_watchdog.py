@@ -13,9 +13,9 @@ import time
 import orjson
 import pytest
 
-from mpo_data.sampling import watchdog
 from mpo_data.records.jsonl import read_jsonl, write_jsonl
 from mpo_data.records.shards import stage_dir
+from mpo_data.sampling import watchdog
 from mpo_data.sampling.stage_config import CorrectnessConfig, EngineConfig
 
 
@@ -39,7 +39,8 @@ def test_a_signal_while_a_part_is_written_takes_effect_once_it_is_written(handle
             write_jsonl(part, [{"n": n} for n in range(1000)])
     assert [row["n"] for _, row in read_jsonl(part)] == list(range(1000))
     assert capsys.readouterr().err.splitlines() == [
-        "interrupted by SIGTERM: the parts written so far are kept; rerun the same command to resume"]
+        "interrupted by SIGTERM: the parts written so far are kept; rerun the same command to resume"
+    ]
     assert watchdog.received() == signal.SIGTERM
 
 
@@ -85,11 +86,19 @@ sys.exit(cli.main(["correctness", "--checkpoint", model, "--prompt-path", prompt
 
 @pytest.mark.engine
 @pytest.mark.ray
-def test_a_stalled_run_reports_what_it_waits_for_and_ends_and_sigterm_ends_a_run_in_one_line(tmp_path, demo_dir, models_dir):
+def test_a_stalled_run_reports_what_it_waits_for_and_ends_and_sigterm_ends_a_run_in_one_line(
+    tmp_path, demo_dir, models_dir
+):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = [str(models_dir / "smollm2-135m-instruct"), str(demo_dir / "arithmetic.jsonl"), str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "-c", _STALL_THEN_RUN, *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STALL_THEN_RUN, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     folder = stage_dir(tmp_path, "correctness", "arithmetic")
     try:
         deadline = time.monotonic() + 400
@@ -106,17 +115,24 @@ def test_a_stalled_run_reports_what_it_waits_for_and_ends_and_sigterm_ends_a_run
             pass
     lines = err.splitlines()
     # the stall: reported with what Ray waits for (the dataset's task wants a CPU; the blocker holds both), then one line
-    report = next(i for i, line in enumerate(lines) if "correctness stalled: no request finished and no part written for" in line)
+    report = next(
+        i for i, line in enumerate(lines) if "correctness stalled: no request finished and no part written for" in line
+    )
     assert lines[report + 1] == "  resources: free CPU 0/2, GPU 2/2", err[-4000:]
-    assert re.fullmatch(r"  waiting for resources: \{'CPU': 1.0\} x\d+ \(tasks/actors\)", lines[report + 2]), err[-4000:]
+    assert re.fullmatch(r"  waiting for resources: \{'CPU': 1.0\} x\d+ \(tasks/actors\)", lines[report + 2]), err[
+        -4000:
+    ]
     assert "[{'CPU': 2.0}]" in lines[report + 3]  # the blocker's group
     errors = [line for line in lines if line.startswith("error: ")]
-    assert errors == ["error: correctness stalled: no request finished and no part written for 10 s (--watchdog-timeout-s); "
-                      "the 0 part(s) written are kept: rerun to resume"], err[-4000:]
+    assert errors == [
+        "error: correctness stalled: no request finished and no part written for 10 s (--watchdog-timeout-s); "
+        "the 0 part(s) written are kept: rerun to resume"
+    ], err[-4000:]
     # SIGTERM: one line, exit status 143, no stack dump, every part written is whole and no part was cut
     assert proc.returncode == 128 + signal.SIGTERM, err[-4000:]
     assert [line for line in lines if "interrupted" in line] == [
-        "interrupted by SIGTERM: the parts written so far are kept; rerun the same command to resume"]
+        "interrupted by SIGTERM: the parts written so far are kept; rerun the same command to resume"
+    ]
     assert "SIGTERM received" not in err and "Traceback" not in err, err[-4000:]
     parts = sorted(folder.glob("part-*.jsonl"))
     rows = [row for part in parts for _, row in read_jsonl(part)]

@@ -9,8 +9,9 @@ Same as `mpo-data train`, as a script for launchers:
 import argparse
 import sys
 
+from mpo_data.commands.train import add_arguments
+from mpo_data.commands.train import main as train_main
 from mpo_data.errors import InputError
-from mpo_data.commands.train import add_arguments, main as train_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,12 @@ def add_arguments(parser) -> None:
     from mpo_data.train.ablate import AblationConfig
 
     add_config_arguments(parser, AblationConfig)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="overrides of the training config for every run, e.g. dpo.max_steps=12")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of the training config for every run, e.g. dpo.max_steps=12",
+    )
 
 
 def main(args) -> int:

@@ -10,14 +10,18 @@ import sys
 
 def add_arguments(parser) -> None:
     parser.add_argument("run", help="the run folder (output_dir of `mpo-data train`)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="the run's config, e.g. eval.pairs=32 or eval.answers.max_questions=50")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the run's config, e.g. eval.pairs=32 or eval.answers.max_questions=50",
+    )
 
 
 def main(args) -> int:
     from mpo_data.train.answer_accuracy import describe, evaluate_run
-    from mpo_data.train.recipe import rescore_run
     from mpo_data.train.config import load_run_config
+    from mpo_data.train.recipe import rescore_run
 
     config = load_run_config(args.run, args.overrides)
     path = rescore_run(args.run, config)  # first: vLLM then gets the memory its models held

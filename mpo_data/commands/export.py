@@ -18,5 +18,8 @@ def main(args) -> int:
     config = config_from_args(ExportConfig, args)
     summary = export(config)
     where = summary["out"] if config.format == "hf" else f"{summary['out']}/{PARQUET_FILE}"
-    print(f"{summary['rows']} rows -> {where}; per entry {summary['datasets']}; skipped {summary['skipped']}", file=sys.stderr)
+    print(
+        f"{summary['rows']} rows -> {where}; per entry {summary['datasets']}; skipped {summary['skipped']}",
+        file=sys.stderr,
+    )
     return 0

@@ -11,9 +11,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="out/gpu-smoke", help="where prompts, samples, pairs and the training run go")
     parser.add_argument("--models", default="models", help="where the tiny models are built (cached)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one step may take")
-    parser.add_argument("--skip-stages", action="store_true",
-                        help="leave out the sampling stages and pairs, for a machine without vLLM, e.g. to check the "
-                             "training side alone (meta and train run on hand-made pairs); the stage rows are listed as skipped")
+    parser.add_argument(
+        "--skip-stages",
+        action="store_true",
+        help="leave out the sampling stages and pairs, for a machine without vLLM, e.g. to check the "
+        "training side alone (meta and train run on hand-made pairs); the stage rows are listed as skipped",
+    )
 
 
 def main(args) -> int:

@@ -12,7 +12,9 @@ from mpo_data.preference.judge import JudgeConfig, judge_file
 def add_arguments(parser) -> None:
     parser.add_argument("--input", required=True, help="JSONL with response, answer, question?, prompt_version?")
     parser.add_argument("--output", required=True, help="JSONL: the input plus answer_pred, format_ok, is_correct")
-    parser.add_argument("--dataset", default=None, help="dataset name that picks the modes (default: the input file's stem)")
+    parser.add_argument(
+        "--dataset", default=None, help="dataset name that picks the modes (default: the input file's stem)"
+    )
     add_config_arguments(parser, JudgeConfig)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from mpo_data.config import add_config_arguments, config_from_args
-from mpo_data.records.formats import internvl_reading, write_meta
 from mpo_data.preference.meta import MetaConfig, active_rows, build_meta
+from mpo_data.records.formats import internvl_reading, write_meta
 
 
 def add_arguments(parser) -> None:

@@ -8,7 +8,9 @@ from mpo_data.tools.model_folders import BUILDERS, DEFAULT_MODELS, build_all
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="models", help="folder to build them in (cached: complete ones are kept)")
     parser.add_argument(
-        "--model", action="append", choices=sorted(BUILDERS),
+        "--model",
+        action="append",
+        choices=sorted(BUILDERS),
         help=f"model to build (repeatable; default: {', '.join(DEFAULT_MODELS)}); the Qwen2.5-VL ones need torchvision (GPU machines)",
     )
 

@@ -11,7 +11,9 @@ from mpo_data.tools.report import build_report
 def add_arguments(parser) -> None:
     parser.add_argument("out_dir", help="a run folder (the out_dir of a pipeline or stage)")
     parser.add_argument("--html", default=None, help="where to write the page (default OUT_DIR/report.html)")
-    parser.add_argument("--meta", default=None, help="meta.json giving image roots (default: the one the pipeline recorded)")
+    parser.add_argument(
+        "--meta", default=None, help="meta.json giving image roots (default: the one the pipeline recorded)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="which sample pairs are shown")
 
 

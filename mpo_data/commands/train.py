@@ -14,13 +14,15 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.train.recipe import train
     from mpo_data.train.config import load
+    from mpo_data.train.recipe import train
 
     config = load(args.config, args.overrides)
     questions = config.eval.answers.questions
     if questions and not Path(questions).exists():  # found out now, not after the training
-        raise InputError(f"{args.config}: eval.answers.questions: {questions}: no such file (make demo-data builds the demo's)")
+        raise InputError(
+            f"{args.config}: eval.answers.questions: {questions}: no such file (make demo-data builds the demo's)"
+        )
     run = train(config)
     if not run:
         return 0

@@ -11,7 +11,9 @@ from mpo_data.records.inputs import validate_file
 def add_arguments(parser) -> None:
     parser.add_argument("file", help="JSONL, Parquet or saved HF dataset folder (or a meta.json with --kind meta)")
     parser.add_argument("--kind", required=True, choices=[*PROMPT_KINDS, "pairs", "meta"])
-    parser.add_argument("--image-root", default=None, help="root that image paths are relative to (default: the file's folder)")
+    parser.add_argument(
+        "--image-root", default=None, help="root that image paths are relative to (default: the file's folder)"
+    )
 
 
 def main(args) -> int:

@@ -66,12 +66,20 @@ class JudgeConfig:
 
     modes: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "Matching modes (repeatable); None: chosen by dataset name.", "choices": MODES, "aliases": ["--mode"]},
+        metadata={
+            "help": "Matching modes (repeatable); None: chosen by dataset name.",
+            "choices": MODES,
+            "aliases": ["--mode"],
+        },
     )
-    timeout: float = field(default=5.0, metadata={"help": "Seconds one comparison may take before it is a judge_error."})
+    timeout: float = field(
+        default=5.0, metadata={"help": "Seconds one comparison may take before it is a judge_error."}
+    )
     workers: int = field(default=0, metadata={"help": "Matcher processes; 0: one per CPU core."})
     batch_size: int = field(default=512, metadata={"help": "Responses per task sent to a worker."})
-    relaxed_tolerance: float = field(default=0.05, metadata={"help": "Relative error the chart (relaxed) rule accepts."})
+    relaxed_tolerance: float = field(
+        default=0.05, metadata={"help": "Relative error the chart (relaxed) rule accepts."}
+    )
     anls_threshold: float = field(
         default=0.9, metadata={"help": "ANLS similarity a document answer needs (InternVL's 0.9 bar on every score)."}
     )
@@ -132,7 +140,7 @@ def _final_answer_line(text: str, label: str) -> Extraction:
     head = _answer_line(label).match(stripped, line_start)
     if not head:
         return _FAIL
-    answer = stripped[head.end():].strip().strip("*").strip()
+    answer = stripped[head.end() :].strip().strip("*").strip()
     if not answer:
         return _FAIL
     begin = stripped.index(answer, head.end())
@@ -238,23 +246,48 @@ class Number:
 _UNITS = {
     alias: unit
     for unit, aliases in {
-        "h": "h hr hrs hour hours", "min": "min mins minute minutes", "s": "s sec secs second seconds",
-        "day": "day days", "week": "week weeks", "year": "yr yrs year years", "month": "month months",
-        "m": "m meter meters metre metres", "cm": "cm centimeter centimeters centimetre centimetres",
-        "mm": "mm millimeter millimeters", "km": "km kilometer kilometers kilometre kilometres",
-        "g": "g gram grams", "kg": "kg kilogram kilograms", "l": "l liter liters litre litres",
-        "ml": "ml milliliter milliliters", "deg": "deg degree degrees", "ft": "ft foot feet", "in": "inch inches",
-        "mph": "mph", "kmh": "kmh km/h", "usd": "$ usd dollar dollars us$", "myr": "rm myr ringgit",
-        "eur": "€ eur euro euros", "gbp": "£ gbp pound pounds", "cny": "¥ cny yuan 元 rmb", "inr": "₹ rs inr rupee rupees",
-        "cm^2": "cm^2 cm2", "m^2": "m^2 m2", "cm^3": "cm^3 cm3", "m^3": "m^3 m3",
+        "h": "h hr hrs hour hours",
+        "min": "min mins minute minutes",
+        "s": "s sec secs second seconds",
+        "day": "day days",
+        "week": "week weeks",
+        "year": "yr yrs year years",
+        "month": "month months",
+        "m": "m meter meters metre metres",
+        "cm": "cm centimeter centimeters centimetre centimetres",
+        "mm": "mm millimeter millimeters",
+        "km": "km kilometer kilometers kilometre kilometres",
+        "g": "g gram grams",
+        "kg": "kg kilogram kilograms",
+        "l": "l liter liters litre litres",
+        "ml": "ml milliliter milliliters",
+        "deg": "deg degree degrees",
+        "ft": "ft foot feet",
+        "in": "inch inches",
+        "mph": "mph",
+        "kmh": "kmh km/h",
+        "usd": "$ usd dollar dollars us$",
+        "myr": "rm myr ringgit",
+        "eur": "€ eur euro euros",
+        "gbp": "£ gbp pound pounds",
+        "cny": "¥ cny yuan 元 rmb",
+        "inr": "₹ rs inr rupee rupees",
+        "cm^2": "cm^2 cm2",
+        "m^2": "m^2 m2",
+        "cm^3": "cm^3 cm3",
+        "m^3": "m^3 m3",
     }.items()
     for alias in aliases.split()
 }
 _NOT_NOUNS = {"and", "or", "to", "than", "more", "less", "left", "times", "only", "each", "total", "not", "per"}
 _SCALES = {"thousand": 1000, "million": 10**6, "billion": 10**9, "trillion": 10**12}
-_SMALL = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen".split())}
+_SMALL = {
+    w: i
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen".split()
+    )
+}
 _TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
 _NUMBER_WORD = re.compile(rf"(?:{'|'.join([*_SMALL, *_TENS, 'none'])})\b")
 
@@ -337,9 +370,19 @@ def parse_number(text: str) -> Number | None:
 
 # Units of one quantity that convert ("90 min" is "1.5 h"): (dimension, size in its base unit).
 _UNIT_SIZES = {
-    "s": ("time", 1), "min": ("time", 60), "h": ("time", 3600), "day": ("time", 86400), "week": ("time", 604800),
-    "mm": ("length", Fraction(1, 1000)), "cm": ("length", Fraction(1, 100)), "m": ("length", 1), "km": ("length", 1000),
-    "g": ("mass", 1), "kg": ("mass", 1000), "ml": ("volume", 1), "l": ("volume", 1000),
+    "s": ("time", 1),
+    "min": ("time", 60),
+    "h": ("time", 3600),
+    "day": ("time", 86400),
+    "week": ("time", 604800),
+    "mm": ("length", Fraction(1, 1000)),
+    "cm": ("length", Fraction(1, 100)),
+    "m": ("length", 1),
+    "km": ("length", 1000),
+    "g": ("mass", 1),
+    "kg": ("mass", 1000),
+    "ml": ("volume", 1),
+    "l": ("volume", 1000),
 }
 
 
@@ -708,7 +751,11 @@ class Verdict:
 
     def contract(self) -> dict[str, Any]:
         """The keys the judge adds to a line (`judge` output, judged samples in pairs' pos_items/)."""
-        out: dict[str, Any] = {"answer_pred": self.answer_pred, "format_ok": self.format_ok, "is_correct": self.is_correct}
+        out: dict[str, Any] = {
+            "answer_pred": self.answer_pred,
+            "format_ok": self.format_ok,
+            "is_correct": self.is_correct,
+        }
         if self.judge_error:
             out["judge_error"] = self.judge_error
         if self.span:
@@ -806,7 +853,9 @@ class Judge:
         verdicts = []
         for payload, extraction, key in zip(task.payloads, task.extractions, task.keys):
             matched, error = self._cache[key] if key is not None else (False, None)
-            verdict = Verdict(extraction.answer, extraction.format_ok, matched and error is None, error, extraction.span)
+            verdict = Verdict(
+                extraction.answer, extraction.format_ok, matched and error is None, error, extraction.span
+            )
             verdicts.append((payload, verdict))
         return verdicts
 
@@ -866,6 +915,10 @@ def judge_file(input_path: Path, output_path: Path, config: JudgeConfig, dataset
         for row, verdict in judge.judge_many(parsed()):
             row.update(verdict.contract())
             out.write(dumps(row))
-            counts.update(lines=1, correct=verdict.is_correct, format_failures=not verdict.format_ok,
-                          judge_errors=verdict.judge_error is not None)
+            counts.update(
+                lines=1,
+                correct=verdict.is_correct,
+                format_failures=not verdict.format_ok,
+                judge_errors=verdict.judge_error is not None,
+            )
     return counts

@@ -35,14 +35,19 @@ class MetaConfig:
     pairs_dir: Path = field(metadata={"help": "Folder whose *.jsonl pair files become entries (name = file stem)."})
     image_root: str = field(metadata={"help": "The 'root' image paths are relative to."})
     out: Path = field(metadata={"help": "meta.json to write, e.g. meta/NAME.json."})
-    target_total: int | None = field(default=None, metadata={"help": "Active rows of the whole mixture (None: every row once)."})
+    target_total: int | None = field(
+        default=None, metadata={"help": "Active rows of the whole mixture (None: every row once)."}
+    )
     weights: dict[str, float] = field(
-        default_factory=dict, metadata={"help": "Relative share of an entry, NAME=W (default: its rows).", "aliases": ["--weight"]}
+        default_factory=dict,
+        metadata={"help": "Relative share of an entry, NAME=W (default: its rows).", "aliases": ["--weight"]},
     )
     repeats: dict[str, float] = field(
         default_factory=dict, metadata={"help": "Fixed repeat_time of an entry, NAME=R.", "aliases": ["--repeat"]}
     )
-    base: Path | None = field(default=None, metadata={"help": "Existing meta.json (e.g. MMPR's) the new entries join."})
+    base: Path | None = field(
+        default=None, metadata={"help": "Existing meta.json (e.g. MMPR's) the new entries join."}
+    )
     max_dynamic_patch: int = field(default=12, metadata={"help": "InternVL's max tiles per image."})
 
 
@@ -63,7 +68,9 @@ def scan_pairs(pairs_dir: Path, image_root: str, max_dynamic_patch: int) -> dict
     if not files:
         raise InputError(f"{pairs_dir}: no *.jsonl pair files in this folder")
     return {
-        f.stem: MetaEntry(root=image_root, annotation=str(f), length=count_pairs(f), max_dynamic_patch=max_dynamic_patch)
+        f.stem: MetaEntry(
+            root=image_root, annotation=str(f), length=count_pairs(f), max_dynamic_patch=max_dynamic_patch
+        )
         for f in files
     }
 
@@ -104,7 +111,10 @@ def split_share(name: str, entry: MetaEntry, rows: int) -> dict[str, MetaEntry]:
     whole, rest = divmod(rows, length) if length else (0, 0)
     if not whole or not rest:
         return {name: replace(entry, repeat_time=repeat_for(length, rows) if length else entry.repeat_time)}
-    return {name: replace(entry, repeat_time=whole), name + REST_SUFFIX: replace(entry, repeat_time=repeat_for(length, rest))}
+    return {
+        name: replace(entry, repeat_time=whole),
+        name + REST_SUFFIX: replace(entry, repeat_time=repeat_for(length, rest)),
+    }
 
 
 def _check_names(option: str, names: dict, entries: dict) -> None:
@@ -146,7 +156,9 @@ def build_meta(config: MetaConfig) -> dict[str, MetaEntry]:
     free = {n: e for n, e in entries.items() if n not in config.repeats and e.length > 0}
     left = config.target_total - fixed_total
     if left < 0 or (left > 0 and not free):
-        raise InputError(f"--target-total {config.target_total}: the fixed repeats give {fixed_total} rows, nothing left to share")
+        raise InputError(
+            f"--target-total {config.target_total}: the fixed repeats give {fixed_total} rows, nothing left to share"
+        )
     # default weight: the rows an entry has now (base entries keep their mixture, new ones equal repeat)
     weights = {n: config.weights.get(n, e.length if n in new else base_rows[n]) for n, e in free.items()}
     if any(w <= 0 for w in weights.values()):

@@ -36,19 +36,34 @@ from typing import Any, Callable, Iterator
 import orjson
 from tqdm import tqdm
 
-from mpo_data.preference import hallucination
 from mpo_data.errors import InputError, OnError
+from mpo_data.preference import hallucination
+from mpo_data.preference.judge import (
+    Judge,
+    JudgeConfig,
+    JudgeItem,
+    Verdict,
+    checked_version,
+    extract_answer,
+    modes_for_dataset,
+)
 from mpo_data.records.formats import (
-    DROPOUT_SAMPLE_SCHEMA, FINISH_REASONS, SAMPLE_SCHEMA, Pair, Sample, Schema, image_list, placeholder_problems,
+    DROPOUT_SAMPLE_SCHEMA,
+    FINISH_REASONS,
+    SAMPLE_SCHEMA,
+    Pair,
+    Sample,
+    Schema,
+    image_list,
+    placeholder_problems,
     with_placeholders,
 )
 from mpo_data.records.inputs import Problem, Quarantine
 from mpo_data.records.jsonl import AtomicFile, atomic_write_bytes, dumps, iter_lines
-from mpo_data.preference.judge import Judge, JudgeConfig, JudgeItem, Verdict, checked_version, extract_answer, modes_for_dataset
-from mpo_data.sampling.prompts import DEFAULT_PROMPT_VERSION, user_prompt
-from mpo_data.runlock import holds
 from mpo_data.records.shards import DROPPED, ShardStore, sample_group, shard_folder
+from mpo_data.runlock import holds
 from mpo_data.sampling.dropout_ntp import cut_prefix
+from mpo_data.sampling.prompts import DEFAULT_PROMPT_VERSION, user_prompt
 from mpo_data.sampling.stage_config import STAGE_CONFIGS
 
 STAGES = tuple(STAGE_CONFIGS)  # a sample folder is OUT/samples/<stage>/<dataset>/
@@ -61,36 +76,50 @@ class PairsConfig:
     """Where samples come from, where pairs go, and how many pairs one item may give."""
 
     data_dir: Path = field(
-        metadata={"help": "Samples: a stage's --out-dir (as InternVL's guide passes it), its samples/ folder, one stage "
-                  "folder or one dataset folder."}
+        metadata={
+            "help": "Samples: a stage's --out-dir (as InternVL's guide passes it), its samples/ folder, one stage "
+            "folder or one dataset folder."
+        }
     )
     save_dir: Path = field(metadata={"help": "Folder for pair files, pos_items/, neg_items/ and pairs_summary.json."})
     num_pairs_per_key: int = field(default=15, metadata={"help": "At most this many pairs per item and rule."})
     max_lines: int = field(
         default=1_200_000,
-        metadata={"help": "Lines read per dataset at most. InternVL's script defaults to 1,000,000; its guide passes "
-                  "1,200,000, which is ours."},
+        metadata={
+            "help": "Lines read per dataset at most. InternVL's script defaults to 1,000,000; its guide passes "
+            "1,200,000, which is ours."
+        },
     )
     answer_fix: bool = field(default=False, metadata={"help": "Rewrite the chosen's final answer to the label."})
     majority_threshold: float = field(
         default=0.5,
-        metadata={"help": "Datasets sampled with `labels: majority`: the least share of an item's samples (all of them, "
-                  "malformed ones included) whose final answers must agree for the majority to become its label; "
-                  "items under it, or with two answers tied at the top, are counted and dropped. 0.5 keeps items "
-                  "where at least half of the samples agree."},
+        metadata={
+            "help": "Datasets sampled with `labels: majority`: the least share of an item's samples (all of them, "
+            "malformed ones included) whose final answers must agree for the majority to become its label; "
+            "items under it, or with two answers tied at the top, are counted and dropped. 0.5 keeps items "
+            "where at least half of the samples agree."
+        },
     )
     accuracy_range: tuple[float, float] | None = field(
         default=None,
-        metadata={"help": "Correctness datasets: make pairs only from items whose sampled accuracy (the share of their "
-                  "judged samples that are correct) lies within [LO, HI], e.g. 0.2 0.8 as InternVL3.5's MMPR-Tiny; "
-                  "items outside are counted (items_outside_accuracy_range) and their correct samples still go to "
-                  "pos_items/. None: every item.", "metavar": ("LO", "HI")},
+        metadata={
+            "help": "Correctness datasets: make pairs only from items whose sampled accuracy (the share of their "
+            "judged samples that are correct) lies within [LO, HI], e.g. 0.2 0.8 as InternVL3.5's MMPR-Tiny; "
+            "items outside are counted (items_outside_accuracy_range) and their correct samples still go to "
+            "pos_items/. None: every item.",
+            "metavar": ("LO", "HI"),
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of pair sampling; same seed, same output."})
     on_error: OnError = field(
-        default="fail", metadata={"help": "Bad sample lines: fail naming FILE:LINE, or skip them to SAVE_DIR/quarantine/ with counts."}
+        default="fail",
+        metadata={
+            "help": "Bad sample lines: fail naming FILE:LINE, or skip them to SAVE_DIR/quarantine/ with counts."
+        },
     )
-    bucket_bytes: int = field(default=32 << 20, metadata={"help": "Input bytes per item_id hash bucket held in memory."})
+    bucket_bytes: int = field(
+        default=32 << 20, metadata={"help": "Input bytes per item_id hash bucket held in memory."}
+    )
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "Matching modes, workers, timeout."})
 
 
@@ -170,7 +199,9 @@ def check_sample(loc: str, raw: Any, labelled: bool = True) -> str:
     """Validate a correctness sample line (with its `answer` where it is `labelled`); returns its prompt_version."""
     _require(loc, raw, SAMPLE_SCHEMA)
     if labelled and raw.get("answer") is None:
-        raise InputError(f"{loc}: missing key 'answer' (a prompt set without answers is sampled with labels: majority)")
+        raise InputError(
+            f"{loc}: missing key 'answer' (a prompt set without answers is sampled with labels: majority)"
+        )
     version = checked_version(loc, raw)
     if raw["finish_reason"] not in FINISH_REASONS:
         raise InputError(f"{loc}: 'finish_reason' must be one of {FINISH_REASONS}, got {raw['finish_reason']!r}")
@@ -267,7 +298,9 @@ class Label:
         return {"label_source": self.source} | ({"majority_share": self.share} if self.share is not None else {})
 
 
-def _make_pair(pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, ...], answer_fix: bool, label: Label) -> Pair:
+def _make_pair(
+    pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, ...], answer_fix: bool, label: Label
+) -> Pair:
     return Pair(
         image=pos.get("image"),
         question=sampled_prompt(pos),
@@ -293,8 +326,16 @@ def _make_pair(pos: dict, chosen: str, neg: dict, rule: str, modes: tuple[str, .
 class CorrectnessPairs:
     """One correctness dataset: judge -> buckets by item_id -> label and pairs per item."""
 
-    def __init__(self, config: PairsConfig, dataset: str, parts: list[Path], judge: Judge, dedup: Dedup, out: Outputs,
-                 quarantine: Quarantine | None):
+    def __init__(
+        self,
+        config: PairsConfig,
+        dataset: str,
+        parts: list[Path],
+        judge: Judge,
+        dedup: Dedup,
+        out: Outputs,
+        quarantine: Quarantine | None,
+    ):
         self.config, self.dataset, self.parts = config, dataset, parts
         self.judge, self.dedup, self.out, self.quarantine = judge, dedup, out, quarantine
         self.modes = tuple(config.judge.modes) if config.judge.modes else modes_for_dataset(dataset)
@@ -308,8 +349,12 @@ class CorrectnessPairs:
         return check_sample(loc, raw, labelled=not self.majority)
 
     def _count(self, verdict: Verdict) -> None:
-        self.counts.update(samples=1, correct=verdict.is_correct, format_failures=not verdict.format_ok,
-                           judge_errors=verdict.judge_error is not None)
+        self.counts.update(
+            samples=1,
+            correct=verdict.is_correct,
+            format_failures=not verdict.format_ok,
+            judge_errors=verdict.judge_error is not None,
+        )
 
     def _judged(self) -> Iterator[dict]:
         """Sample lines, judged against their ground truth; majority-labelled ones are judged per item later."""
@@ -317,7 +362,10 @@ class CorrectnessPairs:
         if self.majority:
             yield from (raw for raw, _ in lines)
             return
-        rows = (JudgeItem(raw, raw["response"], str(raw["answer"]), raw["question"], version, self.modes) for raw, version in lines)
+        rows = (
+            JudgeItem(raw, raw["response"], str(raw["answer"]), raw["question"], version, self.modes)
+            for raw, version in lines
+        )
         for raw, verdict in self.judge.judge_many(rows):
             raw.update(verdict.contract())
             self._count(verdict)
@@ -339,6 +387,7 @@ class CorrectnessPairs:
         The candidates of an item are the distinct final answers of its samples; judging every sample against
         every candidate lets answers the judge finds equal (0.5, 1/2) vote together.
         """
+
         def version(sample: dict) -> str:
             return sample.get("prompt_version") or DEFAULT_PROMPT_VERSION
 
@@ -348,7 +397,9 @@ class CorrectnessPairs:
             candidates[item_id] = [a for a, _ in Counter(e.answer for e in answers if e.format_ok).most_common()]
         rows = (
             JudgeItem((item_id, answer), s["response"], answer, s["question"], version(s), self.modes)
-            for item_id, samples in groups.items() for answer in candidates[item_id] for s in samples
+            for item_id, samples in groups.items()
+            for answer in candidates[item_id]
+            for s in samples
         )
         votes: dict[str, dict[str, list[Verdict]]] = defaultdict(lambda: defaultdict(list))
         for (item_id, answer), verdict in self.judge.judge_many(rows):
@@ -357,7 +408,9 @@ class CorrectnessPairs:
 
     def _majority(self, samples: list[dict], votes: dict[str, list[Verdict]]) -> Label | None:
         """The item's label by vote, its samples judged against it; None (counted) when the vote is too weak."""
-        voters = {answer: frozenset(k for k, v in enumerate(verdicts) if v.is_correct) for answer, verdicts in votes.items()}
+        voters = {
+            answer: frozenset(k for k, v in enumerate(verdicts) if v.is_correct) for answer, verdicts in votes.items()
+        }
         ranked = sorted(voters, key=lambda a: -len(voters[a]))  # stable: ties keep the most frequent answer first
         best = ranked[0] if ranked else None
         for k, sample in enumerate(samples):
@@ -385,8 +438,9 @@ class CorrectnessPairs:
             return False
         return True
 
-    def _pairs_for_rule(self, item_id: str, chosen: list[tuple[dict, str]], rejected: list[dict], rule: str,
-                        label: Label) -> None:
+    def _pairs_for_rule(
+        self, item_id: str, chosen: list[tuple[dict, str]], rejected: list[dict], rule: str, label: Label
+    ) -> None:
         candidates = []
         for pos, text in chosen:
             for neg in rejected:
@@ -410,7 +464,9 @@ class CorrectnessPairs:
         positives = [s for s in judged if s["is_correct"]]
         self.counts["items"] += 1
         for pos in positives:
-            extra = {"majority_answer": label.answer, "majority_share": label.share} if label.source == "majority" else {}
+            extra = (
+                {"majority_answer": label.answer, "majority_share": label.share} if label.source == "majority" else {}
+            )
             self.out.write(self.paths["pos"], pos | extra)
         if not positives:
             self.counts["items_never_correct"] += 1
@@ -421,7 +477,12 @@ class CorrectnessPairs:
             self.counts["items_outside_accuracy_range"] += 1
             return
         chosen = [
-            (s, fix_answer(s["response"], s.get("answer_span"), label.answer) if self.config.answer_fix else s["response"])
+            (
+                s,
+                fix_answer(s["response"], s.get("answer_span"), label.answer)
+                if self.config.answer_fix
+                else s["response"],
+            )
             for s in positives
             if self._usable_chosen(s)
         ]
@@ -466,8 +527,9 @@ def check_dropout(loc: str, raw: Any) -> float:
     return ratio
 
 
-def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: Dedup, out: Outputs,
-                  quarantine: Quarantine | None) -> Counter:
+def dropout_pairs(
+    config: PairsConfig, dataset: str, parts: list[Path], dedup: Dedup, out: Outputs, quarantine: Quarantine | None
+) -> Counter:
     """DropoutNTP lines -> `<ds>_prefix_pair_sr<ratio>_{wo,with}_image.jsonl`; chosen is the original answer.
     Every continuation is also scored for shape/colour hallucinations (mpo_data.preference.hallucination)."""
     counts: Counter = Counter()
@@ -476,7 +538,9 @@ def dropout_pairs(config: PairsConfig, dataset: str, parts: list[Path], dedup: D
     for raw, ratio in iter_checked(parts, config.max_lines, counts, check_dropout, quarantine):
         provenance = raw["provenance"]
         with_image.add(bool(provenance.get("load_image")))
-        scored[hallucination.score_continuation(raw["chosen"], raw["rejected"], cut_prefix(raw["chosen"], ratio)[0])] += 1
+        scored[
+            hallucination.score_continuation(raw["chosen"], raw["rejected"], cut_prefix(raw["chosen"], ratio)[0])
+        ] += 1
         if raw["chosen"] == raw["rejected"]:
             counts["filtered_same_text"] += 1
             continue
@@ -540,9 +604,14 @@ def build_pairs(config: PairsConfig) -> dict[str, dict[str, Any]]:
                 counts.update({f"quarantined_{reason}": n for reason, n in quarantine.counts.items()})
             missing = ShardStore(shard_folder(parts[0])).missing_parts()
             if missing:  # said, and counted: pairs from what is left, a stage rerun generates the rest again
-                print(f"warning: {shard_folder(parts[0])}: {missing} part(s) its last run wrote are gone; pairs are built "
-                      f"from the rest (rerun the {stage} stage to generate their samples again)", file=sys.stderr)
+                print(
+                    f"warning: {shard_folder(parts[0])}: {missing} part(s) its last run wrote are gone; pairs are built "
+                    f"from the rest (rerun the {stage} stage to generate their samples again)",
+                    file=sys.stderr,
+                )
                 counts["parts_missing"] = missing
             summary[f"{stage}/{dataset}"] = dict(sorted(counts.items()))
-    atomic_write_bytes(config.save_dir / "pairs_summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    atomic_write_bytes(
+        config.save_dir / "pairs_summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n"
+    )
     return summary

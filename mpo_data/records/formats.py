@@ -7,8 +7,8 @@ samples and pairs unchanged (docs/design.md, input formats).
 from __future__ import annotations
 
 import hashlib
-from functools import cached_property
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -119,7 +119,9 @@ class Schema:
             elif key.check:
                 found += [key.check(value)] if key.check(value) else []
             elif (isinstance(value, bool) and bool not in key.types) or not isinstance(value, key.types):
-                found.append(f"'{name}' must be {' or '.join(t.__name__ for t in key.types)}, got {type(value).__name__}")
+                found.append(
+                    f"'{name}' must be {' or '.join(t.__name__ for t in key.types)}, got {type(value).__name__}"
+                )
             elif key.non_empty and not (value.strip() if isinstance(value, str) else value):
                 found.append(f"'{name}' is empty")
         return found
@@ -144,27 +146,54 @@ PROMPT_KINDS = tuple(PROMPT_SCHEMAS)  # each stage config's `prompt_kind` is one
 # what the stages write: the prompt line plus the keys of `Sample` / DropoutNTPStage.outcome (`pairs` requires
 # `answer` where the dataset's labels are the ground truth)
 SAMPLE_SCHEMA = PROMPT_SCHEMAS["correctness-majority"].extend(
-    item_id=Key((str,)), sample_index=Key((int,)), prompt=OPTIONAL_TEXT, response=Key((str,)), finish_reason=Key((str,)),
-    prompt_tokens=Key((int,), required=False), output_tokens=Key((int,), required=False), prompt_version=OPTIONAL_TEXT,
-    model=OPTIONAL_TEXT, sampling=Key((dict,), required=False), max_num=Key((int,), required=False),
+    item_id=Key((str,)),
+    sample_index=Key((int,)),
+    prompt=OPTIONAL_TEXT,
+    response=Key((str,)),
+    finish_reason=Key((str,)),
+    prompt_tokens=Key((int,), required=False),
+    output_tokens=Key((int,), required=False),
+    prompt_version=OPTIONAL_TEXT,
+    model=OPTIONAL_TEXT,
+    sampling=Key((dict,), required=False),
+    max_num=Key((int,), required=False),
 )
 DROPOUT_SAMPLE_SCHEMA = PROMPT_SCHEMAS["dropout-ntp"].extend(
-    item_id=Key((str,)), sample_index=Key((int,), required=False), rejected=TEXT, finish_reason=OPTIONAL_TEXT,
-    output_tokens=Key((int,), required=False), provenance=Key((dict,)), max_num=Key((int,), required=False),
+    item_id=Key((str,)),
+    sample_index=Key((int,), required=False),
+    rejected=TEXT,
+    finish_reason=OPTIONAL_TEXT,
+    output_tokens=Key((int,), required=False),
+    provenance=Key((dict,)),
+    max_num=Key((int,), required=False),
 )
 # an MMPR pair line (`Pair`), what InternVL's trainer and `mpo-data train` read
-PAIR_SCHEMA = Schema({
-    "image": IMAGE, "question": TEXT, "chosen": TEXT, "rejected": TEXT, "question_orig": OPTIONAL_TEXT,
-    "answer_gt": OPTIONAL_TEXT, "chosen_meta": Key((dict,), required=False), "rejected_meta": Key((dict,), required=False),
-    "provenance": Key((dict,), required=False),
-})
+PAIR_SCHEMA = Schema(
+    {
+        "image": IMAGE,
+        "question": TEXT,
+        "chosen": TEXT,
+        "rejected": TEXT,
+        "question_orig": OPTIONAL_TEXT,
+        "answer_gt": OPTIONAL_TEXT,
+        "chosen_meta": Key((dict,), required=False),
+        "rejected_meta": Key((dict,), required=False),
+        "provenance": Key((dict,), required=False),
+    }
+)
 # the judge contract's input line
-JUDGE_INPUT_SCHEMA = Schema({"response": Key((str,)), "answer": ANSWER, "question": OPTIONAL_TEXT, "prompt_version": OPTIONAL_TEXT})
+JUDGE_INPUT_SCHEMA = Schema(
+    {"response": Key((str,)), "answer": ANSWER, "question": OPTIONAL_TEXT, "prompt_version": OPTIONAL_TEXT}
+)
 # a TRL preference row (our export, or any set DPOTrainer takes): strings or conversations
-TRL_ROW_SCHEMA = Schema({
-    "prompt": Key((str, list), non_empty=True), "chosen": Key((str, list), non_empty=True),
-    "rejected": Key((str, list), non_empty=True), "images": Key((list,), required=False),
-})
+TRL_ROW_SCHEMA = Schema(
+    {
+        "prompt": Key((str, list), non_empty=True),
+        "chosen": Key((str, list), non_empty=True),
+        "rejected": Key((str, list), non_empty=True),
+        "images": Key((list,), required=False),
+    }
+)
 
 
 def prompt_problems(raw: Any, kind: str) -> list[str]:
@@ -219,7 +248,9 @@ class PromptItem:
 
     @cached_property  # planning asks for it more than once per item; the fields are not changed after reading
     def item_id(self) -> str:
-        return make_item_id(self.dataset, self.image, self.question, self.answer if self.chosen is None else self.chosen)
+        return make_item_id(
+            self.dataset, self.image, self.question, self.answer if self.chosen is None else self.chosen
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The line as the user wrote it (extra keys first, so ours win on a clash)."""
@@ -354,16 +385,24 @@ def internvl_reading(name: str, repeat_time: float) -> str | None:
     if repeat_time <= 1 or repeat_time == int(repeat_time):
         return None
     copies = int(repeat_time)
-    return (f"entry '{name}': repeat_time {repeat_time} above 1 is read by InternVL's loader (and ours) as "
-            f"int(r) = {copies} whole cop{'y' if copies == 1 else 'ies'} of the rows, not {repeat_time}x; for "
-            f"{repeat_time}x write {copies} here plus an entry with repeat below 1 over the same annotation "
-            f"(as `mpo-data meta` does: NAME{REST_SUFFIX})")
+    return (
+        f"entry '{name}': repeat_time {repeat_time} above 1 is read by InternVL's loader (and ours) as "
+        f"int(r) = {copies} whole cop{'y' if copies == 1 else 'ies'} of the rows, not {repeat_time}x; for "
+        f"{repeat_time}x write {copies} here plus an entry with repeat below 1 over the same annotation "
+        f"(as `mpo-data meta` does: NAME{REST_SUFFIX})"
+    )
 
 
-META_ENTRY_SCHEMA = Schema({  # `MetaEntry`; MMPR's own meta.json omits the optional keys
-    "root": Key((str,)), "annotation": Key((str,)), "repeat_time": Key((int, float)), "length": Key((int,)),
-    "data_augment": Key((bool,), required=False), "max_dynamic_patch": Key((int,), required=False),
-})
+META_ENTRY_SCHEMA = Schema(
+    {  # `MetaEntry`; MMPR's own meta.json omits the optional keys
+        "root": Key((str,)),
+        "annotation": Key((str,)),
+        "repeat_time": Key((int, float)),
+        "length": Key((int,)),
+        "data_augment": Key((bool,), required=False),
+        "max_dynamic_patch": Key((int,), required=False),
+    }
+)
 
 
 def meta_problems(meta: Any) -> list[str]:

@@ -41,7 +41,9 @@ class ImageError(ValueError):
 def resolve(root: str | Path, rel: str) -> Path:
     """The file `rel` names under `root`; refuses absolute paths, `..` and symlinks that leave the root."""
     if os.path.isabs(rel):
-        raise ImageError("image outside root", f"image path '{rel}' is absolute; paths must be relative to the image root")
+        raise ImageError(
+            "image outside root", f"image path '{rel}' is absolute; paths must be relative to the image root"
+        )
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, rel))
     if os.path.commonpath([real_root, real]) != real_root:
@@ -70,13 +72,17 @@ def _open_checked(path: Path, max_pixels: int | None) -> Image.Image:
         raise ImageError("image oversized", f"image '{path}' is {width}x{height}, over the {max_pixels:,}-pixel limit")
     if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
         image.close()
-        raise ImageError("image aspect ratio", f"image '{path}' is {width}x{height}, sides more than {MAX_ASPECT}:1 apart")
+        raise ImageError(
+            "image aspect ratio", f"image '{path}' is {width}x{height}, sides more than {MAX_ASPECT}:1 apart"
+        )
     return image
 
 
 def _as_viewed(image: Image.Image) -> Image.Image:
     if image.mode == "F":
-        raise ImageError("image mode unsupported", "has float-valued pixels (mode F), which have no fixed brightness scale")
+        raise ImageError(
+            "image mode unsupported", "has float-valued pixels (mode F), which have no fixed brightness scale"
+        )
     image.seek(0)
     image = ImageOps.exif_transpose(image)  # a copy, without the orientation tag
     if image.mode in SIXTEEN_BIT:

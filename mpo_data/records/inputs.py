@@ -17,11 +17,17 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from mpo_data.records import images
 from mpo_data.errors import ON_ERROR, InputError
-from mpo_data.records.formats import PromptItem, image_list, internvl_reading, meta_problems, pair_problems, prompt_problems
+from mpo_data.records import images
+from mpo_data.records.formats import (
+    PromptItem,
+    image_list,
+    internvl_reading,
+    meta_problems,
+    pair_problems,
+    prompt_problems,
+)
 from mpo_data.records.jsonl import AtomicFile, Line, atomic_write_bytes, dumps, iter_lines
-
 
 
 @dataclass
@@ -132,8 +138,13 @@ def image_error(root: str | Path, rel: str, verify: bool = True) -> images.Image
     return None
 
 
-def record_problems(line: Line, kind: str, image_root: str | Path | None, verify_images: bool = True,
-                    check_image: Callable[..., images.ImageError | None] = image_error) -> list[Problem]:
+def record_problems(
+    line: Line,
+    kind: str,
+    image_root: str | Path | None,
+    verify_images: bool = True,
+    check_image: Callable[..., images.ImageError | None] = image_error,
+) -> list[Problem]:
     """Every problem of one row: JSON, schema, then each image (only if the schema is sound).
 
     verify_images=False checks image headers only (path, format, size), not the compressed data.
@@ -247,8 +258,13 @@ class PromptReader:
             self.quarantine.close()
 
 
-def validate_file(path: str | Path, kind: str, image_root: str | Path | None = None, verify_images: bool = True,
-                  images_dir: str | Path | None = None) -> tuple[int, list[str]]:
+def validate_file(
+    path: str | Path,
+    kind: str,
+    image_root: str | Path | None = None,
+    verify_images: bool = True,
+    images_dir: str | Path | None = None,
+) -> tuple[int, list[str]]:
     """(rows checked, problem lines `FILE:LINE: reason`) for `mpo-data validate` and a pipeline's check before
     it starts; verify_images and images_dir as for PromptReader (a stage's reader: False, OUT/images/<dataset>)."""
     path = Path(path)

@@ -44,7 +44,9 @@ def _raw_lines(handle) -> Iterator[tuple[bytes, bool]]:
         yield b"", False
 
 
-MAX_DEPTH = 254  # orjson reads 1,024 levels of nesting but writes only this many: a deeper line could not be written back
+MAX_DEPTH = (
+    254  # orjson reads 1,024 levels of nesting but writes only this many: a deeper line could not be written back
+)
 
 
 def _shape(value: Any) -> tuple[int, int]:
@@ -85,7 +87,7 @@ def duplicate_key(raw: bytes, value: Any, keys: int) -> str | None:
 
 def _parse(raw: bytes, number: int) -> tuple[Any, str | None]:
     if number == 1 and raw.startswith(BOM):  # a BOM (Windows editors write one) is not part of the record
-        raw = raw[len(BOM):]
+        raw = raw[len(BOM) :]
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -118,7 +120,9 @@ def iter_lines(path: str | Path) -> Iterator[Line]:
         for number, (raw, whole) in enumerate(_raw_lines(handle), 1):
             loc = f"{path}:{number}"
             if not whole:
-                yield Line(loc, error=f"line over {MAX_LINE_BYTES:,} bytes (no line ends? JSONL is one record per line)")
+                yield Line(
+                    loc, error=f"line over {MAX_LINE_BYTES:,} bytes (no line ends? JSONL is one record per line)"
+                )
                 continue
             if not raw.strip():
                 continue

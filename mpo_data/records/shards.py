@@ -110,7 +110,11 @@ def read_part(path: Path) -> tuple[list[tuple[str, int, int | None]], dict[int, 
             except orjson.JSONDecodeError:
                 damaged[number] = "not JSON (corrupt)" if raw.endswith(b"\n") else "cut short (no line end)"
                 continue
-            if not isinstance(row, dict) or not isinstance(row.get("item_id"), str) or type(row.get("sample_index")) is not int:
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("item_id"), str)
+                or type(row.get("sample_index")) is not int
+            ):
                 damaged[number] = "not a sample line (needs item_id and sample_index)"
                 continue
             if row.get("max_num") is not None and type(row["max_num"]) is not int:
@@ -179,12 +183,20 @@ class ShardStore:
         lines = found.splitlines(keepends=True)
         atomic_write_bytes(path, b"".join(raw for number, raw in enumerate(lines, 1) if number not in damaged))
         kept = sum(1 for number, raw in enumerate(lines, 1) if number not in damaged and raw.strip())
-        record = {"part": str(path), "lines": sorted(damaged), "reasons": sorted(set(damaged.values())),
-                  "kept_lines": kept, "moved_to": str(target)}
+        record = {
+            "part": str(path),
+            "lines": sorted(damaged),
+            "reasons": sorted(set(damaged.values())),
+            "kept_lines": kept,
+            "moved_to": str(target),
+        }
         self.damaged.append(record)
-        print(f"warning: {path}: line(s) {', '.join(map(str, sorted(damaged)))} damaged ({'; '.join(record['reasons'])}); "
-              f"the part as found is kept at {target}, its {kept} whole line(s) stay, and the samples of the "
-              "damaged lines are generated again", file=sys.stderr)
+        print(
+            f"warning: {path}: line(s) {', '.join(map(str, sorted(damaged)))} damaged ({'; '.join(record['reasons'])}); "
+            f"the part as found is kept at {target}, its {kept} whole line(s) stay, and the samples of the "
+            "damaged lines are generated again",
+            file=sys.stderr,
+        )
 
     def totals(self) -> dict[str, Any]:
         """Everything in the folder, over all runs: kept samples, dropped ones by reason, items touched."""
@@ -250,7 +262,9 @@ class ShardStore:
 
     def _write_run(self, run: dict[str, Any]) -> None:
         make_dir(self.root)
-        atomic_write_bytes(self.root / "run.json", orjson.dumps(run, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+        atomic_write_bytes(
+            self.root / "run.json", orjson.dumps(run, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+        )
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """Append this run to runs.jsonl (kept for good), then write summary.json: this run, and in
@@ -273,6 +287,7 @@ class ShardStore:
 
 def run_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Sums over every run's summary; tokens/s over the runs that generated something (not diluted by no-ops)."""
+
     def total(key: str) -> float:
         return sum(run.get(key) or 0 for run in runs)
 

@@ -26,7 +26,9 @@ class CorrectnessStage:
     def request(self, item: dict[str, Any], pil: list) -> GenerationRequest:
         return GenerationRequest([{"role": "user", "content": self.user_text(item)}], pil)
 
-    def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
+    def outcome(
+        self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int
+    ) -> tuple[dict, str | None]:
         sample = Sample(
             item_id=key["item_id"],
             sample_index=key["sample_index"],

@@ -64,11 +64,18 @@ class DropoutNTPStage:
         # an empty prefix is a plain answer: continuing an empty assistant turn is template-dependent
         return GenerationRequest([{"role": "user", "content": question}], pil, prefix or None)
 
-    def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
+    def outcome(
+        self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int
+    ) -> tuple[dict, str | None]:
         prefix, rest = cut_prefix(item["chosen"], self.config.start_ratio)
         reason = drop_reason(completion, rest)
         if reason:
-            return {**key, "reason": reason, "finish_reason": completion.finish_reason, "text": completion.text}, reason
+            return {
+                **key,
+                "reason": reason,
+                "finish_reason": completion.finish_reason,
+                "text": completion.text,
+            }, reason
         line = {
             **item,
             **key,

@@ -117,7 +117,7 @@ def cpu_thread_binding(cpus: list[int], workers: int, share: int = 0, shares: in
 
 
 def _id_list(ids: list[int]) -> str:
-    """"2-5" for a contiguous run of CPU ids, "0,2,5" otherwise (the forms vLLM parses)."""
+    """ "2-5" for a contiguous run of CPU ids, "0,2,5" otherwise (the forms vLLM parses)."""
     contiguous = ids == list(range(ids[0], ids[-1] + 1))
     return f"{ids[0]}-{ids[-1]}" if contiguous and len(ids) > 1 else ",".join(map(str, ids))
 
@@ -202,7 +202,9 @@ class Engine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         workers = config.devices
         if on_cpu() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(sorted(os.sched_getaffinity(0)), workers, *cpu_share)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(
+                sorted(os.sched_getaffinity(0)), workers, *cpu_share
+            )
         from vllm import LLM
 
         self.config = config
@@ -232,11 +234,20 @@ class Engine:
         continued = request.assistant_prefix is not None
         try:
             [request_id] = self.llm.enqueue_chat(
-                _conversation(request), params, use_tqdm=False,
-                add_generation_prompt=not continued, continue_final_message=continued,
+                _conversation(request),
+                params,
+                use_tqdm=False,
+                add_generation_prompt=not continued,
+                continue_final_message=continued,
                 mm_processor_kwargs=request.processor_kwargs,
             )
-        except (ValueError, TypeError, KeyError, OSError, VLLMClientError) as e:  # the request's fault, not the engine's
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            OSError,
+            VLLMClientError,
+        ) as e:  # the request's fault, not the engine's
             return GenerationResult(prompt_tokens=0, completions=[], refused=f"vLLM refused the request: {e}")
         request_id = request_id.split("-")[0]  # vLLM returns its internal id: ours plus "-" and a random suffix
         self._max_tokens[request_id] = params.max_tokens
@@ -287,7 +298,9 @@ def start_engine(config: EngineConfig, cpu_share: tuple[int, int] = (0, 1)) -> E
     try:
         return Engine(config, cpu_share)
     except Exception as e:
-        raise RuntimeError(f"the vLLM engine for {config.model} failed to start: {e}\n--- its log ---\n{''.join(tail)}") from e
+        raise RuntimeError(
+            f"the vLLM engine for {config.model} failed to start: {e}\n--- its log ---\n{''.join(tail)}"
+        ) from e
     finally:
         os.dup2(saved, 2)
 

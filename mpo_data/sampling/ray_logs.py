@@ -23,7 +23,9 @@ _last_dir: str | None = None
 
 
 def _console(logger: logging.Logger) -> list[logging.Handler]:
-    return [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    return [
+        h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
 
 
 def _not_a_notice(record: logging.LogRecord) -> bool:

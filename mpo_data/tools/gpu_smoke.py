@@ -20,9 +20,9 @@ from pathlib import Path
 import orjson
 from PIL import Image
 
-from mpo_data.tools.model_folders import TINY_INTERNVL, TINY_QWEN
 from mpo_data.records.shards import samples_root, stage_dir
 from mpo_data.sampling.stage_config import STAGE_CONFIGS
+from mpo_data.tools.model_folders import TINY_INTERNVL, TINY_QWEN
 
 MODELS = (TINY_QWEN, TINY_INTERNVL)
 STAGES = tuple(STAGE_CONFIGS)
@@ -60,24 +60,52 @@ def plan(out: Path, models_dir: Path, gpus: int, skip_stages: bool = False) -> t
     steps = [Step("models", ["models", "--out", str(models_dir), *build])]
     stages = [stage_step(out, models_dir / model, stage, tp) for model in MODELS for tp in tps for stage in STAGES]
     samples, pairs, meta = samples_root(out), out / "pairs", out / "meta.json"
-    pairs_step = Step("pairs", ["pairs", "--data-dir", str(samples), "--save-dir", str(pairs)], summary=pairs / "pairs_summary.json")
+    pairs_step = Step(
+        "pairs", ["pairs", "--data-dir", str(samples), "--save-dir", str(pairs)], summary=pairs / "pairs_summary.json"
+    )
     if skip_stages:
-        skipped += [f"{s.name} {s.model} tp={s.tp} skipped: --skip-stages" for s in stages] + ["pairs skipped: --skip-stages, no samples"]
+        skipped += [f"{s.name} {s.model} tp={s.tp} skipped: --skip-stages" for s in stages] + [
+            "pairs skipped: --skip-stages, no samples"
+        ]
     else:
         steps += [*stages, pairs_step]
-    steps.append(Step("meta", ["meta", "--pairs-dir", str(pairs), "--image-root", str(out / "prompts"), "--out", str(meta)]))
+    steps.append(
+        Step("meta", ["meta", "--pairs-dir", str(pairs), "--image-root", str(out / "prompts"), "--out", str(meta)])
+    )
     train_out = out / "train"
-    overrides = [f"model.path={models_dir / TINY_QWEN}", f"data.meta={meta}", f"output_dir={train_out}", "dpo.max_steps=2",
-                 "data.eval_size=2", "eval.pairs=2"]
-    steps.append(Step("train", ["train", "--config", TRAIN_CONFIG, *overrides], TINY_QWEN, summary=train_out / "summary.json"))
+    overrides = [
+        f"model.path={models_dir / TINY_QWEN}",
+        f"data.meta={meta}",
+        f"output_dir={train_out}",
+        "dpo.max_steps=2",
+        "data.eval_size=2",
+        "eval.pairs=2",
+    ]
+    steps.append(
+        Step("train", ["train", "--config", TRAIN_CONFIG, *overrides], TINY_QWEN, summary=train_out / "summary.json")
+    )
     return steps, skipped
 
 
 def stage_step(out: Path, model: Path, stage: str, tp: int) -> Step:
     dataset = f"{model.name}-tp{tp}"
     prompts = out / "prompts" / f"{stage}.jsonl"
-    argv = [stage, "--checkpoint", str(model), "--prompt-path", str(prompts), "--image-root", str(out / "prompts"),
-            "--out-dir", str(out), "--dataset", dataset, "--tp", str(tp), *SAMPLING]
+    argv = [
+        stage,
+        "--checkpoint",
+        str(model),
+        "--prompt-path",
+        str(prompts),
+        "--image-root",
+        str(out / "prompts"),
+        "--out-dir",
+        str(out),
+        "--dataset",
+        dataset,
+        "--tp",
+        str(tp),
+        *SAMPLING,
+    ]
     if model.name == TINY_INTERNVL:
         argv += ["--max-num", "6", "--dynamic"]  # InternVL tiling under the HF processor's names
     return Step(stage, argv, model.name, tp, stage_dir(out, stage, dataset) / "summary.json")
@@ -94,10 +122,23 @@ def write_prompts(folder: Path, pairs_dir: Path) -> None:
         Image.new("RGB", (64, 48), colour).save(folder / f"{colour}.png")
         question = "What colour is the image?"
         correctness.append({"image": f"{colour}.png", "question": question, "answer": colour})
-        dropout.append({"image": f"{colour}.png", "question": question, "chosen": f"The image is plain {colour}, one colour all over.", "rejected": None})
-    pairs = [{**row, "rejected": f"The image is plain {other}."} for row, other in zip(dropout, colours[1:] + colours[:1])]
+        dropout.append(
+            {
+                "image": f"{colour}.png",
+                "question": question,
+                "chosen": f"The image is plain {colour}, one colour all over.",
+                "rejected": None,
+            }
+        )
+    pairs = [
+        {**row, "rejected": f"The image is plain {other}."} for row, other in zip(dropout, colours[1:] + colours[:1])
+    ]
     pairs_dir.mkdir(parents=True, exist_ok=True)
-    for path, rows in ((folder / "correctness.jsonl", correctness), (folder / "dropout-ntp.jsonl", dropout), (pairs_dir / "smoke_colours.jsonl", pairs)):
+    for path, rows in (
+        (folder / "correctness.jsonl", correctness),
+        (folder / "dropout-ntp.jsonl", dropout),
+        (pairs_dir / "smoke_colours.jsonl", pairs),
+    ):
         path.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
 
 
@@ -116,7 +157,9 @@ def speed(step: Step) -> str:
 def run_step(step: Step, timeout: float) -> Outcome:
     start = time.monotonic()
     try:
-        done = subprocess.run([sys.executable, "-m", "mpo_data", *step.argv], capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "mpo_data", *step.argv], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return Outcome(step, False, time.monotonic() - start, "", f"no result in {timeout:.0f} s")
     lines = (done.stderr + done.stdout).strip().splitlines()
@@ -128,7 +171,17 @@ def table(outcomes: list[Outcome], skipped: list[str]) -> str:
     """The pass/fail table, then what was skipped and the verdict."""
     rows = [("step", "model", "tp", "result", "speed", "seconds", "note")]
     for o in outcomes:
-        rows.append((o.step.name, o.step.model, str(o.step.tp or ""), "pass" if o.ok else "FAIL", o.speed, f"{o.seconds:.1f}", o.note))
+        rows.append(
+            (
+                o.step.name,
+                o.step.model,
+                str(o.step.tp or ""),
+                "pass" if o.ok else "FAIL",
+                o.speed,
+                f"{o.seconds:.1f}",
+                o.note,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
     failed = sum(not o.ok for o in outcomes)
@@ -141,9 +194,11 @@ def gpu_problem() -> str | None:
     import torch
 
     if not torch.cuda.is_available():
-        return ("no CUDA GPU visible: the GPU smoke test runs on a GPU node (srun --gpus=2 ... or inside an allocation). "
-                "On a CPU machine vLLM cannot even load its models: Qwen2.5-VL and InternVL need torchvision, "
-                "which the CPU install removes")
+        return (
+            "no CUDA GPU visible: the GPU smoke test runs on a GPU node (srun --gpus=2 ... or inside an allocation). "
+            "On a CPU machine vLLM cannot even load its models: Qwen2.5-VL and InternVL need torchvision, "
+            "which the CPU install removes"
+        )
     if importlib.util.find_spec("torchvision") is None:
         return "torchvision is missing: Qwen2.5-VL's and InternVL's processors need it (pip install -e '.[gpu,train]')"
     return None
@@ -161,6 +216,8 @@ def run(out: Path, models_dir: Path, timeout: float, skip_stages: bool = False) 
     outcomes = []
     for step in steps:
         outcomes.append(run_step(step, timeout))
-        print(f"gpu-smoke: {step.name} {step.model} {'pass' if outcomes[-1].ok else 'FAIL'}", file=sys.stderr, flush=True)
+        print(
+            f"gpu-smoke: {step.name} {step.model} {'pass' if outcomes[-1].ok else 'FAIL'}", file=sys.stderr, flush=True
+        )
     print(table(outcomes, skipped))
     return 0 if all(o.ok for o in outcomes) else 1

@@ -80,18 +80,33 @@ def tiny_smolvlm(text_source: Path, seed: int = 0, image_size: int = IMAGE_SIZE,
         size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=False
     )
     image_seq_len = (image_size // patch_size) ** 2 // SCALE_FACTOR**2
-    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=VLM_CHAT_TEMPLATE)
+    processor = Idefics3Processor(
+        image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=VLM_CHAT_TEMPLATE
+    )
 
     config = Idefics3Config(
         text_config={
-            "model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32,
-            "max_position_embeddings": 4096, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
-            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "head_dim": 32,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+            "rms_norm_eps": 1e-5,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
         },
         vision_config={
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "image_size": image_size, "patch_size": patch_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch_size,
         },
         scale_factor=SCALE_FACTOR,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -121,7 +136,9 @@ def build_tiny_smolvlm_easyvqa(out: Path, text_source: Path, recipe=None) -> Pat
     figures = vlm_easyvqa.train(model, processor, rows, recipe)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps({"recipe": asdict(recipe), "train_images": len(rows), **figures}, indent=2))
+    (out / "training.json").write_text(
+        json.dumps({"recipe": asdict(recipe), "train_images": len(rows), **figures}, indent=2)
+    )
     return out
 
 
@@ -137,17 +154,44 @@ def build_tiny_smolvlm(out: Path, text_source: Path, seed: int = 0) -> Path:
 # GPU memory and speed figures of the training recipe; "tiny" runs the same code paths in seconds.
 QWEN2_5_VL_SIZES: dict[str, dict[str, dict]] = {
     "tiny": {
-        "text": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "mrope_section": [4, 6, 6], "tie_word_embeddings": False},
-        "vision": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "fullatt_block_indexes": [1],
-                   "window_size": 56},
+        "text": {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "mrope_section": [4, 6, 6],
+            "tie_word_embeddings": False,
+        },
+        "vision": {
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+            "fullatt_block_indexes": [1],
+            "window_size": 56,
+        },
         "max_pixels": IMAGE_SIZE * IMAGE_SIZE,
     },
     "3b": {
-        "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
-                 "num_key_value_heads": 2, "mrope_section": [16, 24, 24], "tie_word_embeddings": True, "vocab_size": 151936},
-        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                   "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
+        "text": {
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "mrope_section": [16, 24, 24],
+            "tie_word_embeddings": True,
+            "vocab_size": 151936,
+        },
+        "vision": {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "window_size": 112,
+        },
         "max_pixels": 448 * 448,
     },
 }
@@ -169,7 +213,9 @@ def build_qwen2_5_vl(out: Path, text_source: Path, size: str = "tiny", seed: int
     install removes (docs/engine.md), so this model is for GPU runs of the training recipe.
     """
     if importlib.util.find_spec("torchvision") is None:
-        raise InputError("Qwen2.5-VL's processor needs torchvision (present on GPU machines, removed by the CPU install)")
+        raise InputError(
+            "Qwen2.5-VL's processor needs torchvision (present on GPU machines, removed by the CPU install)"
+        )
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -182,18 +228,31 @@ def build_qwen2_5_vl(out: Path, text_source: Path, size: str = "tiny", seed: int
     ids = dict(zip(vision_tokens, tokenizer.convert_tokens_to_ids(vision_tokens)))
     image_processor = Qwen2VLImageProcessorPil(min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=dims["max_pixels"])
     processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN_CHAT_TEMPLATE,
     )
     text = {k: v for k, v in dims["text"].items() if k != "mrope_section"}
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer), **text, "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": dims["text"]["mrope_section"]},
-            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "vocab_size": len(tokenizer),
+            **text,
+            "max_position_embeddings": 32768,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": dims["text"]["mrope_section"],
+            },
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
         },
         vision_config={**dims["vision"], "out_hidden_size": dims["text"]["hidden_size"]},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 3B weights initialise in seconds on a GPU
@@ -216,27 +275,57 @@ def build_internvl_hf(out: Path, text_source: Path, seed: int = 0) -> Path:
     the GotOcr2 tiling processor (up to 6 tiles and a thumbnail). Its video processor needs torchvision.
     """
     if importlib.util.find_spec("torchvision") is None:
-        raise InputError("InternVL's processor needs torchvision (present on GPU machines, removed by the CPU install)")
+        raise InputError(
+            "InternVL's processor needs torchvision (present on GPU machines, removed by the CPU install)"
+        )
     import torch
     from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 
-    image_tokens = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
-                    "video_token": "<video>"}
+    image_tokens = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
     tokenizer = AutoTokenizer.from_pretrained(text_source, extra_special_tokens=image_tokens)
-    image_processor = GotOcr2ImageProcessorPil(size={"height": INTERNVL_TILE, "width": INTERNVL_TILE}, crop_to_patches=True,
-                                               min_patches=1, max_patches=6)
-    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=InternVLVideoProcessor(),
-                                  image_seq_length=1, chat_template=INTERNVL_CHAT_TEMPLATE)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": INTERNVL_TILE, "width": INTERNVL_TILE}, crop_to_patches=True, min_patches=1, max_patches=6
+    )
+    processor = InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(),
+        image_seq_length=1,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
     config = InternVLConfig(
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": INTERNVL_TILE, "patch_size": 14},
-        text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-                     "tie_word_embeddings": False, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "bos_token_id": tokenizer.bos_token_id},
-        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=1, downsample_ratio=0.5,
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": INTERNVL_TILE,
+            "patch_size": 14,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=1,
+        downsample_ratio=0.5,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 import orjson
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from mpo_data.records import images
 from mpo_data.errors import InputError
+from mpo_data.records import images
 from mpo_data.records.formats import image_list, iter_pairs, read_meta
 from mpo_data.records.jsonl import read_jsonl
 from mpo_data.records.shards import HISTORY, shard_folders
@@ -62,7 +62,9 @@ def last_engine_rate(folder: Path) -> float | None:
     return next((run.get("engine_output_tokens_per_s") for run in reversed(runs) if run.get("output_tokens")), None)
 
 
-def overview_row(key: str, stage: dict[str, Any], pairs: dict[str, Any], engine_rate: float | None = None) -> dict[str, Any]:
+def overview_row(
+    key: str, stage: dict[str, Any], pairs: dict[str, Any], engine_rate: float | None = None
+) -> dict[str, Any]:
     """One line of the overview: a (stage, dataset)'s counts over all its runs, and what pairs made of it."""
     totals = stage.get("totals", {})
     prefixed = lambda prefix: {k.removeprefix(prefix): v for k, v in pairs.items() if k.startswith(prefix)}  # noqa: E731
@@ -86,11 +88,18 @@ def overview_row(key: str, stage: dict[str, Any], pairs: dict[str, Any], engine_
 def verdict_row(key: str, pairs: dict[str, Any]) -> dict[str, Any]:
     """Correct / wrong / no answer found / judge error of one correctness dataset's samples."""
     samples = pairs.get("samples", 0)
-    counts = {"correct": pairs.get("correct", 0), "no answer found": pairs.get("format_failures", 0),
-              "judge error": pairs.get("judge_errors", 0)}
+    counts = {
+        "correct": pairs.get("correct", 0),
+        "no answer found": pairs.get("format_failures", 0),
+        "judge error": pairs.get("judge_errors", 0),
+    }
     counts["wrong"] = samples - sum(counts.values())
     order = ("correct", "wrong", "no answer found", "judge error")
-    return {"key": key, "samples": samples, "counts": [(name, counts[name], counts[name] / samples if samples else 0) for name in order]}
+    return {
+        "key": key,
+        "samples": samples,
+        "counts": [(name, counts[name], counts[name] / samples if samples else 0) for name in order],
+    }
 
 
 def histogram(chosen: list[int], rejected: list[int]) -> dict[str, Any]:
@@ -102,9 +111,14 @@ def histogram(chosen: list[int], rejected: list[int]) -> dict[str, Any]:
         for n in lengths:
             counts[name][min(n // width, HIST_BINS - 1)] += 1
     peak = max(max(c) for c in counts.values())
-    bins = [{"start": i * width, "end": (i + 1) * width - 1,
-             "bars": [(name, counts[name][i], counts[name][i] / peak) for name in ("chosen", "rejected")]}
-            for i in range(HIST_BINS)]
+    bins = [
+        {
+            "start": i * width,
+            "end": (i + 1) * width - 1,
+            "bars": [(name, counts[name][i], counts[name][i] / peak) for name in ("chosen", "rejected")],
+        }
+        for i in range(HIST_BINS)
+    ]
     return {"pairs": len(chosen), "bins": bins}
 
 
@@ -141,11 +155,13 @@ def _pair_files(out: Path, roots: dict[Path, str], seed: int) -> tuple[list[dict
             seen += 1
             slot = len(reservoir) if len(reservoir) < SAMPLE_PAIRS else rng.randrange(seen)
             if slot < SAMPLE_PAIRS:
-                reservoir[slot:slot + 1] = [(path.stem, pair, root)]
+                reservoir[slot : slot + 1] = [(path.stem, pair, root)]
         if chosen:
             histograms.append({"name": path.stem, **histogram(chosen, rejected)})
-    cards = [{"name": name, "pair": pair, "images": [image_data(root, rel) for rel in image_list(pair.image)]}
-             for name, pair, root in reservoir]
+    cards = [
+        {"name": name, "pair": pair, "images": [image_data(root, rel) for rel in image_list(pair.image)]}
+        for name, pair, root in reservoir
+    ]
     return histograms, cards, seen
 
 
@@ -168,11 +184,17 @@ def build_report(out_dir: str | Path, meta_path: str | Path | None = None, seed:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined)
     return env.get_template("report.html.j2").render(
         title=str(out),
-        overview=[overview_row(k, stages.get(k, (None, {}))[1], pairs.get(k, {}),
-                               last_engine_rate(stages[k][0].parent) if k in stages else None) for k in keys],
+        overview=[
+            overview_row(
+                k,
+                stages.get(k, (None, {}))[1],
+                pairs.get(k, {}),
+                last_engine_rate(stages[k][0].parent) if k in stages else None,
+            )
+            for k in keys
+        ],
         verdicts=[verdict_row(k, pairs[k]) for k in keys if "samples" in pairs.get(k, {})],
-        hallucinations=[{"key": k, **pairs[k]["hallucination"]}
-                        for k in keys if "hallucination" in pairs.get(k, {})],
+        hallucinations=[{"key": k, **pairs[k]["hallucination"]} for k in keys if "hallucination" in pairs.get(k, {})],
         histograms=histograms,
         cards=cards,
         total_pairs=seen,

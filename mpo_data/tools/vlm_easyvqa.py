@@ -15,12 +15,11 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from mpo_data.tools.demo import SHAPES, _easy_vqa_facts, describe
-from mpo_data.records.formats import content_parts
 from mpo_data.preference.hallucination import COLOURS
+from mpo_data.records.formats import content_parts
 from mpo_data.sampling.prompts import prompt_version, user_prompt
+from mpo_data.tools.demo import SHAPES, _easy_vqa_facts, describe
 
 DESCRIBE_QUESTION = "Describe the image in one paragraph."  # the demo's easy_vqa_describe question
 _WORD = re.compile(r"[a-z]+")
@@ -35,12 +34,19 @@ class VlmRecipe:
     lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of the text model."})
     vision_lr: float = field(default=1e-2, metadata={"help": "Peak learning rate of the vision tower and connector."})
     warmup: int = field(default=30, metadata={"help": "Linear warm-up steps, then cosine decay to 10%."})
-    describe_first: int = field(default=250, metadata={"help": "Steps of short descriptions only ('a red circle': the image's words alone) first."})
+    describe_first: int = field(
+        default=250,
+        metadata={"help": "Steps of short descriptions only ('a red circle': the image's words alone) first."},
+    )
     describe_share: float = field(default=0.25, metadata={"help": "Share of description examples after that phase."})
-    images: int = field(default=4000, metadata={"help": "easy-VQA train images used (those with known shape and colour)."})
+    images: int = field(
+        default=4000, metadata={"help": "easy-VQA train images used (those with known shape and colour)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the weights, the data order and the sampling."})
     threads: int = field(default=2, metadata={"help": "torch threads."})
-    prompt_version: str = field(default="en", metadata={"help": "Prompt version whose answer format the answers follow."})
+    prompt_version: str = field(
+        default="en", metadata={"help": "Prompt version whose answer format the answers follow."}
+    )
 
 
 def image_truth(qas: list[tuple[str, str]]) -> tuple[str | None, str | None]:
@@ -86,7 +92,9 @@ def easy_vqa_split(split: str) -> list[dict]:
     for image_id in sorted(per_image):
         shape, colour = image_truth(per_image[image_id])
         if shape and colour:
-            rows.append({"id": image_id, "path": paths[image_id], "shape": shape, "colour": colour, "qas": per_image[image_id]})
+            rows.append(
+                {"id": image_id, "path": paths[image_id], "shape": shape, "colour": colour, "qas": per_image[image_id]}
+            )
     return rows
 
 
@@ -106,10 +114,12 @@ class _Batcher:
 
         self.processor, self.version = processor, version
         tokenizer = processor.tokenizer
-        self.pixels = torch.cat([
-            processor.image_processor(Image.open(r["path"]).convert("RGB"), return_tensors="pt")["pixel_values"][0]
-            for r in rows
-        ])  # (images, 3, H, W): one image, no splitting
+        self.pixels = torch.cat(
+            [
+                processor.image_processor(Image.open(r["path"]).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+                for r in rows
+            ]
+        )  # (images, 3, H, W): one image, no splitting
         self._prompts: dict[str, list[int]] = {}
         self.eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
         self.qa, self.short, self.long = [], [], []
@@ -117,9 +127,19 @@ class _Batcher:
         self._dummy = dummy
         for k, r in enumerate(rows):
             for question, answer in r["qas"]:
-                self.qa.append((self._prompt(question, version), self._answer(reasoning(r["shape"], r["colour"], answer, version)), k))
-            self.short.append((self._prompt(DESCRIBE_QUESTION, None), self._answer(f"a {r['colour']} {r['shape']}"), k))
-            self.long.append((self._prompt(DESCRIBE_QUESTION, None), self._answer(describe(r["shape"], r["colour"])), k))
+                self.qa.append(
+                    (
+                        self._prompt(question, version),
+                        self._answer(reasoning(r["shape"], r["colour"], answer, version)),
+                        k,
+                    )
+                )
+            self.short.append(
+                (self._prompt(DESCRIBE_QUESTION, None), self._answer(f"a {r['colour']} {r['shape']}"), k)
+            )
+            self.long.append(
+                (self._prompt(DESCRIBE_QUESTION, None), self._answer(describe(r["shape"], r["colour"])), k)
+            )
 
     def _prompt(self, question: str, version: str | None) -> list[int]:
         if question not in self._prompts:
@@ -142,10 +162,15 @@ class _Batcher:
         for i, (p, a, _) in enumerate(examples):  # right padding
             n = len(p) + len(a)
             ids[i, :n] = torch.tensor(p + a)
-            labels[i, len(p):n] = torch.tensor(a)
+            labels[i, len(p) : n] = torch.tensor(a)
             mask[i, :n] = 1
         index = torch.tensor([k for _, _, k in examples] if images is None else images)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": self.pixels[index].unsqueeze(1)}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "pixel_values": self.pixels[index].unsqueeze(1),
+        }
 
 
 def answer_loss(model, batch):
@@ -153,8 +178,9 @@ def answer_loss(model, batch):
     import torch
 
     labels = batch["labels"]
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"]).last_hidden_state
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+    ).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
     logits = model.lm_head(hidden[:, :-1][keep])
@@ -172,8 +198,11 @@ def train(model, processor, rows: list[dict], recipe: VlmRecipe, log=print) -> d
     vision = [p for n, p in model.named_parameters() if "vision_model" in n or "connector" in n]
     vision_ids = {id(p) for p in vision}
     text = [p for p in model.parameters() if id(p) not in vision_ids]
-    optimizer = torch.optim.AdamW([{"params": vision, "lr": recipe.vision_lr}, {"params": text, "lr": recipe.lr}],
-                                  weight_decay=0.0, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        [{"params": vision, "lr": recipe.vision_lr}, {"params": text, "lr": recipe.lr}],
+        weight_decay=0.0,
+        betas=(0.9, 0.98),
+    )
     peaks = [recipe.vision_lr, recipe.lr]
 
     def factor(step: int) -> float:
@@ -202,9 +231,13 @@ def train(model, processor, rows: list[dict], recipe: VlmRecipe, log=print) -> d
         if (step + 1) % 25 == 0:
             with torch.no_grad():  # this batch with its images and with others': a model that sees loses more
                 own = answer_loss(model, data.batch(examples)).item()
-                other = answer_loss(model, data.batch(examples, images=rng.sample(range(len(rows)), len(examples)))).item()
-            log(f"step {step + 1}: loss {sum(recent) / len(recent):.3f}; this batch now {own:.3f}, with other images"
-                f" {other:.3f} ({time.monotonic() - start:.0f} s)")
+                other = answer_loss(
+                    model, data.batch(examples, images=rng.sample(range(len(rows)), len(examples)))
+                ).item()
+            log(
+                f"step {step + 1}: loss {sum(recent) / len(recent):.3f}; this batch now {own:.3f}, with other images"
+                f" {other:.3f} ({time.monotonic() - start:.0f} s)"
+            )
             recent = []
     model.eval()
     return {"seconds": time.monotonic() - start}
@@ -215,8 +248,16 @@ def question_type(question: str, answer: str) -> str:
     return "shape" if answer in SHAPES else "colour" if answer in COLOURS else "yes/no"
 
 
-def greedy_accuracy(model, processor, rows: list[dict], questions: int, seed: int = 0, version: str = "en",
-                    blank: bool = False, batch_size: int = 32) -> dict:
+def greedy_accuracy(
+    model,
+    processor,
+    rows: list[dict],
+    questions: int,
+    seed: int = 0,
+    version: str = "en",
+    blank: bool = False,
+    batch_size: int = 32,
+) -> dict:
     """Greedy answers in transformers on `questions` random questions of `rows`, judged by our judge
     (format and VQA match); per question type. `blank`: a grey image instead of the true one."""
     import torch
@@ -229,14 +270,16 @@ def greedy_accuracy(model, processor, rows: list[dict], questions: int, seed: in
     processor.tokenizer.padding_side = "left"
     right: dict[str, list[bool]] = {}
     for start in range(0, len(picked), batch_size):
-        chunk = picked[start:start + batch_size]
+        chunk = picked[start : start + batch_size]
         texts = [chat_prompt(processor, q, version) for _, q, _ in chunk]
-        images = [[Image.new("RGB", (64, 64), (128, 128, 128)) if blank else Image.open(r["path"]).convert("RGB")]
-                  for r, _, _ in chunk]
+        images = [
+            [Image.new("RGB", (64, 64), (128, 128, 128)) if blank else Image.open(r["path"]).convert("RGB")]
+            for r, _, _ in chunk
+        ]
         inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-        for (r, q, a), ids in zip(chunk, out[:, inputs["input_ids"].shape[1]:]):
+        for (r, q, a), ids in zip(chunk, out[:, inputs["input_ids"].shape[1] :]):
             extraction = extract_answer(processor.tokenizer.decode(ids, skip_special_tokens=True), version)
             ok = bool(extraction.format_ok and answers_match(extraction.answer, a, ("vqa",)))
             right.setdefault(question_type(q, a), []).append(ok)
@@ -244,20 +287,32 @@ def greedy_accuracy(model, processor, rows: list[dict], questions: int, seed: in
     return {k: (round(sum(v) / len(v), 3), len(v)) for k, v in sorted(right.items())}
 
 
-def engine_calibration(engine, rows: list[dict], questions: int, temperature: float, n: int, seed: int = 0,
-                       version: str = "en", top_k: int = 50) -> dict:
+def engine_calibration(
+    engine,
+    rows: list[dict],
+    questions: int,
+    temperature: float,
+    n: int,
+    seed: int = 0,
+    version: str = "en",
+    top_k: int = 50,
+) -> dict:
     """Through our vLLM engine, with the images: greedy accuracy per question type, and the share of items
     whose `n` samples at `temperature` get both a right and a wrong verdict from our judge."""
     from PIL import Image
 
-    from mpo_data.sampling.engine import GenerationRequest
     from mpo_data.preference.judge import answers_match, extract_answer
+    from mpo_data.sampling.engine import GenerationRequest
     from mpo_data.sampling.stage_config import SamplingConfig
 
     rng = random.Random(seed)
     picked = [(r, *rng.choice(r["qas"])) for r in rng.sample(rows, questions)]
-    requests = [GenerationRequest([{"role": "user", "content": user_prompt(q, 1, version)}], [Image.open(r["path"]).convert("RGB")])
-                for r, q, _ in picked]
+    requests = [
+        GenerationRequest(
+            [{"role": "user", "content": user_prompt(q, 1, version)}], [Image.open(r["path"]).convert("RGB")]
+        )
+        for r, q, _ in picked
+    ]
 
     def verdicts(result, answer):
         out = []
@@ -276,6 +331,11 @@ def engine_calibration(engine, rows: list[dict], questions: int, temperature: fl
         right.setdefault("all", []).append(ok)
         v = verdicts(s, a)
         both.append(any(v) and not all(v))
-    return {"greedy": {k: (round(sum(v) / len(v), 3), len(v)) for k, v in sorted(right.items())},
-            "both_verdicts": round(sum(both) / len(both), 3), "items": len(both), "n": n, "temperature": temperature,
-            "example": greedy[0].completions[0].text}
+    return {
+        "greedy": {k: (round(sum(v) / len(v), 3), len(v)) for k, v in sorted(right.items())},
+        "both_verdicts": round(sum(both) / len(both), 3),
+        "items": len(both),
+        "n": n,
+        "temperature": temperature,
+        "example": greedy[0].completions[0].text,
+    }

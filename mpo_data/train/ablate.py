@@ -36,18 +36,30 @@ BASELINE = "sft"
 class AblationConfig:
     """`mpo-data ablate`: loss variants x seeds on one training config, one table of held-out answer accuracy."""
 
-    config: str = field(metadata={"help": "The training YAML every run starts from (e.g. training/configs/smollm2_lora_cpu.yaml)."})
-    out: str = field(default="runs/ablate", metadata={"help": "Folder of the run folders, the base answers and ablation.json."})
+    config: str = field(
+        metadata={"help": "The training YAML every run starts from (e.g. training/configs/smollm2_lora_cpu.yaml)."}
+    )
+    out: str = field(
+        default="runs/ablate", metadata={"help": "Folder of the run folders, the base answers and ablation.json."}
+    )
     variants: list[str] = field(
         default_factory=lambda: list(VARIANTS),
-        metadata={"help": f"Loss mixes to train, of {', '.join(VARIANTS)} (sft is always trained: it is the baseline)."},
+        metadata={
+            "help": f"Loss mixes to train, of {', '.join(VARIANTS)} (sft is always trained: it is the baseline)."
+        },
     )
-    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "dpo.seed of each run (the pairs stay the same)."})
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1], metadata={"help": "dpo.seed of each run (the pairs stay the same)."}
+    )
     questions: list[str] = field(
         default_factory=list,
-        metadata={"help": "Question sets to answer (correctness prompt files); default: the config's eval.answers.questions."},
+        metadata={
+            "help": "Question sets to answer (correctness prompt files); default: the config's eval.answers.questions."
+        },
     )
-    max_questions: int | None = field(default=None, metadata={"help": "Only the first N questions of each set (None: all)."})
+    max_questions: int | None = field(
+        default=None, metadata={"help": "Only the first N questions of each set (None: all)."}
+    )
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -57,9 +69,14 @@ def run_name(variant: str, seed: int) -> str:
 def variant_overrides(variant: str, seed: int, out: Path) -> list[str]:
     """The `key=value` overrides that turn the base config into one run of the ablation."""
     loss_type, weights, bco_delta = VARIANTS[variant]
-    return [f"output_dir={out / run_name(variant, seed)}", f"dpo.loss_type={json.dumps(loss_type)}",
-            f"dpo.loss_weights={json.dumps(weights)}", f"bco_delta={str(bco_delta).lower()}", f"dpo.seed={seed}",
-            "eval.answers.questions=null"]  # answered here, once per set, with one engine per model
+    return [
+        f"output_dir={out / run_name(variant, seed)}",
+        f"dpo.loss_type={json.dumps(loss_type)}",
+        f"dpo.loss_weights={json.dumps(weights)}",
+        f"bco_delta={str(bco_delta).lower()}",
+        f"dpo.seed={seed}",
+        "eval.answers.questions=null",
+    ]  # answered here, once per set, with one engine per model
 
 
 def check(config: AblationConfig) -> list[str]:
@@ -80,10 +97,10 @@ def answer_sets(model, question_sets: list[str], folder: Path, args) -> None:
     """Answer and judge every set not yet answered in `folder` with one vLLM engine for `model`."""
     from dataclasses import replace
 
-    from mpo_data.train import answer_accuracy as aa
-    from mpo_data.sampling.engine import Engine
     from mpo_data.records.jsonl import write_jsonl
+    from mpo_data.sampling.engine import Engine
     from mpo_data.sampling.stage_config import EngineConfig
+    from mpo_data.train import answer_accuracy as aa
 
     todo = [q for q in question_sets if not answers_path(folder, q).is_file()]
     if not todo:
@@ -95,9 +112,13 @@ def answer_sets(model, question_sets: list[str], folder: Path, args) -> None:
             items = aa.read_questions(question_set, set_args.max_questions)
             responses = aa.answer(engine, items, set_args, Path(question_set).parent)
             verdicts = aa.judge(items, responses, set_args.prompt_version)
-            write_jsonl(answers_path(folder, question_set), (  # written whole (atomically): a resume point
-                {"question": i.question, "answer": i.answer, "response": r, "correct": v}
-                for i, r, v in zip(items, responses, verdicts)))
+            write_jsonl(
+                answers_path(folder, question_set),
+                (  # written whole (atomically): a resume point
+                    {"question": i.question, "answer": i.answer, "response": r, "correct": v}
+                    for i, r, v in zip(items, responses, verdicts)
+                ),
+            )
     finally:
         engine.close()
 
@@ -113,8 +134,8 @@ def ablate(config: AblationConfig, overrides: list[str] = ()) -> dict[str, Any]:
     from dataclasses import replace
 
     from mpo_data.train import answer_accuracy as aa
-    from mpo_data.train.recipe import train
     from mpo_data.train.config import load
+    from mpo_data.train.recipe import train
 
     variants = check(config)
     out = Path(config.out)
@@ -147,8 +168,11 @@ def logp_changes(out: Path, variant: str, seeds: list[int]) -> dict[str, float |
     if any("before" not in e for e in evals):
         return {"chosen_logp_change": None, "rejected_logp_change": None, "logp_pairs": 0}
     change = lambda key: round(sum(e["after"][key] - e["before"][key] for e in evals) / len(evals), 2)  # noqa: E731
-    return {"chosen_logp_change": change("mean_chosen_logp"), "rejected_logp_change": change("mean_rejected_logp"),
-            "logp_pairs": evals[0]["pairs"]}
+    return {
+        "chosen_logp_change": change("mean_chosen_logp"),
+        "rejected_logp_change": change("mean_rejected_logp"),
+        "logp_pairs": evals[0]["pairs"],
+    }
 
 
 def table_data(out: Path, variants: list[str], seeds: list[int], question_sets: list[str]) -> dict[str, Any]:
@@ -172,7 +196,9 @@ def table_data(out: Path, variants: list[str], seeds: list[int], question_sets: 
                 "mean": round(sum(pooled) / len(pooled), 4),
                 "diff_vs_sft": round((sum(pooled) - sum(pooled_baseline)) / len(pooled), 4),
                 "diff_vs_sft_ci": [round(x, 4) for x in paired_difference_ci(pooled_baseline, pooled)],
-                "train_seconds": summary["train_seconds"], "steps": summary["steps"], **changes[variant],
+                "train_seconds": summary["train_seconds"],
+                "steps": summary["steps"],
+                **changes[variant],
             }
         sets[Path(q).stem] = {"questions": len(base), "base": round(sum(base) / len(base), 4), "variants": rows}
     return {"seeds": seeds, "baseline": BASELINE, "sets": sets}
@@ -184,15 +210,25 @@ def describe(result: dict[str, Any]) -> str:
     seeds = result["seeds"]
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     nats = lambda x: "n/a" if x is None else f"{x:+.1f}"  # noqa: E731
-    lines = [(f"| set (questions) | variant | {' | '.join(f'seed {s}' for s in seeds)} | mean | vs sft, points [95% paired] | "
-              "Δ logp chosen / rejected | steps, train s |"),
-             "| --- | --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- |"]
+    lines = [
+        (
+            f"| set (questions) | variant | {' | '.join(f'seed {s}' for s in seeds)} | mean | vs sft, points [95% paired] | "
+            "Δ logp chosen / rejected | steps, train s |"
+        ),
+        "| --- | --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- |",
+    ]
     for name, data in result["sets"].items():
-        lines.append(f"| {name} ({data['questions']}) | base | {' | '.join(pct(data['base']) for _ in seeds)} | {pct(data['base'])} | | | |")
+        lines.append(
+            f"| {name} ({data['questions']}) | base | {' | '.join(pct(data['base']) for _ in seeds)} | {pct(data['base'])} | | | |"
+        )
         for variant, row in data["variants"].items():
             low, high = row["diff_vs_sft_ci"]
-            diff = "" if variant == result["baseline"] else f"{100 * row['diff_vs_sft']:+.1f} [{pct(low)}, {pct(high)}]"
-            lines.append(f"| {name} | {variant} | {' | '.join(pct(row['accuracy'][str(s)]) for s in seeds)} | "
-                         f"{pct(row['mean'])} | {diff} | {nats(row['chosen_logp_change'])} / {nats(row['rejected_logp_change'])} | "
-                         f"{row['steps']}, {row['train_seconds']:.0f} |")
+            diff = (
+                "" if variant == result["baseline"] else f"{100 * row['diff_vs_sft']:+.1f} [{pct(low)}, {pct(high)}]"
+            )
+            lines.append(
+                f"| {name} | {variant} | {' | '.join(pct(row['accuracy'][str(s)]) for s in seeds)} | "
+                f"{pct(row['mean'])} | {diff} | {nats(row['chosen_logp_change'])} / {nats(row['rejected_logp_change'])} | "
+                f"{row['steps']}, {row['train_seconds']:.0f} |"
+            )
     return "\n".join(lines)

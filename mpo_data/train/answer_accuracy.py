@@ -21,14 +21,15 @@ from mpo_data.errors import InputError
 from mpo_data.stats import paired_difference_ci, wilson
 from mpo_data.train.config import AnswerEvalArgs, TrainConfig
 
-
 # ------------------------------------------------------------------------------------------ the summary
 
 
 def summarize(before: list[bool], after: list[bool]) -> dict[str, Any]:
     """The `answer_accuracy` body of eval.json from per-question verdicts (same questions, same order)."""
     if len(before) != len(after) or not before:
-        raise ValueError(f"need the same non-zero number of verdicts before and after, got {len(before)} and {len(after)}")
+        raise ValueError(
+            f"need the same non-zero number of verdicts before and after, got {len(before)} and {len(after)}"
+        )
     n = len(before)
     rounded = lambda pair: [round(x, 4) for x in pair]  # noqa: E731
     return {
@@ -76,8 +77,8 @@ def answer(model: str | Path | Any, items: list, args: AnswerEvalArgs, image_roo
     from dataclasses import replace
 
     from mpo_data.sampling.engine import Engine
-    from mpo_data.sampling.sample import item_request
     from mpo_data.sampling.prompts import user_prompt
+    from mpo_data.sampling.sample import item_request
     from mpo_data.sampling.stage_config import EngineConfig, SamplingConfig
 
     prompts = [replace(i, question=user_prompt(i.question, len(i.images), args.prompt_version)) for i in items]
@@ -95,8 +96,10 @@ def judge(items: list, responses: list[str], prompt_version: str) -> list[bool]:
     """Our judge's verdict per answer; a judge error (timeout) counts as wrong and is reported on stderr."""
     from mpo_data.preference.judge import Judge, JudgeItem, modes_for_dataset
 
-    rows = [JudgeItem(i, r, item.answer, item.question, prompt_version, modes_for_dataset(item.dataset))
-            for i, (item, r) in enumerate(zip(items, responses))]
+    rows = [
+        JudgeItem(i, r, item.answer, item.question, prompt_version, modes_for_dataset(item.dataset))
+        for i, (item, r) in enumerate(zip(items, responses))
+    ]
     with Judge() as j:
         verdicts = [v for _, v in j.judge_many(rows)]
     errors = sum(v.judge_error is not None for v in verdicts)
@@ -105,7 +108,9 @@ def judge(items: list, responses: list[str], prompt_version: str) -> list[bool]:
     return [v.is_correct for v in verdicts]
 
 
-def evaluate_answers(base: str | Path | Any, trained: str | Path | Any, args: AnswerEvalArgs, out_dir: str | Path) -> dict[str, Any]:
+def evaluate_answers(
+    base: str | Path | Any, trained: str | Path | Any, args: AnswerEvalArgs, out_dir: str | Path
+) -> dict[str, Any]:
     """Answer the held-out questions with both models (folders or running engines), judge, write
     OUT/answers.jsonl (every question with both answers and verdicts); returns the summary."""
     from mpo_data.records.jsonl import write_jsonl
@@ -114,13 +119,26 @@ def evaluate_answers(base: str | Path | Any, trained: str | Path | Any, args: An
         raise InputError("no held-out questions: set eval.answers.questions (a correctness prompt file)")
     items = read_questions(args.questions, args.max_questions)
     image_root = Path(args.questions).parent
-    responses = {name: answer(model, items, args, image_root) for name, model in (("before", base), ("after", trained))}
+    responses = {
+        name: answer(model, items, args, image_root) for name, model in (("before", base), ("after", trained))
+    }
     verdicts = {name: judge(items, r, args.prompt_version) for name, r in responses.items()}
-    write_jsonl(Path(out_dir) / "answers.jsonl", (
-        {"question": item.question, "answer": item.answer, "source": item.source,
-         **{f"{name}_{k}": v for name in responses for k, v in (("response", responses[name][i]), ("correct", verdicts[name][i]))}}
-        for i, item in enumerate(items)
-    ))
+    write_jsonl(
+        Path(out_dir) / "answers.jsonl",
+        (
+            {
+                "question": item.question,
+                "answer": item.answer,
+                "source": item.source,
+                **{
+                    f"{name}_{k}": v
+                    for name in responses
+                    for k, v in (("response", responses[name][i]), ("correct", verdicts[name][i]))
+                },
+            }
+            for i, item in enumerate(items)
+        ),
+    )
     return summarize(verdicts["before"], verdicts["after"])
 
 
@@ -130,7 +148,9 @@ def trained_model(run_dir: str | Path, base: str) -> Path:
     if not (run_dir / "adapter_config.json").is_file():
         return run_dir
     merged = run_dir / "merged"
-    if (merged / "config.json").is_file() and (merged / "config.json").stat().st_mtime >= (run_dir / "adapter_config.json").stat().st_mtime:
+    if (merged / "config.json").is_file() and (merged / "config.json").stat().st_mtime >= (
+        run_dir / "adapter_config.json"
+    ).stat().st_mtime:
         return merged
     import shutil
 
@@ -156,7 +176,9 @@ def evaluate_run(run_dir: str | Path, config: TrainConfig) -> dict[str, Any]:
     from mpo_data.records.jsonl import atomic_write_bytes
 
     run_dir = Path(run_dir)
-    accuracy = evaluate_answers(config.model.path, trained_model(run_dir, config.model.path), config.eval.answers, run_dir)
+    accuracy = evaluate_answers(
+        config.model.path, trained_model(run_dir, config.model.path), config.eval.answers, run_dir
+    )
     path = run_dir / "eval.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
     report["answer_accuracy"] = accuracy

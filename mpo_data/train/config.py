@@ -34,24 +34,34 @@ class AnswerEvalArgs:
 
     questions: str | None = field(
         default=None,
-        metadata={"help": "Held-out prompt file (correctness format, never sampled for pairs); None: no answer evaluation."},
+        metadata={
+            "help": "Held-out prompt file (correctness format, never sampled for pairs); None: no answer evaluation."
+        },
     )
-    prompt_version: str = field(default="en", metadata={"help": "Prompt template and answer format the judge expects."})
+    prompt_version: str = field(
+        default="en", metadata={"help": "Prompt template and answer format the judge expects."}
+    )
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of the answers; 0 is greedy."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer; a cut answer has no final answer and counts as wrong."})
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Longest answer; a cut answer has no final answer and counts as wrong."}
+    )
     max_questions: int | None = field(default=None, metadata={"help": "Use only the first N questions (None: all)."})
 
 
 @dataclass
 class ModelArgs:
-    path: str = field(metadata={"help": "Local model folder (a causal LM or a vision-language model with its processor)."})
+    path: str = field(
+        metadata={"help": "Local model folder (a causal LM or a vision-language model with its processor)."}
+    )
     finetune: str = field(
         default="lora",
         metadata={"help": "full: all weights; lora: a PEFT adapter; qlora: LoRA over a 4-bit base (CUDA only)."},
     )
     use_dora: bool = field(
         default=False,
-        metadata={"help": "DoRA: LoRA/QLoRA adapters with weight decomposition (the TRL cookbook's QLoRA recipe turns it on)."},
+        metadata={
+            "help": "DoRA: LoRA/QLoRA adapters with weight decomposition (the TRL cookbook's QLoRA recipe turns it on)."
+        },
     )
     lora_r: int = field(default=8, metadata={"help": "Adapter rank."})
     lora_alpha: int = field(default=8, metadata={"help": "Adapter scaling numerator (scale = alpha / r)."})
@@ -72,7 +82,8 @@ class DataArgs:
         metadata={"help": "Instead of meta: a TRL-style preference set (save_to_disk folder, JSONL or Parquet)."},
     )
     image_root: str | None = field(
-        default=None, metadata={"help": "Root for image paths in `dataset` (default: beside it); meta entries have their own."}
+        default=None,
+        metadata={"help": "Root for image paths in `dataset` (default: beside it); meta entries have their own."},
     )
     eval_size: float = field(
         default=0.1, metadata={"help": "Held-out pairs: a fraction (< 1) or a count (>= 1) of the sampled rows."}
@@ -81,7 +92,8 @@ class DataArgs:
         default=None, metadata={"help": "Cap on training pairs after the split, for bounded runs (None: all)."}
     )
     on_error: OnError = field(
-        default="fail", metadata={"help": "fail: stop at the first bad row (FILE:LINE); skip: quarantine and count it."}
+        default="fail",
+        metadata={"help": "fail: stop at the first bad row (FILE:LINE); skip: quarantine and count it."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of repeat_time sampling and of the split."})
 
@@ -94,7 +106,9 @@ class EvalArgs:
     batch_size: int = field(default=4, metadata={"help": "Pairs per forward pass while scoring."})
     answers: AnswerEvalArgs = field(
         default_factory=AnswerEvalArgs,
-        metadata={"help": "Answer accuracy on held-out questions, base vs trained model (vLLM + judge), after training."},
+        metadata={
+            "help": "Answer accuracy on held-out questions, base vs trained model (vLLM + judge), after training."
+        },
     )
 
 
@@ -103,15 +117,19 @@ class TrainConfig:
     model: ModelArgs = field(metadata={"help": "What to train and how (full, LoRA, DoRA, QLoRA)."})
     data: DataArgs = field(metadata={"help": "Where the pairs come from and how they are split."})
     output_dir: str = field(metadata={"help": "Run folder: adapter or model, processor, tensorboard logs, eval.json."})
-    eval: EvalArgs = field(default_factory=EvalArgs, metadata={"help": "Evaluation after training (and `mpo-data eval`)."})
+    eval: EvalArgs = field(
+        default_factory=EvalArgs, metadata={"help": "Evaluation after training (and `mpo-data eval`)."}
+    )
     dpo: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "Any trl.DPOConfig field; MPO loss mix, beta 0.1 and tensorboard unless set here."},
     )
     bco_delta: bool = field(
         default=True,
-        metadata={"help": "bco_pair as the MPO paper, InternVL and ms-swift have it: rewards shifted by delta, their "
-                          "running mean over training (logged as bco_pair/delta); false: TRL's bco_pair, no shift."},
+        metadata={
+            "help": "bco_pair as the MPO paper, InternVL and ms-swift have it: rewards shifted by delta, their "
+            "running mean over training (logged as bco_pair/delta); false: TRL's bco_pair, no shift."
+        },
     )
     source: str = field(default="", init=False, metadata={"help": "The YAML file this came from, for messages."})
 
@@ -119,7 +137,10 @@ class TrainConfig:
         """DPOConfig arguments: MPO defaults < YAML `dpo:`; bf16 on CUDA, float32 on CPU unless the YAML says."""
         kwargs = {**MPO_DEFAULTS, "bf16": cuda, "use_cpu": not cuda, **self.dpo, "output_dir": self.output_dir}
         kwargs.setdefault("model_init_kwargs", {})
-        kwargs["model_init_kwargs"] = {"dtype": "bfloat16" if kwargs["bf16"] else "float32", **kwargs["model_init_kwargs"]}
+        kwargs["model_init_kwargs"] = {
+            "dtype": "bfloat16" if kwargs["bf16"] else "float32",
+            **kwargs["model_init_kwargs"],
+        }
         return kwargs
 
 
@@ -136,7 +157,9 @@ def check(config: TrainConfig) -> TrainConfig:
             raise InputError(f"{where}: dpo: set 'output_dir' at the top level, not under dpo")
     if config.model.finetune not in FINETUNE_METHODS:
         hint = " (DoRA is model.finetune: lora with model.use_dora: true)" if config.model.finetune == "dora" else ""
-        raise InputError(f"{where}: model.finetune: '{config.model.finetune}' is not one of {', '.join(FINETUNE_METHODS)}{hint}")
+        raise InputError(
+            f"{where}: model.finetune: '{config.model.finetune}' is not one of {', '.join(FINETUNE_METHODS)}{hint}"
+        )
     if config.model.use_dora and config.model.finetune == "full":
         raise InputError(f"{where}: model.use_dora: DoRA is an adapter method; set model.finetune to lora or qlora")
     if (config.data.meta is None) == (config.data.dataset is None):
@@ -144,7 +167,9 @@ def check(config: TrainConfig) -> TrainConfig:
     if not config.data.eval_size > 0:
         raise InputError(f"{where}: data.eval_size: must be > 0 (the evaluation needs held-out pairs)")
     if config.eval.answers.prompt_version not in PROMPT_VERSIONS:
-        raise InputError(f"{where}: eval.answers.prompt_version: '{config.eval.answers.prompt_version}' is not one of {', '.join(PROMPT_VERSIONS)}")
+        raise InputError(
+            f"{where}: eval.answers.prompt_version: '{config.eval.answers.prompt_version}' is not one of {', '.join(PROMPT_VERSIONS)}"
+        )
     return config
 
 

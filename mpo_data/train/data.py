@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpo_data.records import images
 from mpo_data.errors import ON_ERROR, InputError
+from mpo_data.records import images
 from mpo_data.records.formats import TRL_ROW_SCHEMA, content_parts, image_list, read_meta
 from mpo_data.records.inputs import Problem, Quarantine, iter_records, record_problems
 from mpo_data.records.jsonl import Line
@@ -88,10 +88,14 @@ class PairLoader:
             raise InputError("\n".join(map(str, problems)) + "\n(set data.on_error=skip to quarantine bad rows)")
         self.out.quarantine.add(problems, value)
 
-    def _row(self, line: Line, root: Path, prompt: str | list, chosen: str | list, rejected: str | list, pics: list) -> dict | None:
+    def _row(
+        self, line: Line, root: Path, prompt: str | list, chosen: str | list, rejected: str | list, pics: list
+    ) -> dict | None:
         """One TRL row; images are paths under `root` or already decoded PIL images."""
         if self.text_only and pics:
-            self.reject([Problem(line.loc, "image row, text-only model", "has images but the model is text-only")], None)
+            self.reject(
+                [Problem(line.loc, "image row, text-only model", "has images but the model is text-only")], None
+            )
             return None
         try:
             loaded = [_image(root, p) for p in pics]
@@ -118,7 +122,9 @@ class PairLoader:
                 lines += 1
                 problems = record_problems(line, "pairs", root)
                 if not problems and self.text_only and line.value.get("image"):
-                    problems = [Problem(line.loc, "image row, text-only model", "has images but the model is text-only")]
+                    problems = [
+                        Problem(line.loc, "image row, text-only model", "has images but the model is text-only")
+                    ]
                 if problems:
                     self.reject(problems, line.value if line.error is None else None)
                     continue
@@ -134,7 +140,9 @@ class PairLoader:
         for m in self.meta_lines(meta_path, seed):
             if m.line.loc not in built:
                 v = m.line.value
-                built[m.line.loc] = self._row(m.line, m.root, v["question"], v["chosen"], v["rejected"], image_list(v.get("image")))
+                built[m.line.loc] = self._row(
+                    m.line, m.root, v["question"], v["chosen"], v["rejected"], image_list(v.get("image"))
+                )
             if built[m.line.loc] is not None:
                 self.out.add(built[m.line.loc], m.line.loc)
         return self.out
@@ -209,7 +217,9 @@ def _resolve(meta_path: str | Path, name: str, key: str, rel: str) -> Path:
     beside = Path(meta_path).parent / path
     if beside.exists():
         return beside
-    raise InputError(f"{meta_path}: entry '{name}': {key} '{rel}' not found (looked in the working directory and beside the meta file)")
+    raise InputError(
+        f"{meta_path}: entry '{name}': {key} '{rel}' not found (looked in the working directory and beside the meta file)"
+    )
 
 
 def summary(rows: PairRows) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from mpo_data.records import images as image_io
 from mpo_data.errors import InputError
+from mpo_data.records import images as image_io
 from mpo_data.records.formats import image_list
 from mpo_data.train.data import MixtureLine, PairLoader, assistant_turn, user_turn
 
@@ -30,9 +30,12 @@ class ExportConfig:
     format: Literal["hf", "parquet"] = field(
         default="hf", metadata={"help": "hf: datasets.load_from_disk(OUT); parquet: load_dataset('parquet', ...)."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the repeat_time draw (the same seed as training's data.seed)."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the repeat_time draw (the same seed as training's data.seed)."}
+    )
     on_error: Literal["fail", "skip"] = field(
-        default="fail", metadata={"help": "Bad pair line: fail naming FILE:LINE, or skip it into OUT.quarantine.jsonl."}
+        default="fail",
+        metadata={"help": "Bad pair line: fail naming FILE:LINE, or skip it into OUT.quarantine.jsonl."},
     )
 
 
@@ -41,10 +44,17 @@ def features():
     from datasets import Features, Image, List, Value
 
     messages = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
-    return Features({
-        "prompt": messages, "chosen": messages, "rejected": messages, "images": List(Image()),
-        "dataset": Value("string"), "item_id": Value("string"), "source": Value("string"),
-    })
+    return Features(
+        {
+            "prompt": messages,
+            "chosen": messages,
+            "rejected": messages,
+            "images": List(Image()),
+            "dataset": Value("string"),
+            "item_id": Value("string"),
+            "source": Value("string"),
+        }
+    )
 
 
 def item_id(pair: dict[str, Any]) -> str | None:

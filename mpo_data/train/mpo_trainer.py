@@ -47,6 +47,7 @@ class RunningMean:
 def captured_log_probs(modules: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
     """Per-token log-probs of every forward of `modules`, in call order (TRL's fused-head outputs)."""
     seen: list[torch.Tensor] = []
+
     def keep(_module, _args, out):
         if getattr(out, "log_probs", None) is not None:  # not the logits-only forward of return_outputs
             seen.append(out.log_probs)
@@ -68,8 +69,10 @@ class MPOTrainer(DPOTrainer):
         self.quality_weight: float | None = None
         if bco_delta and QUALITY in self.loss_types:
             if self.ld_alpha is not None or self.f_divergence_type != "reverse_kl" or self.use_weighting:
-                raise InputError("dpo: bco_pair with bco_delta (the paper's reward shift) takes plain summed log-probs: "
-                                 "unset ld_alpha, f_divergence_type and use_weighting, or set bco_delta: false")
+                raise InputError(
+                    "dpo: bco_pair with bco_delta (the paper's reward shift) takes plain summed log-probs: "
+                    "unset ld_alpha, f_divergence_type and use_weighting, or set bco_delta: false"
+                )
             i = self.loss_types.index(QUALITY)
             self.quality_weight = self.loss_weights[i]
             # TRL computes the other terms; this class adds the quality term

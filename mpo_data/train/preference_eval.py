@@ -74,12 +74,22 @@ def preference_metrics(s: Scores, beta: float) -> dict[str, dict[str, float]]:
     after = [c - r for c, r in zip(s.policy_chosen, s.policy_rejected)]
     rewards = [beta * (a - b) for a, b in zip(after, before)]
     return {
-        "before": {"logp_accuracy": sum(m > 0 for m in before) / n, "mean_logp_margin": sum(before) / n,
-                   "reward_accuracy": 0.0, "mean_reward_margin": 0.0,
-                   "mean_chosen_logp": sum(s.ref_chosen) / n, "mean_rejected_logp": sum(s.ref_rejected) / n},
-        "after": {"logp_accuracy": sum(m > 0 for m in after) / n, "mean_logp_margin": sum(after) / n,
-                  "reward_accuracy": sum(r > 0 for r in rewards) / n, "mean_reward_margin": sum(rewards) / n,
-                  "mean_chosen_logp": sum(s.policy_chosen) / n, "mean_rejected_logp": sum(s.policy_rejected) / n},
+        "before": {
+            "logp_accuracy": sum(m > 0 for m in before) / n,
+            "mean_logp_margin": sum(before) / n,
+            "reward_accuracy": 0.0,
+            "mean_reward_margin": 0.0,
+            "mean_chosen_logp": sum(s.ref_chosen) / n,
+            "mean_rejected_logp": sum(s.ref_rejected) / n,
+        },
+        "after": {
+            "logp_accuracy": sum(m > 0 for m in after) / n,
+            "mean_logp_margin": sum(after) / n,
+            "reward_accuracy": sum(r > 0 for r in rewards) / n,
+            "mean_reward_margin": sum(rewards) / n,
+            "mean_chosen_logp": sum(s.policy_chosen) / n,
+            "mean_rejected_logp": sum(s.policy_rejected) / n,
+        },
     }
 
 
@@ -121,7 +131,9 @@ def greedy_answer(model, processing_class, row: dict[str, Any], max_new_tokens: 
         tokenizer = processing_class.tokenizer
     else:
         tokenizer = processing_class
-        inputs = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
     inputs = {k: v.to(device) for k, v in inputs.items()}
     was_training = model.training
     model.eval()
@@ -135,7 +147,9 @@ def prompt_text(row: dict[str, Any]) -> str:
     return content if isinstance(content, str) else " ".join(p.get("text") or "<image>" for p in content)
 
 
-def evaluate_preferences(policy, reference, processing_class, rows: list[dict], beta: float, eval_args) -> dict[str, Any]:
+def evaluate_preferences(
+    policy, reference, processing_class, rows: list[dict], beta: float, eval_args
+) -> dict[str, Any]:
     """The eval.json body: preference metrics and before/after generations on held-out rows."""
     scored = rows[: eval_args.pairs]
     result: dict[str, Any] = {"pairs": len(scored), "beta": beta}
@@ -151,8 +165,14 @@ def evaluate_preferences(policy, reference, processing_class, rows: list[dict], 
         with reference_of(policy, reference) as ref:
             before = greedy_answer(ref, processing_class, row, eval_args.max_new_tokens)
         after = greedy_answer(policy, processing_class, row, eval_args.max_new_tokens)
-        generations.append({"prompt": prompt_text(row), "chosen": prompt_text({"prompt": row["chosen"]}),
-                            "before": before, "after": after})
+        generations.append(
+            {
+                "prompt": prompt_text(row),
+                "chosen": prompt_text({"prompt": row["chosen"]}),
+                "before": before,
+                "after": after,
+            }
+        )
     result["generations"] = generations
     return result
 

@@ -49,8 +49,13 @@ def peft_config(config: TrainConfig):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=m.target_modules,
-        use_dora=m.use_dora, init_lora_weights="gaussian", task_type="CAUSAL_LM",
+        r=m.lora_r,
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.lora_dropout,
+        target_modules=m.target_modules,
+        use_dora=m.use_dora,
+        init_lora_weights="gaussian",
+        task_type="CAUSAL_LM",
     )
 
 
@@ -59,7 +64,9 @@ def quantization_config(config: TrainConfig, cuda: bool):
     if config.model.finetune != "qlora":
         return None
     if not cuda:
-        raise InputError(f"{config.source}: model.finetune: qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on CPU")
+        raise InputError(
+            f"{config.source}: model.finetune: qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on CPU"
+        )
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -68,7 +75,10 @@ def quantization_config(config: TrainConfig, cuda: bool):
     except ImportError:
         raise InputError(f"{config.source}: model.finetune: qlora needs bitsandbytes (pip install '.[gpu]')") from None
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
     )
 
 
@@ -93,13 +103,17 @@ def is_vlm(processing_class) -> bool:
     return isinstance(processing_class, ProcessorMixin)
 
 
-def split_by_source(rows: list[dict], sources: list[str], eval_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_by_source(
+    rows: list[dict], sources: list[str], eval_size: float, seed: int
+) -> tuple[list[dict], list[dict]]:
     """Held-out rows by source line, so that repeat_time copies of a pair never sit on both sides."""
     unique = sorted(set(sources))
     random.Random(seed).shuffle(unique)
     n_eval = int(eval_size) if eval_size >= 1 else max(1, round(len(unique) * eval_size))
     if n_eval >= len(unique):
-        raise InputError(f"data.eval_size={eval_size} holds out all {len(unique)} distinct pairs; nothing left to train on")
+        raise InputError(
+            f"data.eval_size={eval_size} holds out all {len(unique)} distinct pairs; nothing left to train on"
+        )
     held = set(unique[:n_eval])
     first = {}
     for row, src in zip(rows, sources):
@@ -112,6 +126,7 @@ def split_by_source(rows: list[dict], sources: list[str], eval_size: float, seed
 def prepare_rows(config: TrainConfig, processing_class, max_length: int | None) -> tuple[list, list, dict]:
     """(train rows, held-out rows, data summary) from the meta.json or data set the config names."""
     from mpo_data.train import preference_eval  # torch/TRL: imported only when training or evaluating
+
     out = Path(config.output_dir)
     loader = PairLoader(config.data.on_error, out / "quarantine.jsonl", text_only=not is_vlm(processing_class))
     if config.data.meta:
@@ -123,7 +138,9 @@ def prepare_rows(config: TrainConfig, processing_class, max_length: int | None) 
         loader.drop_too_long(lengths, max_length)
     rows = loader.close()
     if not rows.rows:
-        raise InputError(f"{config.data.meta or config.data.dataset}: no usable pairs (skipped: {dict(rows.quarantine.counts)})")
+        raise InputError(
+            f"{config.data.meta or config.data.dataset}: no usable pairs (skipped: {dict(rows.quarantine.counts)})"
+        )
     train, held = split_by_source(rows.rows, rows.sources, config.data.eval_size, config.data.seed)
     if config.data.max_train_pairs is not None:
         random.Random(config.data.seed).shuffle(train)
@@ -155,9 +172,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     (out / RUN_CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
 
     trainer = MPOTrainer(
-        model=config.model.path, args=args, train_dataset=to_dataset(train_rows),
+        model=config.model.path,
+        args=args,
+        train_dataset=to_dataset(train_rows),
         eval_dataset=to_dataset(held) if args.eval_strategy != "no" else None,
-        processing_class=processing_class, peft_config=peft_config(config), quantization_config=quant,
+        processing_class=processing_class,
+        peft_config=peft_config(config),
+        quantization_config=quant,
         bco_delta=config.bco_delta,
     )
     start = time.perf_counter()
@@ -169,13 +190,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
     processing_class.save_pretrained(out)
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    report = preference_eval.evaluate_preferences(policy, trainer.ref_model, processing_class, held, args.beta, config.eval)
+    report = preference_eval.evaluate_preferences(
+        policy, trainer.ref_model, processing_class, held, args.beta, config.eval
+    )
     run = {
-        "output_dir": str(out), "finetune": config.model.finetune, "model": config.model.path, "device": "cuda" if cuda else "cpu",
-        "processes": trainer.accelerator.num_processes, "steps": result.global_step, "train_seconds": round(seconds, 2), "steps_per_second": round(result.global_step / seconds, 4),
-        "train_loss": result.training_loss, "data": data_info,
+        "output_dir": str(out),
+        "finetune": config.model.finetune,
+        "model": config.model.path,
+        "device": "cuda" if cuda else "cpu",
+        "processes": trainer.accelerator.num_processes,
+        "steps": result.global_step,
+        "train_seconds": round(seconds, 2),
+        "steps_per_second": round(result.global_step / seconds, 4),
+        "train_loss": result.training_loss,
+        "data": data_info,
         "bco_delta": trainer.delta.mean if trainer.quality_weight is not None else None,  # None: no shifted bco_pair
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # ru_maxrss is KiB on Linux
+        "peak_rss_gib": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3
+        ),  # ru_maxrss is KiB on Linux
     }
     if cuda:
         import torch
@@ -207,10 +239,15 @@ def load_run(run_dir: str | Path, config: TrainConfig):
 def rescore_run(run_dir: str | Path, config: TrainConfig) -> Path:
     """Rebuild the same held-out split and score the saved run's pairs again; returns RUN/eval.json."""
     from mpo_data.train import preference_eval  # torch/TRL: imported only when training or evaluating
+
     policy, reference, processing_class = load_run(run_dir, config)
     args = dpo_config(config, cuda_available())
     _, held, _ = prepare_rows(config, processing_class, args.max_length)
     report = preference_eval.evaluate_preferences(policy, reference, processing_class, held, args.beta, config.eval)
     path = Path(run_dir) / "eval.json"
-    kept = {k: v for k, v in json.loads(path.read_text()).items() if k in ("run", "answer_accuracy")} if path.is_file() else {}
+    kept = (
+        {k: v for k, v in json.loads(path.read_text()).items() if k in ("run", "answer_accuracy")}
+        if path.is_file()
+        else {}
+    )
     return preference_eval.write(path, {**report, **kept})  # the run summary and answer accuracy stay
