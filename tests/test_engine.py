@@ -138,6 +138,15 @@ def test_finish_reason_tells_max_new_tokens_from_a_full_context():
     assert _result(output(3, "stop"), max_tokens=8).completions[0].finish_reason == "stop"
 
 
+def test_params_ask_vllm_for_finished_requests_only():
+    from vllm.sampling_params import RequestOutputKind
+
+    # `step` reads finished requests only: vLLM then builds no output for the running ones at each step.
+    params = Engine.params(SimpleNamespace(per_request_seeds=False), SamplingConfig(n=4, max_new_tokens=8), seed=3)
+    assert params.output_kind == RequestOutputKind.FINAL_ONLY
+    assert (params.n, params.max_tokens, params.seed) == (4, 8, None)
+
+
 def test_request_seeds_differ_by_item_and_first_sample_index():
     assert request_seed("a", 0) == request_seed("a", 0)
     assert len({request_seed("a", 0), request_seed("a", 2), request_seed("b", 0)}) == 3

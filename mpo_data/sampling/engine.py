@@ -214,10 +214,17 @@ class Engine:
         self._max_tokens: dict[str, int] = {}  # request id -> its max_tokens, to tell "length" from "context"
 
     def params(self, sampling: SamplingConfig, seed: int | None = None) -> Any:
-        """vLLM SamplingParams; `seed` is used only where vLLM supports per-request seeds."""
+        """vLLM SamplingParams; `seed` is used only where vLLM supports per-request seeds.
+
+        FINAL_ONLY: `step` reads finished requests only, and vLLM's default (CUMULATIVE) builds every running
+        request's output, its text so far joined anew, at every step, in the process that shares the cores
+        with the model's threads.
+        """
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
+            output_kind=RequestOutputKind.FINAL_ONLY,
             n=sampling.n,
             temperature=sampling.temperature,
             top_k=sampling.top_k if sampling.top_k > 0 else 0,
