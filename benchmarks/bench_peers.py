@@ -8,6 +8,7 @@ stage renders it), the same engine settings (`engine._engine_kwargs` of one Engi
   ray-data  Ray Data LLM: ray.data.llm.build_processor(vLLMEngineProcessorConfig(...)), on CPU with
             placement_group_config={"bundles": [{"CPU": 1}]}; it keeps only outputs[0], so n > 1 is n
             copies of each row; batch_size x max_concurrent_batches = 256 rows in flight (our max_in_flight);
+            vllm.LLM's scheduler defaults handed over (its AsyncLLMEngine's own are 128 seqs, 2048 tokens);
             its workers at nice 0 as ours (RAY_worker_niceness; Ray's default is 15); outputs written to
             JSONL by the driver
 Two figures per run: output tokens/s over engine time, the same window for all three: from the first
@@ -76,6 +77,17 @@ def engine_kwargs(model: str, max_model_len: int) -> dict:
     from mpo_data.sampling.stage_config import EngineConfig
 
     return _engine_kwargs(EngineConfig(model, max_model_len=max_model_len))
+
+
+def llm_scheduler_defaults() -> dict:
+    """max_num_seqs and max_num_batched_tokens as vllm.LLM (ours, raw) resolves them for one engine. Ray Data LLM
+    builds an AsyncLLMEngine, whose engine-context defaults are SchedulerConfig's 128 and 2048 where vllm.LLM
+    gets 256 and 4096 on CPU: handed to it, all three schedule alike."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    tokens, seqs = EngineArgs.get_batch_defaults(world_size=1)
+    return {"max_num_seqs": seqs[UsageContext.LLM_CLASS], "max_num_batched_tokens": tokens[UsageContext.LLM_CLASS]}
 
 
 # ---- the three systems, each run as a child process of this script ----
@@ -168,7 +180,7 @@ def run_ray_data(args: argparse.Namespace) -> dict:
         runtime_env={"worker_process_setup_hook": _setup_worker},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    kwargs = engine_kwargs(args.model, args.max_model_len)
+    kwargs = {**llm_scheduler_defaults(), **engine_kwargs(args.model, args.max_model_len)}
     model = kwargs.pop("model")
     batch_size = min(32, IN_FLIGHT)
     config = vLLMEngineProcessorConfig(
@@ -305,12 +317,18 @@ def one_run(system: str, args: argparse.Namespace, work: Path, n: int, run: int)
     }
 
 
-FIGURES = {"engine_tok_s": "engine tok/s", "wall_s": "command s", "command_tok_s": "command tok/s"}
+FIGURES = {
+    "engine_tok_s": "engine tok/s",
+    "wall_s": "command s",
+    "command_tok_s": "command tok/s",
+    "ready_to_first_request_s": "idle s",  # engine ready to first request: in neither window, so no ratio
+}
+RATIOS = ("engine_tok_s", "wall_s", "command_tok_s")
 
 
 def table(results: dict) -> str:
     """Mean figures per system, one block per n, with the ratios ours / peer (of speeds: for the command's
-    seconds, peer's / ours)."""
+    seconds, peer's / ours; none for the idle seconds)."""
     lines = []
     for n, runs in results.items():
         runs = {s: [r for r in rs if "error" not in r] for s, rs in runs.items()}
@@ -331,13 +349,15 @@ def table(results: dict) -> str:
                 mean[p][figure] / mean["ours"][figure]
                 if figure == "wall_s"
                 else mean["ours"][figure] / mean[p][figure]
-                for p in peers
+                for p in (peers if figure in RATIOS else ())
             ]
-            each = "; ".join(f"{s} {', '.join(f'{r[figure]:.1f}' for r in runs[s])}" for s in runs)
+            digits = 1 if figure in RATIOS else 2
+            each = "; ".join(f"{s} {', '.join(f'{r[figure]:.{digits}f}' for r in runs[s])}" for s in runs)
             lines.append(
                 f"  {label:<14}"
-                + "".join(f"{mean[s][figure]:>10.1f}" for s in runs)
+                + "".join(f"{mean[s][figure]:>10.{digits}f}" for s in runs)
                 + "".join(f"{x:>15.2f}x" for x in ratios)
+                + " " * 16 * (len(peers) - len(ratios))
                 + f"   {each}"
             )
     return "\n".join(lines)
