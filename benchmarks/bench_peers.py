@@ -19,10 +19,11 @@ Each run also records `ready_to_first_request_s`, the engine's idle time before 
 either engine-time window). Rounds alternate the order (rotated each round). Goals: ours >= 1.0x Ray Data
 LLM on both figures at n=1 and n=4, ours >= 0.9x raw vLLM at n=4. Figures go to out/bench/peers.json (one
 block per n; an invocation for one n keeps the others' blocks) and are printed as a table; nothing is
-asserted (tests check behaviour). One invocation per n fits a 15-minute job on 2 cores:
+asserted (tests check behaviour). One invocation per n fits a 15-minute job on 2 cores (about 5.5 minutes
+each on this 2-core EPYC, 2026-12-04):
 
-    make bench-peers BENCH_ARGS="--n 1 --prompts 96 --max-new-tokens 96"
-    make bench-peers BENCH_ARGS="--n 4 --prompts 32 --max-new-tokens 96"
+    make bench-peers BENCH_ARGS="--n 1 --prompts 192 --max-new-tokens 96"
+    make bench-peers BENCH_ARGS="--n 4 --prompts 48 --max-new-tokens 96"
 """
 
 from __future__ import annotations
