@@ -70,8 +70,8 @@ def test_ablation_table_reports_the_hallucination_of_each_variant(tmp_path):
         "mpo-s0": ["faithful", "faithful"],
     }
     for folder, vs in verdicts.items():
-        write_jsonl(tmp_path / folder / ablate.DESCRIPTIONS, ({"verdict": v} for v in vs))
-    data = ablate.hallucination_data(tmp_path, ["sft", "mpo"], [0])
+        write_jsonl(ablate.descriptions_path(tmp_path / folder, "sets/held.jsonl"), ({"verdict": v} for v in vs))
+    data = ablate.hallucination_data(tmp_path, ["sft", "mpo"], [0], "sets/held.jsonl")
     assert (data["sft"]["before"], data["sft"]["after"], data["mpo"]["after"]) == (0.5, 1.0, 0.0)
     table = ablate.describe({"seeds": [0], "baseline": "sft", "sets": {}, "hallucination": data})
     assert "| mpo | 50.0 -> 0.0 (2) | -50.0 [" in table

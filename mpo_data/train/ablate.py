@@ -94,7 +94,9 @@ def answers_path(folder: Path, question_set: str) -> Path:
     return folder / f"answers_{Path(question_set).stem}.jsonl"
 
 
-DESCRIPTIONS = "descriptions.jsonl"  # a run folder's (or OUT/base's) scored descriptions of eval.descriptions
+def descriptions_path(folder: Path, prompts: str) -> Path:
+    """A run folder's (or OUT/base's) scored descriptions of the eval.descriptions prompt set."""
+    return folder / f"descriptions_{Path(prompts).stem}.jsonl"
 
 
 def answer_sets(model, question_sets: list[str], folder: Path, args, descriptions=None) -> None:
@@ -107,7 +109,11 @@ def answer_sets(model, question_sets: list[str], folder: Path, args, description
     from mpo_data.train import description_eval
 
     todo = [q for q in question_sets if not answers_path(folder, q).is_file()]
-    to_describe = descriptions is not None and descriptions.prompts and not (folder / DESCRIPTIONS).is_file()
+    to_describe = (
+        descriptions is not None
+        and descriptions.prompts
+        and not descriptions_path(folder, descriptions.prompts).is_file()
+    )
     if not todo and not to_describe:
         return
     engine, _ = aa.running_engine(model)
@@ -128,7 +134,7 @@ def answer_sets(model, question_sets: list[str], folder: Path, args, description
             prompts = description_eval.read_prompts(descriptions.prompts, descriptions.max_images)
             texts = description_eval.describe_images(engine, prompts, descriptions, Path(descriptions.prompts).parent)
             write_jsonl(
-                folder / DESCRIPTIONS,
+                descriptions_path(folder, descriptions.prompts),
                 (
                     {"image": i.image, "truth": i.chosen, "description": t, "verdict": v}
                     for i, t, v in zip(prompts, texts, description_eval.verdicts(prompts, texts))
@@ -175,7 +181,7 @@ def ablate(config: AblationConfig, overrides: list[str] = ()) -> dict[str, Any]:
             )
     result = table_data(out, variants, config.seeds, question_sets)
     if base.eval.descriptions.prompts:
-        result["hallucination"] = hallucination_data(out, variants, config.seeds)
+        result["hallucination"] = hallucination_data(out, variants, config.seeds, base.eval.descriptions.prompts)
     atomic_write_bytes(out / "ablation.json", json.dumps(result, indent=2).encode() + b"\n")
     return result
 
@@ -223,14 +229,14 @@ def table_data(out: Path, variants: list[str], seeds: list[int], question_sets: 
     return {"seeds": seeds, "baseline": BASELINE, "sets": sets}
 
 
-def hallucination_data(out: Path, variants: list[str], seeds: list[int]) -> dict[str, Any]:
+def hallucination_data(out: Path, variants: list[str], seeds: list[int], prompts: str) -> dict[str, Any]:
     """Description hallucination rate (with the image) of the base model and each run, and per variant the
     paired difference to the base model over all (image, seed) pairs (description_eval.summarize)."""
     from mpo_data.records.jsonl import read_jsonl
     from mpo_data.train import description_eval
 
     def scored(folder: Path) -> list[str]:
-        return [row["verdict"] for _, row in read_jsonl(folder / DESCRIPTIONS)]
+        return [row["verdict"] for _, row in read_jsonl(descriptions_path(folder, prompts))]
 
     base = scored(out / "base")
     return {
