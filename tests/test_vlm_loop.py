@@ -45,9 +45,9 @@ def test_evaluation_sets_come_from_the_test_split_on_disjoint_images(tmp_path):
     images = {name: {row["image"] for _, row in read_jsonl(tmp_path / f"{name}.jsonl")} for name in counts}
     assert not images["easy_vqa_heldout"] & images["easy_vqa_tune"]  # tuning never sees a reported image
     assert images["easy_vqa_describe_heldout"] <= images["easy_vqa_heldout"]
-    assert all(image.startswith("easy_vqa_test/") for names in images.values() for image in names)
+    assert all(image.startswith("images/easy_vqa_test/") for names in images.values() for image in names)
     for _, row in read_jsonl(tmp_path / "easy_vqa_describe_heldout.jsonl"):
-        assert truth(row["chosen"]) is not None and (tmp_path / "images" / row["image"]).is_file()
+        assert truth(row["chosen"]) is not None and (tmp_path / row["image"]).is_file()
 
 
 def test_hallucination_summary_is_paired_over_the_same_images():

@@ -191,7 +191,7 @@ def easy_vqa_test_sets(out: Path, seed: int, heldout: int, tune: int, describe_s
             target = image_dir / f"{r['id']}.png"
             if not target.exists():
                 shutil.copyfile(r["path"], target)
-            image = f"easy_vqa_test/{r['id']}.png"
+            image = f"images/easy_vqa_test/{r['id']}.png"  # relative to the set (the evaluations read it so)
             question, answer = rng.choice(r["qas"])
             questions.append({"image": image, "question": question, "answer": answer, "source": "easy_vqa_test"})
             if k < round(describe_share * len(picked)):
