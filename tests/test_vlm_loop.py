@@ -31,6 +31,14 @@ def test_images_only_skips_and_counts_the_text_pairs(pairs):
     assert config.eval.descriptions.prompts.endswith("easy_vqa_describe_heldout.jsonl")
 
 
+def test_answers_lose_the_leading_space_of_vllm_completions():
+    from mpo_data.train.data import assistant_turn
+
+    assert assistant_turn(" The image shows a red circle.\nFinal answer: red")[0]["content"][0]["text"].startswith(
+        "The"
+    )
+
+
 def test_evaluation_sets_come_from_the_test_split_on_disjoint_images(tmp_path):
     from mpo_data.preference.hallucination import truth
     from mpo_data.tools import demo

@@ -38,7 +38,10 @@ def user_turn(question: str, n_images: int) -> list[dict[str, Any]]:
 
 
 def assistant_turn(text: str) -> list[dict[str, Any]]:
-    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+    """The answer as one assistant message, leading whitespace dropped: vLLM's completions after a template's
+    "Assistant:" start with the space that the template itself puts before the content (Idefics3 would train
+    on "Assistant:  The image ...", two spaces, which its own answers never have)."""
+    return [{"role": "assistant", "content": [{"type": "text", "text": text.lstrip()}]}]
 
 
 def as_text_only(row: dict[str, Any]) -> dict[str, Any]:
