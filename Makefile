@@ -33,10 +33,13 @@ data: venv models demo-data
 	$(BIN)/mpo-data run pipelines/demo.yaml
 	$(BIN)/mpo-data report out/demo --html out/demo/report.html
 
-# MPO on the pairs `make data` wrote (meta/demo.json): LoRA on SmolLM2, bounded steps, then the evaluation.
-train: venv models
+# MPO on the pairs `make data` wrote (meta/demo.json): LoRA on SmolLM2 on the text pairs, then full fine-tuning
+# of the easy-VQA VLM on the image pairs; bounded steps, each followed by its before/after evaluation on held-out
+# questions (the VLM's also: description hallucination on easy-VQA test images).
+train: venv models demo-data
 	@test -f meta/demo.json || { echo "meta/demo.json not found: run 'make data' first"; exit 1; }
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data train --config training/configs/smollm2_lora_cpu.yaml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mpo-data train --config training/configs/easyvqa_vlm_cpu.yaml
 
 # The loss ablation on the same pairs and budget: sft, dpo, rpo, mpo, mpo_trl x seeds 0 and 1, held-out answer
 # accuracy vs sft with paired intervals (-> runs/ablate/ablation.json). Resumable: run it again to continue.

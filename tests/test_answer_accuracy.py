@@ -12,7 +12,7 @@ import yaml
 
 from mpo_data.errors import InputError
 from mpo_data.train import answer_accuracy as aa
-from mpo_data.train.config import load_run_config
+from mpo_data.train.config import EvalArgs, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PIPELINE, DEMO_TRAIN = ROOT / "pipelines" / "demo.yaml", ROOT / "training" / "configs" / "smollm2_lora_cpu.yaml"
@@ -49,7 +49,7 @@ def test_training_config_checks_the_answer_settings_before_training(tmp_path):
 
 def test_evaluate_without_questions_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="eval.answers.questions"):
-        aa.evaluate_answers("base", "trained", aa.AnswerEvalArgs(), tmp_path)
+        aa.evaluate_models("base", "trained", EvalArgs(), tmp_path)
     with pytest.raises(InputError, match="not a training run folder"):
         load_run_config(tmp_path)  # what `mpo-data eval` reads first
 
@@ -136,7 +136,7 @@ def test_adapter_run_answers_judged_before_and_after(models_dir, text_engine, tm
     rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in ((2, 3), (4, 4), (6, 1))]
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = aa.AnswerEvalArgs(questions=str(questions), max_new_tokens=48)
-    summary = aa.evaluate_answers(text_engine, merged, args, tmp_path)
+    summary = aa.evaluate_models(text_engine, merged, EvalArgs(answers=args), tmp_path)["answer_accuracy"]
 
     lines = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [line["answer"] for line in lines] == ["5", "8", "7"]

@@ -19,18 +19,18 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from mpo_data.train.answer_accuracy import describe, evaluate_run
+    from mpo_data.train.answer_accuracy import evaluate_run, report_lines
     from mpo_data.train.config import load_run_config
     from mpo_data.train.recipe import rescore_run
 
     config = load_run_config(args.run, args.overrides)
     path = rescore_run(args.run, config)  # first: vLLM then gets the memory its models held
-    if config.eval.answers.questions:
+    if config.eval.answers.questions or config.eval.descriptions.prompts:
         evaluate_run(args.run, config)
     report = json.loads(path.read_text())
     for when in ("before", "after"):
         print(f"{when}: {report.get(when)}")
-    if "answer_accuracy" in report:
-        print(describe(report["answer_accuracy"]))
+    if "answer_accuracy" in report or "hallucination" in report:
+        print(report_lines(report))
     print(f"evaluation: {path}", file=sys.stderr)
     return 0

@@ -18,19 +18,20 @@ def main(args) -> int:
     from mpo_data.train.recipe import train
 
     config = load(args.config, args.overrides)
-    questions = config.eval.answers.questions
-    if questions and not Path(questions).exists():  # found out now, not after the training
-        raise InputError(
-            f"{args.config}: eval.answers.questions: {questions}: no such file (make demo-data builds the demo's)"
-        )
+    for key, path in (
+        ("eval.answers.questions", config.eval.answers.questions),
+        ("eval.descriptions.prompts", config.eval.descriptions.prompts),
+    ):
+        if path and not Path(path).exists():  # found out now, not after the training
+            raise InputError(f"{args.config}: {key}: {path}: no such file (make demo-data builds the demo's)")
     run = train(config)
     if not run:
         return 0
     out = Path(run["output_dir"])
     what = "model" if config.model.finetune == "full" else "adapter"
     print(f"{what}: {out}\nevaluation: {out / 'eval.json'}\ntensorboard: {out / 'runs'}")
-    if config.eval.answers.questions:  # after the trainer is gone, so vLLM gets its memory
-        from mpo_data.train.answer_accuracy import describe, evaluate_run
+    if config.eval.answers.questions or config.eval.descriptions.prompts:  # after the trainer: vLLM gets its memory
+        from mpo_data.train.answer_accuracy import evaluate_run, report_lines
 
-        print(describe(evaluate_run(out, config)))
+        print(report_lines(evaluate_run(out, config)))
     return 0

@@ -7,7 +7,12 @@ Writes, in the input formats of docs/design.md, under OUT:
   arithmetic_reworded.jsonl  never-sampled facts in wordings the pairs never use (does a gain survive new wording?)
   easy_vqa.jsonl             correctness, one image each (easy-VQA's own questions and answers)
   easy_vqa_describe.jsonl    dropout-ntp, a faithful description built from the ground truth as `chosen`
-  images/easy_vqa/*.png      the images, copied from the easy-vqa package
+  images/easy_vqa/*.png      the images, copied from the easy-vqa package (train split: the VLM's, and sampled)
+  easy_vqa_heldout.jsonl     easy-VQA *test* questions, one per image, never sampled: the VLM loop's VQA accuracy
+  easy_vqa_tune.jsonl        test questions on other test images: for tuning the VLM recipe, never reported on
+  easy_vqa_describe_heldout.jsonl / _tune.jsonl   descriptions of those test images (a faithful `chosen` names
+                             the truth): the description hallucination rate, held-out / tuning
+  images/easy_vqa_test/*.png the test images of those four sets
 """
 
 from __future__ import annotations
@@ -165,6 +170,45 @@ def describe(shape: str, colour: str) -> str:
     )
 
 
+def easy_vqa_test_sets(out: Path, seed: int, heldout: int, tune: int, describe_share: float) -> dict[str, int]:
+    """The VLM loop's evaluation sets, from easy-VQA's *test* split (the VLM trains and the demo samples on the
+    train split, so none of these images was ever seen): the held-out and tuning question sets use disjoint
+    images, one random question each; the first `describe_share` of each set's images also get a description
+    item. Returns the row counts."""
+    from mpo_data.tools.vlm_easyvqa import DESCRIBE_QUESTION, easy_vqa_split
+
+    rows = easy_vqa_split("test")
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    if heldout + tune > len(rows):
+        raise ValueError(f"easy-VQA's test split has {len(rows)} usable images, not {heldout} + {tune}")
+    image_dir = out / "images" / "easy_vqa_test"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, picked in (("heldout", rows[:heldout]), ("tune", rows[heldout : heldout + tune])):
+        questions, descriptions = [], []
+        for k, r in enumerate(picked):
+            target = image_dir / f"{r['id']}.png"
+            if not target.exists():
+                shutil.copyfile(r["path"], target)
+            image = f"images/easy_vqa_test/{r['id']}.png"  # relative to the set (the evaluations read it so)
+            question, answer = rng.choice(r["qas"])
+            questions.append({"image": image, "question": question, "answer": answer, "source": "easy_vqa_test"})
+            if k < round(describe_share * len(picked)):
+                descriptions.append(
+                    {
+                        "image": image,
+                        "question": DESCRIBE_QUESTION,
+                        "chosen": describe(r["shape"], r["colour"]),
+                        "source": "easy_vqa_test",
+                    }
+                )
+        write_jsonl(out / f"easy_vqa_{name}.jsonl", questions)
+        write_jsonl(out / f"easy_vqa_describe_{name}.jsonl", descriptions)
+        counts |= {f"easy_vqa_{name}": len(questions), f"easy_vqa_describe_{name}": len(descriptions)}
+    return counts
+
+
 def build(
     out: str | Path,
     num_arithmetic: int = 48,
@@ -217,6 +261,7 @@ def build(
                 }
             )
     write_jsonl(out / "easy_vqa_describe.jsonl", describe_rows)
+    test_counts = easy_vqa_test_sets(out, seed, heldout=320, tune=160, describe_share=0.375)
     return {
         "arithmetic": len(arithmetic),
         "arithmetic_heldout": len(heldout),
@@ -224,4 +269,5 @@ def build(
         "arithmetic_reworded": len(reworded),
         "easy_vqa": len(vqa_rows),
         "easy_vqa_describe": len(describe_rows),
+        **test_counts,
     }

@@ -76,7 +76,8 @@ def variant_overrides(variant: str, seed: int, out: Path) -> list[str]:
         f"bco_delta={str(bco_delta).lower()}",
         f"dpo.seed={seed}",
         "eval.answers.questions=null",
-    ]  # answered here, once per set, with one engine per model
+        "eval.descriptions.prompts=null",
+    ]  # answered and described here, once per set, with one engine per model
 
 
 def check(config: AblationConfig) -> list[str]:
@@ -93,19 +94,29 @@ def answers_path(folder: Path, question_set: str) -> Path:
     return folder / f"answers_{Path(question_set).stem}.jsonl"
 
 
-def answer_sets(model, question_sets: list[str], folder: Path, args) -> None:
-    """Answer and judge every set not yet answered in `folder` with one vLLM engine for `model`."""
+def descriptions_path(folder: Path, prompts: str) -> Path:
+    """A run folder's (or OUT/base's) scored descriptions of the eval.descriptions prompt set."""
+    return folder / f"descriptions_{Path(prompts).stem}.jsonl"
+
+
+def answer_sets(model, question_sets: list[str], folder: Path, args, descriptions=None) -> None:
+    """Answer and judge every set not yet answered in `folder`, and describe the held-out images of
+    `descriptions` (eval.descriptions, when its prompts are set) unless done, with one vLLM engine for `model`."""
     from dataclasses import replace
 
     from mpo_data.records.jsonl import write_jsonl
-    from mpo_data.sampling.engine import Engine
-    from mpo_data.sampling.stage_config import EngineConfig
     from mpo_data.train import answer_accuracy as aa
+    from mpo_data.train import description_eval
 
     todo = [q for q in question_sets if not answers_path(folder, q).is_file()]
-    if not todo:
+    to_describe = (
+        descriptions is not None
+        and descriptions.prompts
+        and not descriptions_path(folder, descriptions.prompts).is_file()
+    )
+    if not todo and not to_describe:
         return
-    engine = Engine(EngineConfig(model=str(model)))
+    engine, _ = aa.running_engine(model)
     try:
         for question_set in todo:
             set_args = replace(args, questions=question_set)
@@ -117,6 +128,16 @@ def answer_sets(model, question_sets: list[str], folder: Path, args) -> None:
                 (  # written whole (atomically): a resume point
                     {"question": i.question, "answer": i.answer, "response": r, "correct": v}
                     for i, r, v in zip(items, responses, verdicts)
+                ),
+            )
+        if to_describe:
+            prompts = description_eval.read_prompts(descriptions.prompts, descriptions.max_images)
+            texts = description_eval.describe_images(engine, prompts, descriptions, Path(descriptions.prompts).parent)
+            write_jsonl(
+                descriptions_path(folder, descriptions.prompts),
+                (
+                    {"image": i.image, "truth": i.chosen, "description": t, "verdict": v}
+                    for i, t, v in zip(prompts, texts, description_eval.verdicts(prompts, texts))
                 ),
             )
     finally:
@@ -147,7 +168,7 @@ def ablate(config: AblationConfig, overrides: list[str] = ()) -> dict[str, Any]:
         if not Path(q).is_file():
             raise InputError(f"ablate: question set {q}: no such file")
     args = replace(base.eval.answers, max_questions=config.max_questions or base.eval.answers.max_questions)
-    answer_sets(base.model.path, question_sets, out / "base", args)
+    answer_sets(base.model.path, question_sets, out / "base", args, base.eval.descriptions)
     for variant in variants:
         for seed in config.seeds:
             run_config = load(config.config, [*overrides, *variant_overrides(variant, seed, out)])
@@ -155,8 +176,12 @@ def ablate(config: AblationConfig, overrides: list[str] = ()) -> dict[str, Any]:
             if not (run_dir / "summary.json").is_file():  # a run without its summary did not finish: train again
                 print(f"ablate: training {run_name(variant, seed)}", flush=True)
                 train(run_config)
-            answer_sets(aa.trained_model(run_dir, base.model.path), question_sets, run_dir, args)
+            answer_sets(
+                aa.trained_model(run_dir, base.model.path), question_sets, run_dir, args, base.eval.descriptions
+            )
     result = table_data(out, variants, config.seeds, question_sets)
+    if base.eval.descriptions.prompts:
+        result["hallucination"] = hallucination_data(out, variants, config.seeds, base.eval.descriptions.prompts)
     atomic_write_bytes(out / "ablation.json", json.dumps(result, indent=2).encode() + b"\n")
     return result
 
@@ -204,6 +229,24 @@ def table_data(out: Path, variants: list[str], seeds: list[int], question_sets: 
     return {"seeds": seeds, "baseline": BASELINE, "sets": sets}
 
 
+def hallucination_data(out: Path, variants: list[str], seeds: list[int], prompts: str) -> dict[str, Any]:
+    """Description hallucination rate (with the image) of the base model and each run, and per variant the
+    paired difference to the base model over all (image, seed) pairs (description_eval.summarize)."""
+    from mpo_data.records.jsonl import read_jsonl
+    from mpo_data.train import description_eval
+
+    def scored(folder: Path) -> list[str]:
+        return [row["verdict"] for _, row in read_jsonl(descriptions_path(folder, prompts))]
+
+    base = scored(out / "base")
+    return {
+        variant: description_eval.summarize(
+            base * len(seeds), [v for s in seeds for v in scored(out / run_name(variant, s))]
+        )
+        for variant in variants
+    }
+
+
 def describe(result: dict[str, Any]) -> str:
     """One Markdown table: every set and variant, accuracy per seed, mean, the paired difference to sft, and
     the change of the chosen / rejected log-probs on the held-out pairs (train s: seed 0's training time)."""
@@ -230,5 +273,17 @@ def describe(result: dict[str, Any]) -> str:
                 f"| {name} | {variant} | {' | '.join(pct(row['accuracy'][str(s)]) for s in seeds)} | "
                 f"{pct(row['mean'])} | {diff} | {nats(row['chosen_logp_change'])} / {nats(row['rejected_logp_change'])} | "
                 f"{row['steps']}, {row['train_seconds']:.0f} |"
+            )
+    if "hallucination" in result:
+        lines += [
+            "",
+            "| variant | description hallucination, base -> after (images x seeds) | after - base, points [95% paired] |",
+            "| --- | --- | --- |",
+        ]
+        for variant, h in result["hallucination"].items():
+            low, high = h["diff_ci"]
+            lines.append(
+                f"| {variant} | {pct(h['before'])} -> {pct(h['after'])} ({h['images']}) | "
+                f"{100 * (h['after'] - h['before']):+.1f} [{pct(low)}, {pct(high)}] |"
             )
     return "\n".join(lines)

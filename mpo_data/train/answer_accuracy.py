@@ -19,7 +19,7 @@ from typing import Any
 
 from mpo_data.errors import InputError
 from mpo_data.stats import paired_difference_ci, wilson
-from mpo_data.train.config import AnswerEvalArgs, TrainConfig
+from mpo_data.train.config import AnswerEvalArgs, EvalArgs, TrainConfig
 
 # ------------------------------------------------------------------------------------------ the summary
 
@@ -57,6 +57,16 @@ def describe(acc: dict[str, Any]) -> str:
     )
 
 
+def report_lines(report: dict[str, Any]) -> str:
+    """The answer accuracy and description hallucination lines of an eval.json (those it has)."""
+    from mpo_data.train import description_eval
+
+    lines = [describe(report["answer_accuracy"])] if "answer_accuracy" in report else []
+    return "\n".join(
+        lines + ([description_eval.describe(report["hallucination"])] if "hallucination" in report else [])
+    )
+
+
 # ------------------------------------------------------------------------------------ answering, judging
 
 
@@ -71,24 +81,31 @@ def read_questions(path: str | Path, limit: int | None) -> list:
     return items
 
 
+def running_engine(model: str | Path | Any):
+    """(engine, whether to close it): a running `Engine` as it is, else one started for the model folder."""
+    from mpo_data.sampling.engine import Engine
+    from mpo_data.sampling.stage_config import EngineConfig
+
+    return (model, False) if isinstance(model, Engine) else (Engine(EngineConfig(model=str(model))), True)
+
+
 def answer(model: str | Path | Any, items: list, args: AnswerEvalArgs, image_root: str | Path) -> list[str]:
     """One answer per item, with the prompts correctness sampling uses, from a model folder (an engine is
     started and closed here) or from a running `Engine`."""
     from dataclasses import replace
 
-    from mpo_data.sampling.engine import Engine
     from mpo_data.sampling.prompts import user_prompt
     from mpo_data.sampling.sample import item_request
-    from mpo_data.sampling.stage_config import EngineConfig, SamplingConfig
+    from mpo_data.sampling.stage_config import SamplingConfig
 
     prompts = [replace(i, question=user_prompt(i.question, len(i.images), args.prompt_version)) for i in items]
     requests = [item_request(item, image_root) for item in prompts]
     sampling = SamplingConfig(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    engine = model if isinstance(model, Engine) else Engine(EngineConfig(model=str(model)))
+    engine, owned = running_engine(model)
     try:
         return [result.completions[0].text for result in engine.generate(requests, sampling)]
     finally:
-        if engine is not model:
+        if owned:
             engine.close()
 
 
@@ -108,38 +125,77 @@ def judge(items: list, responses: list[str], prompt_version: str) -> list[bool]:
     return [v.is_correct for v in verdicts]
 
 
-def evaluate_answers(
-    base: str | Path | Any, trained: str | Path | Any, args: AnswerEvalArgs, out_dir: str | Path
+def evaluate_models(
+    base: str | Path | Any, trained: str | Path | Any, evaluation: EvalArgs, out_dir: str | Path
 ) -> dict[str, Any]:
-    """Answer the held-out questions with both models (folders or running engines), judge, write
-    OUT/answers.jsonl (every question with both answers and verdicts); returns the summary."""
+    """Both models (folders or running engines; one engine at a time) answer the held-out questions
+    (`eval.answers`, judged) and describe the held-out images (`eval.descriptions`, scored for hallucination),
+    as far as those are set; writes OUT/answers.jsonl and OUT/descriptions.jsonl (every item with both
+    models' outputs and verdicts); returns {"answer_accuracy": ..., "hallucination": ...} for what was set."""
     from mpo_data.records.jsonl import write_jsonl
+    from mpo_data.train import description_eval
 
-    if not args.questions:
-        raise InputError("no held-out questions: set eval.answers.questions (a correctness prompt file)")
-    items = read_questions(args.questions, args.max_questions)
-    image_root = Path(args.questions).parent
-    responses = {
-        name: answer(model, items, args, image_root) for name, model in (("before", base), ("after", trained))
-    }
-    verdicts = {name: judge(items, r, args.prompt_version) for name, r in responses.items()}
-    write_jsonl(
-        Path(out_dir) / "answers.jsonl",
-        (
-            {
-                "question": item.question,
-                "answer": item.answer,
-                "source": item.source,
-                **{
-                    f"{name}_{k}": v
-                    for name in responses
-                    for k, v in (("response", responses[name][i]), ("correct", verdicts[name][i]))
-                },
-            }
-            for i, item in enumerate(items)
-        ),
-    )
-    return summarize(verdicts["before"], verdicts["after"])
+    args, described = evaluation.answers, evaluation.descriptions
+    if not args.questions and not described.prompts:
+        raise InputError(
+            "nothing to evaluate: set eval.answers.questions (a correctness prompt file) or eval.descriptions.prompts"
+        )
+    items = read_questions(args.questions, args.max_questions) if args.questions else []
+    prompts = description_eval.read_prompts(described.prompts, described.max_images) if described.prompts else []
+    responses: dict[str, list[str]] = {}
+    texts: dict[str, list[str]] = {}
+    for name, model in (("before", base), ("after", trained)):
+        engine, owned = running_engine(model)
+        try:
+            if items:
+                responses[name] = answer(engine, items, args, Path(args.questions).parent)
+            if prompts:
+                texts[name] = description_eval.describe_images(
+                    engine, prompts, described, Path(described.prompts).parent
+                )
+        finally:
+            if owned:
+                engine.close()
+    report = {}
+    if items:
+        verdicts = {name: judge(items, r, args.prompt_version) for name, r in responses.items()}
+        write_jsonl(
+            Path(out_dir) / "answers.jsonl",
+            (
+                {
+                    "question": item.question,
+                    "answer": item.answer,
+                    "source": item.source,
+                    **{
+                        f"{name}_{k}": v
+                        for name in responses
+                        for k, v in (("response", responses[name][i]), ("correct", verdicts[name][i]))
+                    },
+                }
+                for i, item in enumerate(items)
+            ),
+        )
+        report["answer_accuracy"] = summarize(verdicts["before"], verdicts["after"])
+    if prompts:
+        scored = {name: description_eval.verdicts(prompts, t) for name, t in texts.items()}
+        write_jsonl(
+            Path(out_dir) / "descriptions.jsonl",
+            (
+                {
+                    "image": item.image,
+                    "truth": item.chosen,
+                    "source": item.source,
+                    **{
+                        f"{name}_{k}": v
+                        for name in texts
+                        for k, v in (("description", texts[name][i]), ("verdict", scored[name][i]))
+                    },
+                }
+                for i, item in enumerate(prompts)
+            ),
+        )
+        report["hallucination"] = description_eval.summarize(scored["before"], scored["after"])
+    return report
 
 
 def trained_model(run_dir: str | Path, base: str) -> Path:
@@ -170,17 +226,15 @@ def trained_model(run_dir: str | Path, base: str) -> Path:
 
 
 def evaluate_run(run_dir: str | Path, config: TrainConfig) -> dict[str, Any]:
-    """Base vs trained model of a training run (`mpo-data train` and `eval`); adds `answer_accuracy` to RUN/eval.json."""
+    """Base vs trained model of a training run (`mpo-data train` and `eval`); adds `answer_accuracy` and
+    `hallucination` (as far as the config sets them) to RUN/eval.json and returns them."""
     import json
 
     from mpo_data.records.jsonl import atomic_write_bytes
 
     run_dir = Path(run_dir)
-    accuracy = evaluate_answers(
-        config.model.path, trained_model(run_dir, config.model.path), config.eval.answers, run_dir
-    )
+    results = evaluate_models(config.model.path, trained_model(run_dir, config.model.path), config.eval, run_dir)
     path = run_dir / "eval.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
-    report["answer_accuracy"] = accuracy
-    atomic_write_bytes(path, json.dumps(report, indent=2, ensure_ascii=False).encode() + b"\n")
-    return accuracy
+    atomic_write_bytes(path, json.dumps({**report, **results}, indent=2, ensure_ascii=False).encode() + b"\n")
+    return results

@@ -49,6 +49,22 @@ class AnswerEvalArgs:
 
 
 @dataclass
+class DescriptionEvalArgs:
+    """The `eval.descriptions` section: a VLM describes held-out images (with the image, greedy) before and after
+    training, and the shape/colour rule of mpo_data/preference/hallucination.py scores each description."""
+
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out description prompts (dropout-ntp format: a faithful `chosen` names the image's shape "
+            "and colour; never sampled for pairs); None: no description evaluation."
+        },
+    )
+    max_images: int | None = field(default=None, metadata={"help": "Use only the first N prompts (None: all)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Longest description."})
+
+
+@dataclass
 class ModelArgs:
     path: str = field(
         metadata={"help": "Local model folder (a causal LM or a vision-language model with its processor)."}
@@ -88,6 +104,12 @@ class DataArgs:
     eval_size: float = field(
         default=0.1, metadata={"help": "Held-out pairs: a fraction (< 1) or a count (>= 1) of the sampled rows."}
     )
+    images_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on image pairs only: text rows of the mixture are skipped and counted (a VLM's own loop)."
+        },
+    )
     max_train_pairs: int | None = field(
         default=None, metadata={"help": "Cap on training pairs after the split, for bounded runs (None: all)."}
     )
@@ -109,6 +131,10 @@ class EvalArgs:
         metadata={
             "help": "Answer accuracy on held-out questions, base vs trained model (vLLM + judge), after training."
         },
+    )
+    descriptions: DescriptionEvalArgs = field(
+        default_factory=DescriptionEvalArgs,
+        metadata={"help": "Description hallucination rate on held-out images, base vs trained VLM, after training."},
     )
 
 

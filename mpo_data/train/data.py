@@ -38,7 +38,10 @@ def user_turn(question: str, n_images: int) -> list[dict[str, Any]]:
 
 
 def assistant_turn(text: str) -> list[dict[str, Any]]:
-    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+    """The answer as one assistant message, leading whitespace dropped: vLLM's completions after a template's
+    "Assistant:" start with the space that the template itself puts before the content (Idefics3 would train
+    on "Assistant:  The image ...", two spaces, which its own answers never have)."""
+    return [{"role": "assistant", "content": [{"type": "text", "text": text.lstrip()}]}]
 
 
 def as_text_only(row: dict[str, Any]) -> dict[str, Any]:
@@ -76,11 +79,19 @@ class PairRows:
 class PairLoader:
     """Reads pair sources into `PairRows`; `on_error` decides what a bad line does."""
 
-    def __init__(self, on_error: str = "fail", quarantine: str | Path | None = None, text_only: bool = False):
+    def __init__(
+        self,
+        on_error: str = "fail",
+        quarantine: str | Path | None = None,
+        text_only: bool = False,
+        images_only: bool = False,
+    ):
         if on_error not in ON_ERROR:
             raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if text_only and images_only:
+            raise InputError("data.images_only: a text-only model cannot train on image pairs only")
         self.on_error = on_error
-        self.text_only = text_only
+        self.text_only, self.images_only = text_only, images_only
         self.out = PairRows(quarantine=Quarantine(Path(quarantine) if quarantine else None))
 
     def reject(self, problems: list[Problem], value: Any) -> None:
@@ -96,6 +107,9 @@ class PairLoader:
             self.reject(
                 [Problem(line.loc, "image row, text-only model", "has images but the model is text-only")], None
             )
+            return None
+        if self.images_only and not pics:
+            self.reject([Problem(line.loc, "text row, images_only", "has no image (data.images_only is set)")], None)
             return None
         try:
             loaded = [_image(root, p) for p in pics]
@@ -125,6 +139,8 @@ class PairLoader:
                     problems = [
                         Problem(line.loc, "image row, text-only model", "has images but the model is text-only")
                     ]
+                if not problems and self.images_only and not line.value.get("image"):
+                    problems = [Problem(line.loc, "text row, images_only", "has no image (data.images_only is set)")]
                 if problems:
                     self.reject(problems, line.value if line.error is None else None)
                     continue

@@ -128,7 +128,12 @@ def prepare_rows(config: TrainConfig, processing_class, max_length: int | None) 
     from mpo_data.train import preference_eval  # torch/TRL: imported only when training or evaluating
 
     out = Path(config.output_dir)
-    loader = PairLoader(config.data.on_error, out / "quarantine.jsonl", text_only=not is_vlm(processing_class))
+    loader = PairLoader(
+        config.data.on_error,
+        out / "quarantine.jsonl",
+        text_only=not is_vlm(processing_class),
+        images_only=config.data.images_only,
+    )
     if config.data.meta:
         loader.read_meta(config.data.meta, config.data.seed)
     else:
