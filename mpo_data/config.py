@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -64,6 +65,18 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> YamlMap:
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-4` as a string (it wants `1.0e-4`), and a learning rate given so
+# would reach the optimizer as text.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_scalar(text: str) -> Any:
+    """A command-line value read as YAML (1 -> int, 1e-4 -> float, true -> bool, x -> str), as config files are."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -102,7 +115,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InputError(f"override '{item}': '{part}' is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml_scalar(value)
     return data
 
 
@@ -311,16 +324,11 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 # ---- command-line flags derived from the same dataclasses ----
 
 
-def _scalar(text: str) -> Any:
-    """A command-line value read as a YAML scalar (1 -> int, true -> bool, x -> str), as overrides are."""
-    return yaml.safe_load(text)
-
-
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, _scalar(value)
+    return key, yaml_scalar(value)
 
 
 def _flag_kwargs(hint: Any, f: dataclasses.Field) -> dict[str, Any]:
@@ -328,7 +336,7 @@ def _flag_kwargs(hint: Any, f: dataclasses.Field) -> dict[str, Any]:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
-        return _flag_kwargs(options[0], f) if len(options) == 1 else {"type": _scalar}
+        return _flag_kwargs(options[0], f) if len(options) == 1 else {"type": yaml_scalar}
     choices = f.metadata.get("choices")
     if origin is typing.Literal:
         choices = args
@@ -339,12 +347,12 @@ def _flag_kwargs(hint: Any, f: dataclasses.Field) -> dict[str, Any]:
     if origin is dict:
         return {"action": "append", "type": _key_value, "metavar": "KEY=VALUE"}
     if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed-size tuple: `--flag LO HI`
-        return {"nargs": len(args), "type": args[0] if args[0] in (int, float, str) else _scalar}
+        return {"nargs": len(args), "type": args[0] if args[0] in (int, float, str) else yaml_scalar}
     if origin in (list, tuple):
-        return {"action": "append", "type": args[0] if args and args[0] in (str, int, float) else _scalar}
+        return {"action": "append", "type": args[0] if args and args[0] in (str, int, float) else yaml_scalar}
     if hint in (int, float, str):
         return {"type": hint}
-    return {"type": str if hint is Path else _scalar}
+    return {"type": str if hint is Path else yaml_scalar}
 
 
 def _flags(f: dataclasses.Field) -> list[str]:

@@ -65,3 +65,13 @@ def test_load_yaml_and_overrides(tmp_path):
     path.write_text("- 1\n")
     with pytest.raises(InputError, match="expected a mapping at the top level"):
         load_yaml(path)
+
+
+def test_exponent_floats_read_as_floats_in_files_and_overrides(tmp_path):
+    """PyYAML's YAML 1.1 reads `1e-4` as text; a learning rate given so reached AdamW as a string."""
+    path = tmp_path / "c.yaml"
+    path.write_text("dpo:\n  learning_rate: 1e-4\n  beta: 5E+1\n  name: 1e-4x\n")
+    data = apply_overrides(load_yaml(path), ["dpo.lr=-2e-5", "dpo.steps=10", "dpo.tag=e5"])
+    assert data["dpo"] == {"learning_rate": 1e-4, "beta": 50.0, "name": "1e-4x", "lr": -2e-5, "steps": 10, "tag": "e5"}
+    assert all(type(data["dpo"][k]) is float for k in ("learning_rate", "beta", "lr"))
+    assert type(data["dpo"]["steps"]) is int
