@@ -120,9 +120,9 @@ class GenerateBatch:
         if work["max_num"] is not None:  # this tile count's processor settings, for this request only
             request.processor_kwargs = self.config.engine.tiling_kwargs(work["max_num"])
         seed = request_seed(sample_group(work["item_id"], work["max_num"]), work["indices"][0])
-        self.progress.submitted()
+        submitted_at = self.progress.submitted()
         future = self.feeder.submit(request, self.config.sampling_config(len(work["indices"])), seed)
-        future.add_done_callback(self.progress.finished)
+        future.add_done_callback(lambda done: self.progress.finished(done, submitted_at))
         return future
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
