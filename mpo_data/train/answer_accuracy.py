@@ -44,16 +44,38 @@ def summarize(before: list[bool], after: list[bool]) -> dict[str, Any]:
     }
 
 
-def describe(acc: dict[str, Any]) -> str:
-    """Three lines for people: both accuracies with intervals, the difference with its interval."""
+def paired_lines(summary: dict[str, Any], title: str, gained: str, lost: str) -> str:
+    """Three lines for people from a `summarize` body: the title, both rates with intervals, the difference
+    with its interval and the gained / lost counts (named by `gained` and `lost`)."""
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     ci = lambda pair: f"[{pct(pair[0])}, {pct(pair[1])}]"  # noqa: E731
-    diff = acc["after"] - acc["before"]
+    diff = summary["after"] - summary["before"]
     return (
-        f"answer accuracy on {acc['questions']} held-out questions:\n"
-        f"  before {pct(acc['before'])} {ci(acc['before_ci'])}   after {pct(acc['after'])} {ci(acc['after_ci'])}\n"
-        f"  after - before {100 * diff:+.1f} points {ci(acc['diff_ci'])}; "
-        f"{acc['gained']} questions gained, {acc['lost']} lost"
+        f"{title}\n"
+        f"  before {pct(summary['before'])} {ci(summary['before_ci'])}   "
+        f"after {pct(summary['after'])} {ci(summary['after_ci'])}\n"
+        f"  after - before {100 * diff:+.1f} points {ci(summary['diff_ci'])}; "
+        f"{summary['gained']} {gained}, {summary['lost']} {lost}"
+    )
+
+
+def describe(acc: dict[str, Any]) -> str:
+    """Three lines for people: both accuracies with intervals, the difference with its interval."""
+    return paired_lines(acc, f"answer accuracy on {acc['questions']} held-out questions:", "questions gained", "lost")
+
+
+def write_side_by_side(path: Path, items: list, fields: Any, columns: dict[str, dict[str, list]]) -> None:
+    """One JSONL line per item: `fields(item)`, then each model's `{model}_{column}` values (column -> model ->
+    per-item values), model by model, so before and after read side by side."""
+    from mpo_data.records.jsonl import write_jsonl
+
+    models = next(iter(columns.values()))
+    write_jsonl(
+        path,
+        (
+            {**fields(item), **{f"{name}_{col}": columns[col][name][i] for name in models for col in columns}}
+            for i, item in enumerate(items)
+        ),
     )
 
 
@@ -132,7 +154,6 @@ def evaluate_models(
     (`eval.answers`, judged) and describe the held-out images (`eval.descriptions`, scored for hallucination),
     as far as those are set; writes OUT/answers.jsonl and OUT/descriptions.jsonl (every item with both
     models' outputs and verdicts); returns {"answer_accuracy": ..., "hallucination": ...} for what was set."""
-    from mpo_data.records.jsonl import write_jsonl
     from mpo_data.train import description_eval
 
     args, described = evaluation.answers, evaluation.descriptions
@@ -159,40 +180,20 @@ def evaluate_models(
     report = {}
     if items:
         verdicts = {name: judge(items, r, args.prompt_version) for name, r in responses.items()}
-        write_jsonl(
+        write_side_by_side(
             Path(out_dir) / "answers.jsonl",
-            (
-                {
-                    "question": item.question,
-                    "answer": item.answer,
-                    "source": item.source,
-                    **{
-                        f"{name}_{k}": v
-                        for name in responses
-                        for k, v in (("response", responses[name][i]), ("correct", verdicts[name][i]))
-                    },
-                }
-                for i, item in enumerate(items)
-            ),
+            items,
+            lambda item: {"question": item.question, "answer": item.answer, "source": item.source},
+            {"response": responses, "correct": verdicts},
         )
         report["answer_accuracy"] = summarize(verdicts["before"], verdicts["after"])
     if prompts:
         scored = {name: description_eval.verdicts(prompts, t) for name, t in texts.items()}
-        write_jsonl(
+        write_side_by_side(
             Path(out_dir) / "descriptions.jsonl",
-            (
-                {
-                    "image": item.image,
-                    "truth": item.chosen,
-                    "source": item.source,
-                    **{
-                        f"{name}_{k}": v
-                        for name in texts
-                        for k, v in (("description", texts[name][i]), ("verdict", scored[name][i]))
-                    },
-                }
-                for i, item in enumerate(prompts)
-            ),
+            prompts,
+            lambda item: {"image": item.image, "truth": item.chosen, "source": item.source},
+            {"description": texts, "verdict": scored},
         )
         report["hallucination"] = description_eval.summarize(scored["before"], scored["after"])
     return report

@@ -65,13 +65,11 @@ def summarize(before: list[str], after: list[str]) -> dict[str, Any]:
 
 def describe(summary: dict[str, Any]) -> str:
     """Three lines for people, as answer accuracy's."""
-    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-    ci = lambda pair: f"[{pct(pair[0])}, {pct(pair[1])}]"  # noqa: E731
-    diff = summary["after"] - summary["before"]
-    return (
-        f"description hallucination rate on {summary['images']} held-out images (with the image):\n"
-        f"  before {pct(summary['before'])} {ci(summary['before_ci'])}   "
-        f"after {pct(summary['after'])} {ci(summary['after_ci'])}\n"
-        f"  after - before {100 * diff:+.1f} points {ci(summary['diff_ci'])}; "
-        f"{summary['gained']} images newly hallucinated, {summary['lost']} no longer"
+    from mpo_data.train.answer_accuracy import paired_lines
+
+    return paired_lines(
+        summary,
+        f"description hallucination rate on {summary['images']} held-out images (with the image):",
+        "images newly hallucinated",
+        "no longer",
     )
