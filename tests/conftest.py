@@ -26,7 +26,7 @@ def demo_dir() -> Path:
     if not (DEMO / "easy_vqa_describe.jsonl").exists():
         from mpo_data.tools import demo
 
-        demo.build(DEMO)
+        demo.build(demo.DemoConfig(out=str(DEMO)))
     return DEMO
 
 

@@ -21,6 +21,7 @@ import itertools
 import random
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpo_data.records.jsonl import write_jsonl
@@ -209,20 +210,35 @@ def easy_vqa_test_sets(out: Path, seed: int, heldout: int, tune: int, describe_s
     return counts
 
 
-def build(
-    out: str | Path,
-    num_arithmetic: int = 48,
-    num_vqa: int = 24,
-    num_describe: int = 24,
-    seed: int = 0,
-    num_heldout: int = 256,
-) -> dict:
-    """Write the demo prompt sets under `out`; returns the row counts."""
-    out = Path(out)
-    arithmetic, heldout = arithmetic_problems(num_arithmetic, seed, num_heldout)
+@dataclass(frozen=True)
+class DemoConfig:
+    """What `mpo-data demo-data` writes (the defaults: what `make data` samples and `make train` evaluates on)."""
+
+    out: str = field(default="data/demo", metadata={"help": "Output folder."})
+    num_arithmetic: int = field(
+        default=48, metadata={"help": "Arithmetic questions sampled for pairs (correctness, text)."}
+    )
+    num_heldout: int = field(
+        default=256, metadata={"help": "Held-out arithmetic questions, never sampled (answer accuracy)."}
+    )
+    num_vqa: int = field(
+        default=256,
+        metadata={
+            "help": "easy-VQA questions (correctness, image), one per train image: many distinct images, so the "
+            "VLM's pairs teach seeing rather than a few images' answers."
+        },
+    )
+    num_describe: int = field(default=64, metadata={"help": "easy-VQA descriptions (dropout-ntp), other images."})
+    seed: int = field(default=0, metadata={"help": "Fixed seed: the same sets every time."})
+
+
+def build(config: DemoConfig = DemoConfig()) -> dict:
+    """Write the demo prompt sets under `config.out`; returns the row counts."""
+    out, seed = Path(config.out), config.seed
+    arithmetic, heldout = arithmetic_problems(config.num_arithmetic, seed, config.num_heldout)
     write_jsonl(out / "arithmetic.jsonl", arithmetic)
     write_jsonl(out / "arithmetic_heldout.jsonl", heldout)
-    tune, reworded = tuning_and_reworded(num_arithmetic, seed, num_heldout)
+    tune, reworded = tuning_and_reworded(config.num_arithmetic, seed, config.num_heldout)
     write_jsonl(out / "arithmetic_tune.jsonl", tune)
     write_jsonl(out / "arithmetic_reworded.jsonl", reworded)
 
@@ -240,14 +256,14 @@ def build(
         return f"easy_vqa/{image_id}.png"
 
     vqa_rows = []
-    for image_id in ids[:num_vqa]:
+    for image_id in ids[: config.num_vqa]:
         question, answer = rng.choice(per_image[image_id])
         vqa_rows.append({"image": image_rel(image_id), "question": question, "answer": answer, "source": "easy_vqa"})
     write_jsonl(out / "easy_vqa.jsonl", vqa_rows)
 
     describe_rows = []
-    for image_id in ids[num_vqa:]:
-        if len(describe_rows) == num_describe:
+    for image_id in ids[config.num_vqa :]:
+        if len(describe_rows) == config.num_describe:
             break
         shape, colour = _shape_and_colour(per_image[image_id])
         if shape and colour:
