@@ -32,6 +32,7 @@ from mpo_data.sampling.progress import StageProgress
 from mpo_data.sampling.prompts import user_prompt
 from mpo_data.sampling.stage_config import CorrectnessConfig, DropoutNTPConfig, EngineConfig, SamplingConfig
 from mpo_data.sampling.stages import (
+    PRIVATE_RAY_ENV,
     PlacementGroups,
     _resolved,
     actor_resources,
@@ -619,17 +620,35 @@ def test_private_ray_starts_when_the_caller_imported_ray_first():
     assert "Token authentication is enabled" in (Path(logs) / "mpo-data-driver.log").read_text()
 
 
+def test_private_ray_settings_are_ones_the_installed_ray_reads():
+    # A misspelt or renamed setting would be ignored without a word: each must be named in Ray's core library
+    # (its RayConfig entries) or in its Python sources (the dashboard agent's reporter interval).
+    import ray._raylet
+
+    root = Path(ray._raylet.__file__).parent
+    core = Path(ray._raylet.__file__).read_bytes()
+    python = (root / "dashboard" / "modules" / "reporter" / "reporter_consts.py").read_text()
+    for name in PRIVATE_RAY_ENV:
+        assert name.encode() in core or f'"{name}"' in python, name
+
+
 @pytest.mark.ray
-def test_private_ray_runs_its_workers_at_the_drivers_priority():
-    # Ray's default nice 15 for workers made engine actors yield the CPU to every other process (raw vLLM runs at 0)
+def test_private_ray_workers_get_its_settings_and_a_users_own_wins():
+    # Ray's default nice 15 for workers made engine actors yield the CPU to every other process (raw vLLM runs at
+    # 0); the other settings cut Ray's periodic work on the engine's cores. A value the user set is kept.
     code = (
-        "import os, ray\nfrom mpo_data.sampling.stages import connect_ray\nassert connect_ray(None)\n"
-        "print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\nray.shutdown()"
+        "import json, os, ray\nfrom mpo_data.sampling.stages import PRIVATE_RAY_ENV, connect_ray\n"
+        "assert connect_ray(None)\n"
+        "print(json.dumps(ray.get(ray.remote(lambda: [os.nice(0), {k: os.environ.get(k) for k in PRIVATE_RAY_ENV}])"
+        ".remote())))\nray.shutdown()"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
+    env = {k: v for k, v in os.environ.items() if k not in PRIVATE_RAY_ENV}
+    env["RAY_event_stats"] = "true"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert int(run.stdout.strip().splitlines()[-1]) == os.nice(0)
+    nice, seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert nice == os.nice(0)
+    assert seen == {**PRIVATE_RAY_ENV, "RAY_event_stats": "true"}
 
 
 _TWO_DATASETS_ON_FAKE_GPUS = """

@@ -302,7 +302,23 @@ def calls_per_actor(config: StageConfig) -> int:
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 AUTH_MODE = "RAY_AUTH_MODE"
-WORKER_NICENESS = "RAY_worker_niceness"
+# Our private local Ray shares the node's cores with the engine it hosts (on a CPU node, the very cores the
+# model's OpenMP threads are bound to, where a thread that loses its core stalls the step for all of them):
+# Ray's own periodic work is cut to what the stage needs. Environment defaults (a user's setting wins), read
+# by every Ray process it starts; a cluster the stage joins (--address) keeps its own settings.
+PRIVATE_RAY_ENV = {
+    # Ray runs its workers at nice 15, and the engine's processes inherit it: on a shared node they then
+    # yield to every other process, where raw vLLM runs at 0.
+    "RAY_worker_niceness": "0",
+    # every Ray process records metrics and exports them to the dashboard agent each 10 s, and the agent
+    # scans every process with psutil each 5 s (REPORTER_UPDATE_INTERVAL_MS): for a dashboard we never start
+    "RAY_enable_metrics_collection": "false",
+    "REPORTER_UPDATE_INTERVAL_MS": "3600000",
+    # per-handler timing of every event in Ray's C++ event loops, for its debug dumps
+    "RAY_event_stats": "false",
+    # each worker sends its task events (for the state API, which needs the dashboard) to the GCS each second
+    "RAY_task_events_report_interval_ms": "60000",
+}
 
 
 def connect_ray(address: str | None) -> bool:
@@ -321,9 +337,8 @@ def connect_ray(address: str | None) -> bool:
     if address:
         ray_logs.init(address=address, log_to_driver=False)
         return False
-    # Ray runs its workers at nice 15, and the engine's processes inherit it: on a shared CPU node they then
-    # yield to every other process, where raw vLLM runs at 0. Our private Ray's workers do the work: nice 0.
-    os.environ.setdefault(WORKER_NICENESS, "0")
+    for name, value in PRIVATE_RAY_ENV.items():
+        os.environ.setdefault(name, value)
     ray_logs.init(address="local", include_dashboard=False, log_to_driver=False)
     return True
 
